@@ -1,0 +1,41 @@
+// Launchers of the CUDA kernels in kernels.cu. Plain C++ (no torch headers), so the .cu file
+// compiles in seconds; ops_cuda.cpp turns tensors into these argument structs.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace jacobi_engine {
+
+enum class ScoreType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kArgmax = 3 };
+
+struct VerifyLaunch {
+  const void* scores;        // logits [B, n, V] (element strides below) or int64 argmax [B, n]
+  ScoreType score_type;
+  int64_t vocab;             // V (logits only)
+  int64_t score_stride_b;    // element strides of scores
+  int64_t score_stride_i;
+  int64_t* preds_scratch;    // [B * n] argmax results (logits only)
+  int32_t* counters;         // [B] zero-initialised arrival counters; left zeroed on exit
+  int64_t* block;            // [B, n] contiguous
+  const int64_t* fill;       // [B, n] contiguous
+  int32_t* cache_seqlens;    // [B]
+  int64_t* out;              // out_tokens, element strides below
+  int64_t out_stride_b;
+  int64_t out_stride_j;
+  int32_t* n_generated;      // [B]
+  bool* done;                // [B]
+  const int64_t* eos_ids;    // [n_eos]
+  int64_t n_eos;
+  int32_t* n_accepted;       // [B] result
+  int64_t batch;
+  int64_t n;
+  int64_t max_new_tokens;
+  bool chunked;
+};
+
+// Enqueues the fused verify-and-commit on `stream`; returns the launch status.
+cudaError_t launch_verify_and_commit(const VerifyLaunch& args, cudaStream_t stream);
+
+}  // namespace jacobi_engine

@@ -1,0 +1,26 @@
+// The pybind11 module jacobi_engine._C. Importing it also loads the TORCH_LIBRARY registrations
+// of ops.cpp (and ops_cuda.cpp when CUDA was compiled in).
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#ifndef JE_CUDA_ARCH_LIST
+#define JE_CUDA_ARCH_LIST ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "jacobi_engine compiled ops (registered under torch.ops.jacobi_engine)";
+  m.def("build_info", []() {
+    py::dict info;
+#ifdef JE_WITH_CUDA
+    info["cuda_kernels"] = true;
+#else
+    info["cuda_kernels"] = false;
+#endif
+    info["cuda_arch"] = std::string(JE_CUDA_ARCH_LIST);
+    info["cpu_kernels"] = true;
+    return info;
+  }, "What was compiled into this extension.");
+}

@@ -1,0 +1,14 @@
+// Declarations shared by the CPU and CUDA registrations of the extension's ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace jacobi_engine {
+
+// Validates verify_and_commit's arguments; throws ValueError/TypeError naming the argument.
+void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const at::Tensor& fill,
+                       const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
+                       const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
+                       int64_t max_new_tokens);
+
+}  // namespace jacobi_engine

@@ -1,0 +1,93 @@
+// CUDA registration of the extension's ops: validates tensors, fills the launch structs of
+// kernels.h and enqueues on the current stream. Compiled only when CUDA is built in.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "kernels.h"
+#include "ops.h"
+
+namespace jacobi_engine {
+namespace {
+
+// Arrival counters of the threadfence reduction, one per sequence. The kernel leaves them
+// zeroed, so one zero-initialised buffer per device serves every launch (and CUDA graphs).
+at::Tensor arrival_counters(const at::Device& device, int64_t batch) {
+  static std::mutex mutex;
+  static std::unordered_map<int, at::Tensor> buffers;
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = buffers[device.index()];
+  if (!buffer.defined() || buffer.numel() < batch) {
+    buffer = at::zeros({std::max<int64_t>(batch, 64)}, at::TensorOptions().device(device).dtype(at::kInt));
+  }
+  return buffer;
+}
+
+at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
+                                  at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
+                                  at::Tensor& done, const at::Tensor& eos_ids, int64_t max_new_tokens,
+                                  bool chunked) {
+  check_verify_args(scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  const c10::cuda::CUDAGuard guard(block.device());
+  const int64_t batch = block.size(0);
+  const int64_t n = block.size(1);
+  const at::Tensor fill_c = fill.contiguous();
+  const at::Tensor eos_c = eos_ids.contiguous();
+  at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
+
+  VerifyLaunch args{};
+  at::Tensor preds_in;
+  at::Tensor scratch;
+  at::Tensor counters;
+  if (at::isFloatingType(scores.scalar_type())) {
+    switch (scores.scalar_type()) {
+      case at::kFloat: args.score_type = ScoreType::kFloat32; break;
+      case at::kHalf: args.score_type = ScoreType::kFloat16; break;
+      case at::kBFloat16: args.score_type = ScoreType::kBFloat16; break;
+      default: TORCH_CHECK_TYPE(false, "scores (logits) must be float32, float16 or bfloat16, got ",
+                                scores.scalar_type());
+    }
+    args.scores = scores.data_ptr();
+    args.vocab = scores.size(2);
+    args.score_stride_b = scores.stride(0);
+    args.score_stride_i = scores.stride(1);
+    scratch = at::empty({batch * n}, block.options());
+    counters = arrival_counters(block.device(), batch);
+    args.preds_scratch = scratch.data_ptr<int64_t>();
+    args.counters = counters.data_ptr<int32_t>();
+  } else {
+    preds_in = scores.contiguous();
+    args.score_type = ScoreType::kArgmax;
+    args.scores = preds_in.data_ptr();
+    args.score_stride_b = n;
+    args.score_stride_i = 1;
+  }
+  args.block = block.data_ptr<int64_t>();
+  args.fill = fill_c.data_ptr<int64_t>();
+  args.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  args.out = out_tokens.data_ptr<int64_t>();
+  args.out_stride_b = out_tokens.stride(0);
+  args.out_stride_j = out_tokens.stride(1);
+  args.n_generated = n_generated.data_ptr<int32_t>();
+  args.done = done.data_ptr<bool>();
+  args.eos_ids = eos_c.data_ptr<int64_t>();
+  args.n_eos = eos_c.numel();
+  args.n_accepted = n_accepted.data_ptr<int32_t>();
+  args.batch = batch;
+  args.n = n;
+  args.max_new_tokens = max_new_tokens;
+  args.chunked = chunked;
+
+  const cudaError_t status = launch_verify_and_commit(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "verify_and_commit launch failed: ", cudaGetErrorString(status));
+  return n_accepted;
+}
+
+}  // namespace
+}  // namespace jacobi_engine
+
+TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) { m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cuda); }

@@ -1,0 +1,73 @@
+// Per-sequence logic of the fused Jacobi verify-and-commit op.
+//
+// Written once, for both sides: the CPU op (ops.cpp) calls it in a loop over the batch and the
+// CUDA kernel (kernels.cu) calls it from one thread per sequence, so the CPU tests exercise the
+// very code the GPU runs. Plain C++ with no torch headers, so it also compiles into the
+// standalone C++ tests (tests/cpp/, built by CMakeLists.txt).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define JE_HOST_DEVICE __host__ __device__
+#else
+#define JE_HOST_DEVICE
+#endif
+
+namespace jacobi_engine {
+
+// One sequence's view of the op's tensors. Pointers are to that sequence's row.
+struct VerifyRow {
+  const int64_t* preds;   // [n] argmax of the block's logits: preds[j] predicts slot j + 1
+  int64_t* block;         // [n] tokens fed; slot 0 known-correct. Rewritten with the next block.
+  const int64_t* fill;    // [n] guesses for slots the shift frees
+  int32_t* cache_seqlen;  // committed tokens in the KV cache
+  int64_t* out;           // generated tokens, element j at out[j * out_stride]
+  int64_t out_stride;
+  int32_t* n_generated;   // tokens already in `out`
+  bool* done;
+  const int64_t* eos_ids;  // [n_eos]
+  int64_t n_eos;
+};
+
+// Returns the accepted count a in [1, n] (0 when the sequence had already finished).
+// Sliding mode commits every step; chunked mode only when the whole chunk is verified
+// (a == n) or the sequence finishes. See jacobi_engine/reference.py for the full contract.
+JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n, int64_t max_new_tokens,
+                                                bool chunked) {
+  if (*row.done) return 0;
+  int64_t accepted = 1;
+  while (accepted < n && row.block[accepted] == row.preds[accepted - 1]) ++accepted;
+
+  const int64_t remaining = max_new_tokens - static_cast<int64_t>(*row.n_generated);
+  int64_t emit = accepted < remaining ? accepted : remaining;
+  bool finished = emit >= remaining;
+  for (int64_t j = 0; j < emit; ++j) {
+    bool is_eos = false;
+    for (int64_t e = 0; e < row.n_eos; ++e) is_eos = is_eos || row.preds[j] == row.eos_ids[e];
+    if (is_eos) {
+      emit = j + 1;
+      finished = true;
+      break;
+    }
+  }
+
+  const bool commit = !chunked || accepted == n || finished;
+  if (commit) {
+    const int64_t base = *row.n_generated;
+    for (int64_t j = 0; j < emit; ++j) row.out[(base + j) * row.out_stride] = row.preds[j];
+    *row.n_generated = static_cast<int32_t>(base + emit);
+    *row.cache_seqlen += static_cast<int32_t>(accepted);
+    if (finished) *row.done = true;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t source = accepted - 1 + j;
+      row.block[j] = source < n ? row.preds[source] : row.fill[j];
+    }
+  } else {
+    // Jacobi update of the chunk in place: slot j takes the prediction made at slot j - 1.
+    for (int64_t j = n - 1; j >= 1; --j) row.block[j] = row.preds[j - 1];
+  }
+  return static_cast<int32_t>(accepted);
+}
+
+}  // namespace jacobi_engine

@@ -1,0 +1,129 @@
+"""The engine's KV cache: static per-layer buffers and per-sequence lengths.
+
+Layout follows ``flash_attn_with_kvcache``: each layer holds ``keys``/``values`` of shape
+[B, S, Hkv, D] and the whole cache shares ``cache_seqlens`` int32 [B], the number of
+committed tokens of each sequence. A Jacobi block is written in place at rows
+``cache_seqlens[b] ..`` by the attention op itself; committing accepted tokens is just
+``cache_seqlens += n_accepted``. Rejected guesses are never cropped: the next block
+overwrites them.
+
+The class plugs into Hugging Face models as a ``transformers.Cache``. Its ``update()`` does
+not copy anything: it hands the new K/V back unchanged and remembers which layer is
+running, and the registered attention function (:mod:`jacobi_engine.attention`) performs
+the fused append + attend on this layer's buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class JacobiCache(Cache):
+    """Static KV cache with per-sequence lengths.
+
+    Args:
+        num_layers: decoder layers of the model.
+        batch_size: sequences in the batch (B).
+        max_seq_len: rows per sequence (S); must cover prompt + generated tokens + one block.
+        device: where the buffers live.
+
+    Buffers are allocated lazily at the first ``update()`` of each layer, from the dtype,
+    head count and head size of the K/V the model produces, so any attention geometry works.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, device: torch.device):
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+        self.batch = batch_size
+        self.capacity = max_seq_len
+        self.device = torch.device(device)
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        # Host-side bound on cache_seqlens.max() + block, set by the engine when it knows it
+        # without a sync. The torch attention path reads only that many rows.
+        self.kv_len_bound: int | None = None
+        self.current_layer: int | None = None
+
+    # -- our interface ---------------------------------------------------------------------
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [B, S, Hkv, D] key and value buffers of one layer."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if keys is None or values is None:
+            raise RuntimeError(f"layer {layer_idx} of the Jacobi cache was never written")
+        return keys, values
+
+    def reset(self) -> None:
+        """Forget all sequences (buffers are kept and simply overwritten later)."""
+        self.cache_seqlens.zero_()
+        self.kv_len_bound = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    # -- transformers.Cache interface -----------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by the model with this layer's new K/V ([B, Hkv, n, D]); returns them unchanged."""
+        if layer_idx >= self.num_layers:
+            raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {self.num_layers} layers")
+        if self.keys[layer_idx] is None:
+            batch, n_kv_heads, _, head_dim = key_states.shape
+            shape = (self.batch, self.capacity, n_kv_heads, head_dim)
+            # Zero-filled so that rows never written are finite (see reference.jacobi_attention).
+            self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+            self.values[layer_idx] = torch.zeros(
+                (*shape[:3], value_states.shape[-1]), dtype=value_states.dtype, device=self.device
+            )
+        self.current_layer = layer_idx
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Models only use this to infer positions when none are given; the engine always gives
+        # them. Return the host-side bound rather than syncing on cache_seqlens.
+        return 0 if self.kv_len_bound is None else int(self.kv_len_bound)
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.capacity, 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(k is not None for k in self.keys)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __repr__(self) -> str:
+        return (
+            f"JacobiCache(layers={self.num_layers}, batch={self.batch}, capacity={self.capacity}, device={self.device})"
+        )

@@ -1,0 +1,126 @@
+"""Initial guesses for the Jacobi block.
+
+A strategy supplies guesses for block slots that hold no Jacobi prediction yet: the whole
+block after prefill, and in sliding mode the ``a - 1`` slots a step frees at the end of the
+block when it accepts ``a`` tokens (in chunked mode, a whole new chunk). It may also rewrite
+the unverified tail of a freshly committed block (n-gram lookup does).
+
+Everything runs on the device with tensor ops only, so the decoding loop never has to wait
+for the host to pick a guess.
+
+Write your own by subclassing :class:`GuessStrategy` and passing an instance as
+``JacobiEngine(..., init=strategy)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GuessStrategy:
+    """Base class. Subclasses override :meth:`fill` and, optionally, :meth:`refine`."""
+
+    name = "custom"
+
+    def start(
+        self,
+        sequences: torch.Tensor,
+        prompt_width: int,
+        prompt_lengths: torch.Tensor,
+        block_size: int,
+        generator: torch.Generator,
+    ) -> None:
+        """Called once per ``generate``.
+
+        ``sequences`` int64 [B, P + max_new_tokens] is the engine's token buffer: the prompt,
+        left-padded, in ``[:, :P]`` (P = ``prompt_width``) and the generated tokens after it, so
+        each row's known tokens are contiguous in ``[P - prompt_lengths[b], P + n_generated[b])``.
+        The buffer is updated in place as tokens are generated.
+        """
+        self.sequences = sequences
+        self.prompt_width = prompt_width
+        self.prompt_lengths = prompt_lengths.to(torch.long)
+        self.block_size = block_size
+        self.generator = generator
+
+    def fill(self) -> torch.Tensor:
+        """Guesses int64 [B, n] for freed slots (slot ``j`` of the next block takes column ``j``)."""
+        raise NotImplementedError
+
+    def refine(self, block: torch.Tensor, n_generated: torch.Tensor, rows: torch.Tensor) -> None:
+        """Optionally rewrite ``block[rows, 1:]`` in place after a commit. Default: keep it."""
+
+
+class RandomPromptGuess(GuessStrategy):
+    """Random tokens drawn from each sequence's own prompt, as in CLLM."""
+
+    name = "random_prompt"
+
+    def fill(self) -> torch.Tensor:
+        batch = self.sequences.shape[0]
+        uniform = torch.rand((batch, self.block_size), generator=self.generator, device=self.generator.device).to(
+            self.sequences.device
+        )
+        offsets = (uniform * self.prompt_lengths[:, None]).long().clamp(max=self.prompt_width - 1)
+        columns = self.prompt_width - self.prompt_lengths[:, None] + offsets
+        return self.sequences.gather(1, columns)
+
+
+class NgramGuess(RandomPromptGuess):
+    """Prompt/output lookup: continue the latest earlier occurrence of the current suffix.
+
+    After each commit, the last ``k`` known tokens (``k`` from ``max_ngram`` down to
+    ``min_ngram``) are searched in the prompt and the output so far. When they occurred
+    before, the tokens that followed that occurrence replace the block's unverified tail (this
+    is what prompt-lookup decoding proposes); otherwise the block keeps its Jacobi
+    predictions. Freed slots without a lookup get random prompt tokens.
+    """
+
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def refine(self, block: torch.Tensor, n_generated: torch.Tensor, rows: torch.Tensor) -> None:
+        n = self.block_size
+        if n < 2:
+            return
+        sequences = self.sequences
+        batch, width = sequences.shape
+        end = self.prompt_width + n_generated.to(torch.long)  # one past the last known token
+        begin = self.prompt_width - self.prompt_lengths
+        positions = torch.arange(width, device=sequences.device)
+        best_start = torch.full((batch,), -1, dtype=torch.long, device=sequences.device)
+        for k in range(self.max_ngram, self.min_ngram - 1, -1):
+            if width <= k:
+                continue
+            suffix_cols = (end[:, None] - k + torch.arange(k, device=sequences.device)).clamp(min=0)
+            suffix = sequences.gather(1, suffix_cols)  # [B, k]
+            windows = sequences.unfold(1, k, 1)  # [B, width-k+1, k]
+            starts = positions[: width - k + 1]
+            # An earlier occurrence: inside the known tokens and ending before the suffix itself.
+            valid = (starts[None, :] >= begin[:, None]) & (starts[None, :] + k < end[:, None])
+            valid &= (end - k >= begin)[:, None]
+            hits = (windows == suffix[:, None, :]).all(dim=-1) & valid
+            latest = torch.where(hits, starts[None, :], -1).amax(dim=1)
+            found = (latest >= 0) & (best_start < 0)
+            best_start = torch.where(found, latest + k, best_start)  # first continuation token
+        use = (best_start >= 0) & rows
+        slots = torch.arange(1, n, device=sequences.device)
+        source = best_start[:, None] + slots[None, :] - 1  # [B, n-1]
+        in_range = use[:, None] & (source < end[:, None])
+        proposal = sequences.gather(1, source.clamp(min=0, max=width - 1))
+        block[:, 1:] = torch.where(in_range, proposal, block[:, 1:])
+
+
+def make_guess_strategy(init: str | GuessStrategy) -> GuessStrategy:
+    if isinstance(init, GuessStrategy):
+        return init
+    if init == "random_prompt":
+        return RandomPromptGuess()
+    if init == "ngram":
+        return NgramGuess()
+    raise ValueError(f"init must be 'random_prompt', 'ngram' or a GuessStrategy instance, got {init!r}")

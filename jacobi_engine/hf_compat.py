@@ -1,0 +1,96 @@
+"""What the engine needs to know about a Hugging Face causal LM, across transformers versions.
+
+transformers renamed the cache keyword from ``past_key_values`` to ``cache`` in 5.24; models
+differ in whether they accept ``logits_to_keep`` and in how they bound positions. This module
+answers those questions once per model so the decoding loop stays version-agnostic.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+try:  # transformers is a hard dependency, but keep the error readable
+    from transformers import PreTrainedModel
+except ImportError as error:  # pragma: no cover
+    raise ImportError("jacobi_engine needs transformers>=5.17") from error
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    cache_keyword: str  # "cache" (transformers >= 5.24) or "past_key_values"
+    accepts_logits_to_keep: bool
+    max_positions: int | None  # learned/rotary position limit from the config, if any
+    vocab_size: int  # rows of the input embedding
+    num_layers: int
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def inspect_model(model: object) -> ModelInfo:
+    """Validate that ``model`` is a decoder-only HF causal LM we can drive; describe it."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"model must be a Hugging Face transformers PreTrainedModel (a decoder-only causal LM), "
+            f"got {type(model).__name__}"
+        )
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"model is an encoder-decoder ({type(model).__name__}); jacobi_engine supports decoder-only models"
+        )
+    if not model.can_generate() or model.get_output_embeddings() is None:
+        raise ValueError(f"model must be a causal LM with a language-model head, got {type(model).__name__}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"model {type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "which jacobi_engine plugs into; use a model class that does (Llama, Qwen2, Mistral, GPT-2, ...)"
+        )
+    parameters = _forward_parameters(model)
+    if "position_ids" not in parameters:
+        raise ValueError(f"model {type(model).__name__}.forward does not accept position_ids")
+    cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+    if cache_keyword not in parameters:
+        raise ValueError(f"model {type(model).__name__}.forward accepts neither `cache` nor `past_key_values`")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_positions = None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and value > 0:
+            max_positions = value
+            break
+    embeddings = model.get_input_embeddings()
+    vocab_size = getattr(embeddings, "num_embeddings", None) or text_config.vocab_size
+    num_layers = text_config.num_hidden_layers
+    return ModelInfo(
+        cache_keyword=cache_keyword,
+        accepts_logits_to_keep="logits_to_keep" in parameters,
+        max_positions=max_positions,
+        vocab_size=int(vocab_size),
+        num_layers=int(num_layers),
+    )
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def eos_ids_from(value, generation_config) -> list[int]:
+    """Normalise ``eos_token_id`` (int, list of ints, tensor or None -> model default) to a list."""
+    if value is None:
+        value = getattr(generation_config, "eos_token_id", None)
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise TypeError(f"eos_token_id must be an int, a list of ints or None, got {type(value).__name__}")
+    ids = [value] if isinstance(value, int) else list(value)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"eos_token_id must hold non-negative ints, got {value!r}")
+    return ids

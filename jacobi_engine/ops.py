@@ -1,0 +1,163 @@
+"""The engine's ops and the single place that decides which implementation runs.
+
+``jacobi_attention``  block attention with in-place K/V append.
+    backends: ``"triton"`` (:mod:`jacobi_engine.triton_attention`), ``"torch"``
+    (:func:`jacobi_engine.reference.jacobi_attention`); ``"auto"`` = Triton on CUDA, torch on CPU.
+
+``verify_and_commit``  fused fixed-point check + commit (csrc/, registered with TORCH_LIBRARY as
+    ``torch.ops.jacobi_engine.verify_and_commit``).
+    backends: ``"native"`` (the C++ op on CPU, the CUDA op on GPU), ``"torch"``
+    (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native.
+
+Swapping a kernel means editing this file only; the decoding loop calls these two functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jacobi_engine import (
+    _C,  # noqa: F401  (registers torch.ops.jacobi_engine.*)
+    reference,
+)
+
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+VERIFY_BACKENDS = ("auto", "native", "torch")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    _check_choice("backend", backend, ATTENTION_BACKENDS)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(tensor.shape)}")
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError("cache_seqlens must be an int32 torch.Tensor")
+    batch, n, n_heads, head_dim = q.shape
+    _, capacity, n_kv_heads, _ = k_cache.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache/v_cache must both be [B={batch}, S, Hkv, D={head_dim}], got {tuple(k_cache.shape)} "
+            f"and {tuple(v_cache.shape)}"
+        )
+    expected_new = (batch, n, n_kv_heads, head_dim)
+    if tuple(k_new.shape) != expected_new or tuple(v_new.shape) != expected_new:
+        raise ValueError(f"k_new/v_new must be {expected_new}, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"q heads ({n_heads}) must be a multiple of the cache's kv heads ({n_kv_heads})")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape [{batch}], got {tuple(cache_seqlens.shape)}")
+    devices = {t.device for t in (q, k_cache, v_cache, k_new, v_new, cache_seqlens)}
+    if len(devices) != 1:
+        raise ValueError(f"all attention inputs must be on one device, got {sorted(map(str, devices))}")
+    if n > capacity:
+        raise ValueError(f"block of {n} tokens does not fit a cache of {capacity} rows")
+
+
+def jacobi_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    kv_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of an n-token block over each sequence's cached prefix, appending the block's K/V.
+
+    ``q`` [B, n, Hq, D]; ``k_cache``/``v_cache`` [B, S, Hkv, D]; ``k_new``/``v_new`` [B, n, Hkv, D];
+    ``cache_seqlens`` int32 [B]. Returns ``out`` [B, n, Hq, D].
+
+    Writes ``k_new``/``v_new`` at cache rows ``cache_seqlens[b] .. cache_seqlens[b]+n-1``; query ``i``
+    of sequence ``b`` attends to rows ``0 .. cache_seqlens[b]+i``. ``cache_seqlens`` is not advanced.
+    The caller guarantees ``cache_seqlens[b] + n <= S`` (checking it here would need a host sync).
+    ``sliding_window`` keeps only the last that-many rows visible to each query, ``softcap`` applies
+    ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma 2), ``kv_len`` is an optional
+    host-side bound on ``max(cache_seqlens) + n`` and ``out`` an optional output buffer.
+    """
+    _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    resolved = resolve_attention_backend(backend, q.device)
+    if resolved == "triton":
+        from jacobi_engine import triton_attention
+
+        return triton_attention.jacobi_attention(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            cache_seqlens,
+            softmax_scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            out=out,
+        )
+    return reference.jacobi_attention(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens,
+        softmax_scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        kv_len=kv_len,
+        out=out,
+    )
+
+
+def verify_and_commit(
+    scores: torch.Tensor,
+    block: torch.Tensor,
+    fill: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    out_tokens: torch.Tensor,
+    n_generated: torch.Tensor,
+    done: torch.Tensor,
+    eos_ids: torch.Tensor,
+    max_new_tokens: int,
+    chunked: bool,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused Jacobi fixed-point check + commit; see :func:`jacobi_engine.reference.verify_and_commit`.
+
+    One launch, no host synchronisation. Returns ``n_accepted`` int32 [B] (0 for finished rows).
+    """
+    _check_choice("backend", backend, VERIFY_BACKENDS)
+    if backend == "torch":
+        return reference.verify_and_commit(
+            scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
+        )
+    return torch.ops.jacobi_engine.verify_and_commit(
+        scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
+    )
+
+
+@torch.library.register_fake("jacobi_engine::verify_and_commit")
+def _verify_and_commit_fake(
+    scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
+):
+    return block.new_empty((block.shape[0],), dtype=torch.int32)

@@ -1,0 +1,143 @@
+"""Plain-PyTorch reference implementations of every fused op.
+
+Each function here has exactly the semantics of the fused kernel of the same name in
+:mod:`jacobi_engine.ops`. They are the CPU path of the engine when the compiled
+extension is absent, the ``backend="torch"`` choice of each op, and the ground truth
+the kernel tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def jacobi_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    kv_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
+
+    Shapes: ``q`` [B, n, Hq, D]; ``k_cache``/``v_cache`` [B, S, Hkv, D]; ``k_new``/``v_new``
+    [B, n, Hkv, D]; ``cache_seqlens`` int32 [B]. Returns ``out`` [B, n, Hq, D] in ``q``'s dtype.
+
+    ``k_new``/``v_new`` are written to cache rows ``cache_seqlens[b] .. cache_seqlens[b]+n-1``.
+    Query ``i`` of sequence ``b`` attends to rows ``0 .. cache_seqlens[b]+i`` (bottom-right
+    aligned causal mask, as ``flash_attn_with_kvcache``), restricted to the last
+    ``sliding_window`` rows when that is set. ``cache_seqlens`` is not advanced.
+
+    ``kv_len`` is an optional host-side upper bound on ``cache_seqlens.max() + n``; it only
+    limits how many cache rows are read. Rows past ``cache_seqlens[b] + n`` must be finite
+    (they are masked, but NaN * 0 would still poison the value product).
+    """
+    batch, n, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2]
+    seq_capacity = k_cache.shape[1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=q.device)  # [B, n]
+    batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, n)
+    k_cache[batch_index, rows] = k_new.to(k_cache.dtype)
+    v_cache[batch_index, rows] = v_new.to(v_cache.dtype)
+
+    kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
+    keys = k_cache[:, :kv_len]
+    values = v_cache[:, :kv_len]
+    group = n_heads // n_kv_heads
+    # [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D]: GQA without materialising repeated K/V.
+    q_grouped = q.reshape(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    keys = keys.permute(0, 2, 1, 3)[:, :, None]
+    values = values.permute(0, 2, 1, 3)[:, :, None]
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q_grouped.to(compute_dtype), keys.to(compute_dtype).transpose(-1, -2))
+    scores = scores * softmax_scale
+    if softcap is not None and softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    key_pos = torch.arange(kv_len, device=q.device)
+    visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
+    if sliding_window is not None and sliding_window > 0:
+        visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    result = torch.matmul(probs, values.to(compute_dtype))  # [B, Hkv, group, n, D]
+    result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, head_dim).to(q.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def verify_and_commit(
+    scores: torch.Tensor,
+    block: torch.Tensor,
+    fill: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    out_tokens: torch.Tensor,
+    n_generated: torch.Tensor,
+    done: torch.Tensor,
+    eos_ids: torch.Tensor,
+    max_new_tokens: int,
+    chunked: bool,
+) -> torch.Tensor:
+    """One Jacobi fixed-point check and commit, for every sequence of the batch.
+
+    ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
+    ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
+    rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees.
+    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >=max_new_tokens] (any row stride),
+    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E].
+
+    Per active sequence, with ``p = argmax(scores)``: the accepted count ``a`` is 1 plus the length
+    of the longest prefix with ``block[j+1] == p[j]``. The verified tokens are ``p[:a]``. They are
+    appended to ``out_tokens`` (cut after the first EOS and at ``max_new_tokens``), and the cache
+    length advances by ``a``, when the step commits: always in sliding mode; in chunked mode
+    only once the whole chunk is verified (``a == n``) or the sequence finishes. A committed
+    block becomes ``[p[a-1], ..., p[n-1], fill[b, n-a+1:]]``; an uncommitted chunk becomes
+    ``[block[0], p[0], ..., p[n-2]]`` (the Jacobi update in place).
+
+    Returns ``n_accepted`` int32 [B]: ``a`` for sequences active at this step, 0 for finished ones.
+    """
+    batch, n = block.shape
+    preds = scores.argmax(dim=-1) if scores.is_floating_point() else scores.to(torch.long)
+    matches = (block[:, 1:] == preds[:, :-1]).to(torch.int32)
+    n_accepted = 1 + matches.cumprod(dim=1).sum(dim=1)  # [B] int
+    active = ~done
+
+    slots = torch.arange(n, device=block.device)
+    verified = slots[None, :] < n_accepted[:, None]
+    if eos_ids.numel() > 0:
+        is_eos = torch.isin(preds, eos_ids) & verified
+        has_eos = is_eos.any(dim=1)
+        first_eos = torch.where(has_eos, is_eos.to(torch.int32).argmax(dim=1), n)
+    else:
+        has_eos = torch.zeros_like(done)
+        first_eos = torch.full_like(n_accepted, n)
+    remaining = max_new_tokens - n_generated.to(torch.long)
+    n_emit = torch.minimum(torch.minimum(n_accepted, first_eos + 1), remaining)
+    finished = has_eos | (n_emit >= remaining)
+    commit = active & (finished | (n_accepted == n) | (not chunked))
+
+    emit_rows = commit[:, None] & (slots[None, :] < n_emit[:, None])
+    batch_index, slot_index = emit_rows.nonzero(as_tuple=True)
+    out_tokens[batch_index, n_generated.to(torch.long)[batch_index] + slot_index] = preds[batch_index, slot_index]
+
+    shift_src = n_accepted[:, None] - 1 + slots[None, :]
+    shifted = torch.where(shift_src < n, preds.gather(1, shift_src.clamp(max=n - 1)), fill)
+    jacobi_update = torch.cat([block[:, :1], preds[:, :-1]], dim=1)
+    next_block = torch.where(commit[:, None], shifted, jacobi_update)
+    block.copy_(torch.where(active[:, None], next_block, block))
+
+    n_generated.add_(torch.where(commit, n_emit, 0).to(n_generated.dtype))
+    cache_seqlens.add_(torch.where(commit, n_accepted, 0).to(cache_seqlens.dtype))
+    done.logical_or_(commit & finished)
+    return torch.where(active, n_accepted, 0).to(torch.int32)
