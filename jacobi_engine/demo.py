@@ -1,0 +1,176 @@
+"""``jacobi-engine demo``: stream one Jacobi generation and compare it with autoregressive decoding.
+
+By default it runs the reference pair shipped in the package (a small GSM8K teacher and its
+consistency-trained CLLM): Jacobi decoding on the CLLM against greedy AR on the teacher. With
+``--model DIR`` it runs any local Hugging Face causal LM (Jacobi and AR on that same model).
+When no shipped pair is installed it falls back to a tiny randomly initialised model, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "cllm-gsm8k"
+DEFAULT_PROMPT_IDS = 24
+
+
+def shipped_pair_available() -> bool:
+    return (ASSETS / "teacher" / "config.json").exists() and (ASSETS / "cllm" / "config.json").exists()
+
+
+def _load(directory: str | os.PathLike, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(directory, "config.json").exists():
+        raise SystemExit(f"--model {directory}: no config.json there (a local Hugging Face model directory is needed)")
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    return model.to(device).eval(), tokenizer
+
+
+def _random_model(device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=None,
+    )
+    return LlamaForCausalLM(config).to(device).eval()
+
+
+def _default_question() -> str:
+    questions = ASSETS / "demo_questions.jsonl"
+    with open(questions) as handle:
+        return json.loads(handle.readline())["question"]
+
+
+class _TokenCounter:
+    """A streamer wrapper that prints ids when there is no tokenizer."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.first = True
+
+    def put(self, value):
+        if self.inner is not None:
+            self.inner.put(value)
+        elif self.first:
+            self.first = False
+        else:
+            print(" ".join(str(t) for t in value.reshape(-1).tolist()), end=" ", flush=True)
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+        else:
+            print()
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from jacobi_engine import JacobiEngine
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_grad_enabled(False)
+    if args.model:
+        jacobi_model, tokenizer = _load(args.model, device)
+        ar_model, label = jacobi_model, f"{args.model}"
+        pair = ("Jacobi", "AR (HF greedy)")
+    elif shipped_pair_available():
+        jacobi_model, tokenizer = _load(ASSETS / "cllm", device)
+        ar_model, _ = _load(ASSETS / "teacher", device)
+        label = "shipped GSM8K pair: CLLM (Jacobi) vs its teacher (AR)"
+        pair = ("Jacobi on the CLLM", "AR on the teacher (HF greedy)")
+    else:
+        jacobi_model, tokenizer = _random_model(device), None
+        ar_model = jacobi_model
+        label = "a tiny RANDOMLY INITIALISED Llama (no trained model is installed): output is meaningless tokens"
+        pair = ("Jacobi", "AR (HF greedy)")
+    print(f"model: {label}\ndevice: {device}\n")
+
+    if tokenizer is not None:
+        if args.prompt is not None:
+            text = args.prompt
+        elif shipped_pair_available() and not args.model:
+            from jacobi_engine.gsm8k import format_prompt
+
+            text = format_prompt(_default_question())
+        else:
+            text = "Question:\nWhat is 12 + 30?\nAnswer:\n"
+        input_ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+        print(text, end="", flush=True)
+        streamer = _TokenCounter(TextStreamer(tokenizer, skip_prompt=True) if not args.no_stream else None)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, jacobi_model.config.vocab_size, (1, DEFAULT_PROMPT_IDS), generator=generator)
+        input_ids = input_ids.to(device)
+        print(f"prompt ids: {input_ids[0].tolist()}\ngenerated ids: ", end="")
+        streamer = _TokenCounter()
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    eos = [] if eos is None and tokenizer is None else eos
+
+    engine = JacobiEngine(jacobi_model, block_size=args.block_size, mode=args.mode, init=args.init)
+    engine.generate(input_ids, max_new_tokens=4, eos_token_id=eos)  # warm-up
+    jacobi, jacobi_seconds = _timed(
+        lambda: engine.generate(input_ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos, streamer=streamer)
+    )
+    print()
+    ar_model.generate(input_ids, do_sample=False, max_new_tokens=4, eos_token_id=eos, pad_token_id=0)
+    ar_sequences, ar_seconds = _timed(
+        lambda: ar_model.generate(
+            input_ids,
+            do_sample=False,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
+        )
+    )
+    ar_tokens = ar_sequences.shape[1] - input_ids.shape[1]
+    stats = jacobi.stats
+    jacobi_rate = stats.tokens_generated / jacobi_seconds
+    ar_rate = ar_tokens / ar_seconds
+    rows = [
+        (pair[0], stats.tokens_generated, jacobi_rate, stats.tokens_per_forward),
+        (pair[1], ar_tokens, ar_rate, 1.0),
+    ]
+    print(f"\n{'method':<34} {'tokens':>7} {'tokens/s':>10} {'tokens/forward':>15}")
+    for name, tokens, rate, per_forward in rows:
+        print(f"{name:<34} {tokens:>7d} {rate:>10.1f} {per_forward:>15.2f}")
+    print(f"speedup: {jacobi_rate / ar_rate:.2f}x  (block_size={args.block_size}, mode={args.mode}, init={args.init})")
+    if ar_model is jacobi_model:
+        same = torch.equal(jacobi.sequences, ar_sequences)
+        print(f"Jacobi output identical to greedy AR: {same}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="stream a Jacobi generation and compare with autoregressive decoding")
+    parser.add_argument("--model", help="a local Hugging Face causal LM directory (default: the shipped CLLM pair)")
+    parser.add_argument("--prompt", help="prompt text (default: a held-out GSM8K question)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--mode", choices=["sliding", "chunked"], default="sliding")
+    parser.add_argument("--init", choices=["random_prompt", "ngram"], default="random_prompt")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-stream", action="store_true", help="do not stream the generated text")
+    parser.set_defaults(handler=run)
