@@ -1,0 +1,38 @@
+"""Consistency (CLLM) training: collect Jacobi trajectories, then fine-tune on them.
+
+    from jacobi_engine.training import collect_trajectories, train_consistency
+
+    collect_trajectories(model, tokenizer, prompts, "data/", block_size=16, max_new_tokens=256)
+    train_consistency("model/", "data/", "cllm/", loss="global", ar_weight=10.0, max_steps=1000)
+
+Needs the ``train`` extras (``datasets``, ``accelerate``); LoRA needs ``peft``.
+"""
+
+from __future__ import annotations
+
+from jacobi_engine.training.collect import assemble_dataset, augment_states, collect_trajectories, read_prompts
+from jacobi_engine.training.losses import (
+    ar_loss,
+    consistency_loss,
+    consistency_mask,
+    global_consistency_loss,
+    local_consistency_loss,
+    masked_kl,
+)
+from jacobi_engine.training.trainer import ConsistencyTrainer, TrajectoryCollator, train_consistency
+
+__all__ = [
+    "ConsistencyTrainer",
+    "TrajectoryCollator",
+    "ar_loss",
+    "assemble_dataset",
+    "augment_states",
+    "collect_trajectories",
+    "consistency_loss",
+    "consistency_mask",
+    "global_consistency_loss",
+    "local_consistency_loss",
+    "masked_kl",
+    "read_prompts",
+    "train_consistency",
+]

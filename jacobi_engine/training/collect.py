@@ -1,0 +1,387 @@
+"""Jacobi trajectory collection: the training data of consistency (CLLM) training.
+
+The engine decodes batches of prompts in chunked mode (batched, KV-cached) and records every
+state each n-token chunk went through. One dataset row per (prompt, chunk):
+
+    prompt_index   int        line of the prompts file
+    chunk_index    int        0, 1, ... in generation order
+    prompt_length  int        tokens of the real prompt at the start of ``prompt_ids``
+    prompt_ids     [int]      x: the real prompt + the chunks converged before this one
+    states         [[int]]    every block fed to the model over this chunk, in order; each has
+                              m = len(fixed_point) tokens and slot 0 is already correct
+    fixed_point    [int]      y*: the converged (greedy) tokens; always equal to ``states[-1]``
+    label_ids      [int]      tokenized ground-truth answer + EOS ([] when the prompt has none)
+
+``m`` is ``block_size`` except in the last chunk of a sequence that ended (EOS or
+``max_new_tokens``) inside it. There the engine stops as soon as the final tokens are known,
+before feeding the converged block, so the fixed point is appended as the last state.
+
+Resumable. Prompts are split into fixed batches (batch k = prompts ``[k*B, (k+1)*B)``) and the
+random initial guesses of batch k are seeded with ``seed + k``, so a batch redone after a kill
+yields the same rows. Each finished batch is written to ``out_dir/shards/batch-XXXXXX.jsonl``
+(temporary file, then rename), and only then recorded in ``out_dir/manifest.json`` (rewritten
+the same atomic way). A rerun skips the batches the manifest lists and overwrites any shard it
+does not list; the dataset is assembled from the listed shards only, so no row is lost or
+duplicated whenever the process dies. The final dataset is saved with ``save_to_disk(out_dir)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from jacobi_engine.engine import JacobiEngine
+from jacobi_engine.hf_compat import inspect_model
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+MANIFEST_VERSION = 1
+LABEL_FIELDS = ("answer", "label")
+
+
+def dataset_features():
+    from datasets import Features, List, Value
+
+    ids = List(Value("int64"))
+    return Features(
+        {
+            "prompt_index": Value("int64"),
+            "chunk_index": Value("int64"),
+            "prompt_length": Value("int64"),
+            "prompt_ids": ids,
+            "states": List(ids),
+            "fixed_point": ids,
+            "label_ids": ids,
+        }
+    )
+
+
+# -- prompts -------------------------------------------------------------------------------------
+def read_prompts(path: str | Path) -> list[dict]:
+    """Read a JSONL file: one object per line with a ``"prompt"`` text and optionally an
+    ``"answer"`` or ``"label"`` text (the ground truth). Blank lines are skipped."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+            records.append(_normalise_prompt(record, f"{path}:{number}"))
+    return records
+
+
+def _normalise_prompt(item, where: str) -> dict:
+    if isinstance(item, str):
+        return {"prompt": item, "answer": None}
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise ValueError(f"{where}: expected a string or an object with a 'prompt' string, got {item!r:.80}")
+    answer = next((item[key] for key in LABEL_FIELDS if item.get(key) is not None), None)
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f"{where}: 'answer'/'label' must be a string, got {type(answer).__name__}")
+    return {"prompt": item["prompt"], "answer": answer}
+
+
+def _tokenize(tokenizer, records: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    prompt_ids, label_ids = [], []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for index, record in enumerate(records):
+        ids = list(tokenizer(record["prompt"])["input_ids"])
+        if not ids:
+            raise ValueError(f"prompt {index} tokenizes to no tokens: {record['prompt']!r:.80}")
+        prompt_ids.append(ids)
+        labels: list[int] = []
+        if record["answer"] is not None:
+            labels = list(tokenizer(record["answer"], add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                labels.append(int(eos))
+        label_ids.append(labels)
+    return prompt_ids, label_ids
+
+
+def left_pad(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` int64 [B, max_len], padded on the left."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+# -- per-chunk records ---------------------------------------------------------------------------
+def longest_run(tokens: list[int]) -> int:
+    """Length of the longest run of identical consecutive tokens (0 for an empty list)."""
+    best = run = 0
+    previous = None
+    for token in tokens:
+        run = run + 1 if token == previous else 1
+        previous = token
+        best = max(best, run)
+    return best
+
+
+def augment_states(
+    states: list[list[int]], fixed_point: list[int], fraction: float, rng: random.Random
+) -> list[list[int]]:
+    """CLLM's data augmentation: in every intermediate state, replace a random ``fraction`` of
+    the wrong tokens after the first wrong one with their fixed-point values.
+
+    The first wrong slot stays wrong, so a state never becomes the fixed point and the positions
+    the consistency loss covers are unchanged; later tokens become "already correct" more often,
+    as they do in a model that is learning. The fixed point (last state) is kept as is.
+    """
+    augmented = []
+    for state in states[:-1]:
+        wrong = [slot for slot, (token, target) in enumerate(zip(state, fixed_point)) if token != target]
+        candidates = wrong[1:]
+        chosen = rng.sample(candidates, int(len(candidates) * fraction))
+        new_state = list(state)
+        for slot in chosen:
+            new_state[slot] = fixed_point[slot]
+        augmented.append(new_state)
+    augmented.append(list(states[-1]))
+    return augmented
+
+
+def chunk_rows(
+    trajectory,
+    prompt_index: int,
+    prompt_ids: list[int],
+    label_ids: list[int],
+    max_repeat: int = 10,
+    augment_fraction: float | None = None,
+    seed: int = 0,
+) -> tuple[list[dict], int]:
+    """Dataset rows of one sequence's trajectory, and how many chunks were dropped as degenerate.
+
+    A chunk is degenerate when the generated text up to its end (this chunk and the chunks
+    before it, not the user's prompt) holds ``max_repeat`` or more identical consecutive tokens.
+    """
+    tokens = trajectory.tokens
+    rows, dropped = [], 0
+    for chunk_index, block in enumerate(trajectory.blocks()):
+        fixed_point = list(block.fixed_point)
+        size = len(fixed_point)
+        if size == 0:
+            continue
+        if longest_run(tokens[: block.start + size]) >= max_repeat:
+            dropped += 1
+            continue
+        states = [list(state[:size]) for state in block.states]
+        if states[-1] != fixed_point:
+            states.append(fixed_point)
+        if augment_fraction:
+            rng = random.Random(f"{seed}:{prompt_index}:{chunk_index}")
+            states = augment_states(states, fixed_point, augment_fraction, rng)
+        rows.append(
+            {
+                "prompt_index": prompt_index,
+                "chunk_index": chunk_index,
+                "prompt_length": len(prompt_ids),
+                "prompt_ids": list(prompt_ids) + list(tokens[: block.start]),
+                "states": states,
+                "fixed_point": fixed_point,
+                "label_ids": list(label_ids),
+            }
+        )
+    return rows, dropped
+
+
+# -- files ------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    _atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _shard_name(batch_index: int) -> str:
+    return f"batch-{batch_index:06d}.jsonl"
+
+
+def _fingerprint(prompt_ids: list[list[int]], label_ids: list[list[int]]) -> str:
+    digest = hashlib.sha256(json.dumps([prompt_ids, label_ids], separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def assemble_dataset(out_dir: str | Path):
+    """Build the dataset from the shards the manifest lists, in batch order, and save it to ``out_dir``."""
+    from datasets import Dataset, concatenate_datasets
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}")
+    features = dataset_features()
+    parts, seen = [], set()
+    for batch_index in sorted(int(key) for key in manifest["batches"]):
+        with open(out_dir / SHARDS / _shard_name(batch_index), encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        for row in rows:
+            key = (row["prompt_index"], row["chunk_index"])
+            if key in seen:
+                raise RuntimeError(f"duplicate sample {key} in {out_dir / SHARDS}")
+            seen.add(key)
+        if rows:
+            parts.append(Dataset.from_list(rows, features=features))
+    dataset = concatenate_datasets(parts) if parts else Dataset.from_list([], features=features)
+    dataset.save_to_disk(str(out_dir))
+    return dataset
+
+
+def _engine(model, block_size: int, seed: int, needed: int) -> JacobiEngine:
+    # Headroom of one extra block in the cache: in a batch, a row that has finished keeps being
+    # fed while others run, and its cache length may already sit up to n - 1 rows past
+    # prompt + max_new_tokens, so the engine's default capacity can be overrun (reported as an
+    # engine bug). max_seq_len only sizes the cache; it does not change the output.
+    limit = inspect_model(model).max_positions
+    headroom = needed + block_size
+    max_seq_len = headroom if limit is None or headroom <= limit else None
+    return JacobiEngine(
+        model, block_size=block_size, mode="chunked", init="random_prompt", seed=seed, max_seq_len=max_seq_len
+    )
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+def collect_trajectories(
+    model,
+    tokenizer,
+    prompts: Iterable[str | dict],
+    out_dir: str | Path,
+    block_size: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    *,
+    eos_token_id: int | list[int] | None = None,
+    augment: bool = False,
+    augment_fraction: float = 0.5,
+    max_repeat: int = 10,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Collect Jacobi trajectories of ``model`` on ``prompts`` and save them as a HF dataset.
+
+    ``prompts``: strings, or dicts with a ``"prompt"`` string and optionally an ``"answer"`` or
+    ``"label"`` string (ground truth, stored tokenized + EOS as ``label_ids``). Prompts are
+    tokenized one by one with ``tokenizer`` (special tokens included) and left-padded per batch.
+    ``eos_token_id``: None = the model's generation config, ``[]`` = never stop early.
+    ``augment``: CLLM's augmentation (see :func:`augment_states`). Chunks whose generated text
+    has ``max_repeat`` identical consecutive tokens are dropped.
+
+    Calling it again with the same arguments on the same ``out_dir`` resumes (or, when the
+    collection is complete, just reassembles the dataset). Returns the ``datasets.Dataset``.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or block_size < 1 or max_new_tokens < 1 or max_repeat < 2:
+        raise ValueError("batch_size, block_size and max_new_tokens must be >= 1 and max_repeat >= 2")
+    if not 0.0 <= augment_fraction <= 1.0:
+        raise ValueError(f"augment_fraction must be in [0, 1], got {augment_fraction}")
+    records = [_normalise_prompt(item, f"prompt {index}") for index, item in enumerate(prompts)]
+    prompt_ids, label_ids = _tokenize(tokenizer, records)
+    if eos_token_id is not None and not isinstance(eos_token_id, int):
+        eos_token_id = [int(token) for token in eos_token_id]  # a list survives the JSON manifest
+    out_dir = Path(out_dir)
+    (out_dir / SHARDS).mkdir(parents=True, exist_ok=True)
+
+    config = {
+        "version": MANIFEST_VERSION,
+        "model": str(getattr(model.config, "_name_or_path", "")) or type(model).__name__,
+        "block_size": block_size,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "eos_token_id": eos_token_id,
+        "augment_fraction": augment_fraction if augment else None,
+        "max_repeat": max_repeat,
+        "seed": seed,
+        "num_prompts": len(records),
+        "prompts_sha256": _fingerprint(prompt_ids, label_ids),
+    }
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        manifest = {"config": config, "batches": {}}
+        write_manifest(out_dir, manifest)
+    elif manifest["config"] != config:
+        changed = sorted(key for key in config if manifest["config"].get(key) != config[key])
+        raise ValueError(
+            f"{out_dir} holds a collection made with different settings ({', '.join(changed)}); "
+            "use a new --out directory or the original settings to resume"
+        )
+
+    num_batches = (len(records) + batch_size - 1) // batch_size
+    done = {int(key) for key in manifest["batches"]}
+    done_prompts = sum(min(batch_size, len(records) - k * batch_size) for k in done)
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(records), initial=done_prompts, unit="prompt", desc="collect", disable=not progress)
+    try:
+        for batch_index in range(num_batches):
+            if batch_index in done:
+                continue
+            first = batch_index * batch_size
+            indices = list(range(first, min(first + batch_size, len(records))))
+            input_ids, attention_mask = left_pad([prompt_ids[i] for i in indices])
+            engine = _engine(model, block_size, seed + batch_index, input_ids.shape[1] + max_new_tokens)
+            output = engine.generate(
+                input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id,
+                record_trajectory=True,
+                return_stats=False,
+            )
+            rows, dropped = [], 0
+            for index, trajectory in zip(indices, output.trajectories):
+                chunk, chunk_dropped = chunk_rows(
+                    trajectory,
+                    index,
+                    prompt_ids[index],
+                    label_ids[index],
+                    max_repeat=max_repeat,
+                    augment_fraction=augment_fraction if augment else None,
+                    seed=seed,
+                )
+                rows.extend(chunk)
+                dropped += chunk_dropped
+            _atomic_write(
+                out_dir / SHARDS / _shard_name(batch_index),
+                "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows),
+            )
+            manifest["batches"][str(batch_index)] = {
+                "prompts": [indices[0], indices[-1] + 1],
+                "samples": len(rows),
+                "dropped": dropped,
+            }
+            write_manifest(out_dir, manifest)
+            bar.update(len(indices))
+            batches = manifest["batches"].values()
+            bar.set_postfix(samples=sum(b["samples"] for b in batches), dropped=sum(b["dropped"] for b in batches))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return assemble_dataset(out_dir)

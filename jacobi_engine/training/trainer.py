@@ -1,0 +1,334 @@
+"""Consistency (CLLM) training on collected Jacobi trajectories, with the Hugging Face Trainer.
+
+Each training row is one chunk of one prompt (see :mod:`jacobi_engine.training.collect`). Per
+step, for every row of the batch, the collator draws one state of the chunk's trajectory:
+
+* ``loss="global"``: a random intermediate state ``y_i`` (student) against the fixed point
+  ``y*`` (teacher);
+* ``loss="local"``: a random adjacent pair, ``y_j`` (student) against ``y_{j+1}`` (teacher).
+
+A step then runs
+
+1. the teacher: the model on ``[x; teacher block]`` under ``torch.no_grad()``, the
+   stop-gradient of the CLLM objective, so no activations are kept for it;
+2. one forward with gradients over the student rows ``[x; student block]`` and the AR rows
+   (``[x; y*]``, or ``[real prompt; ground-truth answer]`` with ``use_labels``) stacked in
+   one batch;
+3. ``loss = consistency_loss + ar_weight * CE`` (:mod:`jacobi_engine.training.losses`) and
+   one backward, which keeps DDP to one gradient all-reduce per step.
+
+Sequences are right-padded, so positions are plain ``0..len-1`` and padding never changes a
+real token's logits.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from jacobi_engine.training.losses import IGNORE_INDEX, ar_loss, consistency_loss
+
+LOSSES = ("global", "local")
+REQUIRED_COLUMNS = ("prompt_length", "prompt_ids", "states", "fixed_point", "label_ids")
+
+
+def _right_pad(sequences: list[list[int]], width: int, value: int) -> torch.Tensor:
+    padded = torch.full((len(sequences), width), value, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return padded
+
+
+def pick_states(states: list[list[int]], loss: str, rng) -> tuple[list[int], list[int]]:
+    """(student block, teacher block) for one trajectory; ``states[-1]`` is the fixed point.
+
+    ``global``: a uniformly drawn intermediate state and the fixed point. ``local``: a uniformly
+    drawn pair of adjacent states. A trajectory with a single state gives (y*, y*): loss 0.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if len(states) < 2:
+        return states[-1], states[-1]
+    j = rng.randrange(len(states) - 1)
+    if loss == "global":
+        return states[j], states[-1]
+    return states[j], states[j + 1]
+
+
+@dataclass
+class TrajectoryCollator:
+    """Turns trajectory rows into the tensors of one consistency step.
+
+    Returns (B rows, L = longest prompt + longest block, n = longest block, La = longest AR row):
+
+    * ``student_input_ids``, ``teacher_input_ids`` int64 [B, L]: ``x`` then the student /
+      teacher block, right-padded; ``attention_mask`` int64 [B, L] (the same for both);
+    * ``block_start`` int64 [B]: the column of slot 0 (= ``len(x)``);
+    * ``student_block``, ``teacher_block`` int64 [B, n]; ``slot_mask`` bool [B, n] (real slots);
+    * ``ar_input_ids``, ``ar_attention_mask``, ``ar_labels`` int64 [B, La]: ``[x; y*]`` (or
+      ``[prompt; ground truth]`` with ``use_labels``); labels are -100 except on the answer.
+
+    The state draws use ``rng`` (default: Python's global ``random``, which the Trainer seeds,
+    checkpoints and restores on resume, so a resumed run draws what the original would have).
+    """
+
+    loss: str = "global"
+    use_labels: bool = False
+    pad_id: int = 0
+    rng: random.Random | None = None
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        rng = self.rng if self.rng is not None else random
+        students, teachers, contexts, ar_rows, ar_starts = [], [], [], [], []
+        for row in rows:
+            student, teacher = pick_states(row["states"], self.loss, rng)
+            students.append(list(student))
+            teachers.append(list(teacher))
+            contexts.append(list(row["prompt_ids"]))
+            if self.use_labels:
+                if not row["label_ids"]:
+                    raise ValueError(
+                        f"use_labels is set but prompt {row.get('prompt_index')} has no ground-truth answer"
+                    )
+                prompt = list(row["prompt_ids"][: row["prompt_length"]])
+                ar_rows.append(prompt + list(row["label_ids"]))
+                ar_starts.append(len(prompt))
+            else:
+                ar_rows.append(list(row["prompt_ids"]) + list(row["fixed_point"]))
+                ar_starts.append(len(row["prompt_ids"]))
+
+        n = max(len(block) for block in students)
+        width = max(len(context) for context in contexts) + n
+        block_lengths = torch.tensor([len(block) for block in students])
+        block_start = torch.tensor([len(context) for context in contexts])
+        columns = torch.arange(width)[None, :]
+        attention_mask = (columns < (block_start + block_lengths)[:, None]).to(torch.long)
+        ar_width = max(len(ids) for ids in ar_rows)
+        ar_lengths = torch.tensor([len(ids) for ids in ar_rows])
+        ar_columns = torch.arange(ar_width)[None, :]
+        ar_input_ids = _right_pad(ar_rows, ar_width, self.pad_id)
+        ar_attention_mask = (ar_columns < ar_lengths[:, None]).to(torch.long)
+        answer = (ar_columns >= torch.tensor(ar_starts)[:, None]) & ar_attention_mask.bool()
+        return {
+            "student_input_ids": _right_pad([c + s for c, s in zip(contexts, students)], width, self.pad_id),
+            "teacher_input_ids": _right_pad([c + t for c, t in zip(contexts, teachers)], width, self.pad_id),
+            "attention_mask": attention_mask,
+            "block_start": block_start,
+            "student_block": _right_pad(students, n, self.pad_id),
+            "teacher_block": _right_pad(teachers, n, self.pad_id),
+            "slot_mask": torch.arange(n)[None, :] < block_lengths[:, None],
+            "ar_input_ids": ar_input_ids,
+            "ar_attention_mask": ar_attention_mask,
+            "ar_labels": torch.where(answer, ar_input_ids, IGNORE_INDEX),
+        }
+
+
+def block_logits(logits: torch.Tensor, block_start: torch.Tensor, n: int) -> torch.Tensor:
+    """``logits`` [B, L, V] of whole rows -> [B, n, V] at columns ``block_start[b] .. + n - 1``."""
+    columns = block_start.to(logits.device)[:, None] + torch.arange(n, device=logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    return logits[rows, columns]
+
+
+def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+class ConsistencyTrainer(transformers.Trainer):
+    """``transformers.Trainer`` whose loss is CLLM's consistency loss plus a weighted AR loss.
+
+    Use it with :class:`TrajectoryCollator` as ``data_collator`` (and ``remove_unused_columns=False``).
+    ``loss``: ``"global"`` or ``"local"`` (must match the collator's); ``ar_weight``: w of the
+    AR term (CLLM uses 10); ``label_smoothing`` of the AR cross-entropy.
+    """
+
+    def __init__(self, *args, loss: str = "global", ar_weight: float = 10.0, label_smoothing: float = 0.0, **kwargs):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        super().__init__(*args, **kwargs)
+        self.consistency = loss
+        self.ar_weight = ar_weight
+        self.ar_label_smoothing = label_smoothing
+        # Our loss is a per-batch mean: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._loss_sums = {"consistency_loss": 0.0, "ar_loss": 0.0}
+        self._loss_count = 0
+
+    def teacher_logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher block logits [B, n, V], computed without gradients (stop-gradient)."""
+        n = inputs["teacher_block"].shape[1]
+        with torch.no_grad():
+            output = model(
+                input_ids=inputs["teacher_input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            )
+            return block_logits(output.logits, inputs["block_start"], n).detach()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch, n = inputs["student_block"].shape
+        teacher = self.teacher_logits(model, inputs)
+        width = max(inputs["student_input_ids"].shape[1], inputs["ar_input_ids"].shape[1])
+        input_ids = torch.cat(
+            [_pad_columns(inputs["student_input_ids"], width, 0), _pad_columns(inputs["ar_input_ids"], width, 0)]
+        )
+        attention_mask = torch.cat(
+            [_pad_columns(inputs["attention_mask"], width, 0), _pad_columns(inputs["ar_attention_mask"], width, 0)]
+        )
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        student = block_logits(logits[:batch], inputs["block_start"], n)
+        consistency = consistency_loss(
+            student, teacher, inputs["student_block"], inputs["teacher_block"], inputs["slot_mask"]
+        )
+        ar_width = inputs["ar_input_ids"].shape[1]
+        autoregressive = ar_loss(
+            logits[batch:, :ar_width], inputs["ar_labels"], self.ar_weight, self.ar_label_smoothing
+        )
+        loss = consistency + autoregressive
+        self._loss_sums["consistency_loss"] += float(consistency.detach())
+        self._loss_sums["ar_loss"] += float(autoregressive.detach())
+        self._loss_count += 1
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._loss_count and "loss" in logs:
+            for name, total in self._loss_sums.items():
+                logs[name] = round(total / self._loss_count, 4)
+                self._loss_sums[name] = 0.0
+            self._loss_count = 0
+        super().log(logs, *args, **kwargs)
+
+
+def _load_dataset(data_dir: str | Path, use_labels: bool):
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(data_dir))
+    missing = [column for column in REQUIRED_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{data_dir} is not a trajectory dataset (missing columns: {', '.join(missing)})")
+    if len(dataset) == 0:
+        raise ValueError(f"{data_dir} holds no samples")
+    if use_labels and any(len(labels) == 0 for labels in dataset["label_ids"]):
+        raise ValueError(f"use_labels is set but some prompts in {data_dir} have no ground-truth answer")
+    return dataset
+
+
+def _apply_lora(model, r: int, alpha: int, dropout: float):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("--lora needs peft: pip install 'jacobi-engine[lora]'") from error
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def train_consistency(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    loss: str = "global",
+    ar_weight: float = 10.0,
+    label_smoothing: float = 0.0,
+    use_labels: bool = False,
+    max_steps: int = 1000,
+    learning_rate: float = 2e-5,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr_scheduler: str = "cosine",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    save_steps: int = 500,
+    save_total_limit: int | None = 2,
+    logging_steps: int = 10,
+    seed: int = 0,
+    resume: bool = False,
+    lora: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    bf16: bool = False,
+    callbacks: list | None = None,
+) -> ConsistencyTrainer:
+    """Fine-tune the model in ``model_dir`` into a CLLM on the trajectories in ``data_dir``.
+
+    Checkpoints go to ``out_dir/checkpoint-<step>`` every ``save_steps``; with ``resume`` the
+    latest one is continued (model, optimizer, scheduler, RNG and data order). The final model
+    (LoRA merged into the weights) and the tokenizer are saved to ``out_dir`` with
+    ``save_pretrained``. Works unchanged under ``torchrun`` / ``accelerate launch`` (DDP; gloo
+    on CPU). Returns the trainer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    out_dir = Path(out_dir)
+    dataset = _load_dataset(data_dir, use_labels)
+    # float32 master weights; ``bf16`` turns on autocast (mixed precision), not bf16 weights.
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        tokenizer = None
+    pad_id = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
+    if lora:
+        model = _apply_lora(model, lora_r, lora_alpha, lora_dropout)
+    use_cpu = not torch.cuda.is_available()
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        logging_steps=logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to=[],
+    )
+    trainer = ConsistencyTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=TrajectoryCollator(loss=loss, use_labels=use_labels, pad_id=pad_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        loss=loss,
+        ar_weight=ar_weight,
+        label_smoothing=label_smoothing,
+    )
+    checkpoint = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_final_model(trainer, out_dir)
+    return trainer
+
+
+def save_final_model(trainer: ConsistencyTrainer, out_dir: str | Path) -> None:
+    """Save a plain ``from_pretrained``-loadable model (LoRA merged) and the tokenizer to ``out_dir``."""
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):  # peft: ship merged weights, not an adapter
+        model = model.merge_and_unload()
+    model.save_pretrained(str(out_dir))
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(out_dir))
