@@ -14,7 +14,9 @@ state each n-token chunk went through. One dataset row per (prompt, chunk):
 
 ``m`` is ``block_size`` except in the last chunk of a sequence that ended (EOS or
 ``max_new_tokens``) inside it. There the engine stops as soon as the final tokens are known,
-before feeding the converged block, so the fixed point is appended as the last state.
+before feeding the converged block, so the fixed point is appended as the last state. When the
+very last token was produced by the forward that converged the previous chunk, it gets a chunk
+of its own with the single state ``[token]``: the chunks of a prompt always tile its output.
 
 Resumable. Prompts are split into fixed batches (batch k = prompts ``[k*B, (k+1)*B)``) and the
 random initial guesses of batch k are seeded with ``seed + k``, so a batch redone after a kill
@@ -169,16 +171,20 @@ def chunk_rows(
     before it, not the user's prompt) holds ``max_repeat`` or more identical consecutive tokens.
     """
     tokens = trajectory.tokens
+    blocks = [(block.start, list(block.fixed_point), block.states) for block in trajectory.blocks()]
+    covered = blocks[-1][0] + len(blocks[-1][1]) if blocks else 0
+    if covered < len(tokens):
+        # The last token came from the final forward of the last chunk (or from the prefill),
+        # and generation stopped there: no Jacobi step ever covered it. A one-state chunk keeps
+        # it (often the EOS) in the data, so the chunks always tile the whole output.
+        blocks.append((covered, tokens[covered:], [tokens[covered:]]))
     rows, dropped = [], 0
-    for chunk_index, block in enumerate(trajectory.blocks()):
-        fixed_point = list(block.fixed_point)
+    for chunk_index, (start, fixed_point, fed_states) in enumerate(blocks):
         size = len(fixed_point)
-        if size == 0:
-            continue
-        if longest_run(tokens[: block.start + size]) >= max_repeat:
+        if longest_run(tokens[: start + size]) >= max_repeat:
             dropped += 1
             continue
-        states = [list(state[:size]) for state in block.states]
+        states = [list(state[:size]) for state in fed_states]
         if states[-1] != fixed_point:
             states.append(fixed_point)
         if augment_fraction:
@@ -189,7 +195,7 @@ def chunk_rows(
                 "prompt_index": prompt_index,
                 "chunk_index": chunk_index,
                 "prompt_length": len(prompt_ids),
-                "prompt_ids": list(prompt_ids) + list(tokens[: block.start]),
+                "prompt_ids": list(prompt_ids) + list(tokens[:start]),
                 "states": states,
                 "fixed_point": fixed_point,
                 "label_ids": list(label_ids),
