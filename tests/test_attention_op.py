@@ -1,0 +1,262 @@
+"""ops.jacobi_attention (Triton and torch backends) against an independent float64 reference.
+
+Every case uses fresh seeded inputs, HF-style transposed views for q/k_new/v_new, an output
+buffer poisoned with NaN, and (for Triton) cache rows past each prefix poisoned with NaN, which
+proves the kernel never reads them. The cache must change exactly in the appended rows.
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from jacobi_engine import ops, triton_attention
+
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    n: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    capacity: int
+    window: int | None = None
+    softcap: float | None = None
+    dtype: torch.dtype = torch.float32
+    out_strided: bool = False  # out as a transposed view of a [B, Hq, n, D] buffer
+    zero_prefix: bool = False  # every cache_seqlens[b] = 0 (prefill)
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.batch}", f"n{self.n}", f"h{self.n_heads}x{self.n_kv_heads}", f"d{self.head_dim}"]
+        parts.append(f"S{self.capacity}")
+        if self.window:
+            parts.append(f"w{self.window}")
+        if self.softcap:
+            parts.append(f"cap{self.softcap:g}")
+        if self.zero_prefix:
+            parts.append("prefill")
+        if self.out_strided:
+            parts.append("tout")
+        parts.append(str(self.dtype).removeprefix("torch."))
+        return "-".join(parts)
+
+
+FP32_CASES = [
+    Case(1, 1, 4, 4, 64, 40),
+    Case(3, 1, 8, 2, 128, 70, out_strided=True),
+    Case(2, 3, 4, 2, 80, 33),
+    Case(3, 16, 4, 1, 96, 50),  # 16 queries x group 4 fill one 64-row tile
+    Case(2, 64, 2, 2, 16, 100, out_strided=True),
+    Case(2, 64, 4, 2, 64, 90),  # 128 rows: several query tiles
+    Case(1, 100, 4, 2, 16, 100, zero_prefix=True),  # prefill, cache exactly full afterwards
+    Case(3, 100, 2, 1, 32, 160),  # long block on top of ragged prefixes
+    Case(2, 4, 6, 2, 64, 30),  # group 3 (not a power of two)
+    Case(2, 3, 4, 2, 64, 60, window=8),
+    Case(2, 4, 2, 1, 16, 20, window=1),  # each query sees only itself
+    Case(1, 100, 2, 1, 16, 130, window=20),
+    Case(2, 16, 4, 2, 80, 50, softcap=5.0, out_strided=True),
+    Case(3, 4, 8, 4, 16, 40, window=5, softcap=3.0),  # Gemma-2 style
+    Case(2, 3, 4, 4, 128, 12, zero_prefix=True),
+]
+FP16_CASES = [
+    Case(3, 1, 8, 2, 128, 70, dtype=torch.float16),
+    Case(3, 16, 4, 1, 96, 50, dtype=torch.float16, out_strided=True),
+    Case(2, 100, 2, 1, 32, 130, dtype=torch.float16),
+    Case(2, 16, 4, 2, 80, 50, window=9, softcap=5.0, dtype=torch.float16),
+]
+BF16_CASES = [
+    Case(3, 1, 8, 2, 128, 70, dtype=torch.bfloat16),
+    Case(3, 16, 4, 1, 96, 50, dtype=torch.bfloat16),
+    Case(2, 100, 2, 1, 64, 300, dtype=torch.bfloat16),
+    Case(2, 16, 4, 2, 80, 50, window=9, softcap=5.0, dtype=torch.bfloat16),
+]
+# Long caches with few (sequence, kv head) programs: on a GPU the default heuristic splits these.
+LONG_CASES = [
+    Case(1, 1, 8, 2, 128, 2048),
+    Case(2, 4, 4, 1, 64, 1536, window=700, dtype=torch.float16),
+]
+
+
+def naive_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, window, softcap):
+    """float64 loop over (sequence, q head); keys are the prefix rows followed by the block's own."""
+    batch, n, n_heads, _ = q.shape
+    group = n_heads // k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(batch):
+        prefix = int(cache_seqlens[b])
+        keys = torch.cat([k_cache[b, :prefix], k_new[b]]).double().cpu()
+        values = torch.cat([v_cache[b, :prefix], v_new[b]]).double().cpu()
+        query_pos = prefix + torch.arange(n)[:, None]
+        key_pos = torch.arange(prefix + n)[None, :]
+        visible = key_pos <= query_pos
+        if window:
+            visible &= key_pos > query_pos - window
+        for h in range(n_heads):
+            scores = q[b, :, h].double().cpu() @ keys[:, h // group].T * scale
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            out[b, :, h] = probs @ values[:, h // group]
+    return out
+
+
+def _skip_unless_runnable(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if backend == "triton" and device.type == "cpu" and not interpreting:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set only when there is no GPU)")
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        pytest.skip("bf16 is checked on a GPU only")
+
+
+def _make_inputs(case: Case, device: torch.device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    batch, n, n_heads, n_kv, dim, capacity = (
+        case.batch,
+        case.n,
+        case.n_heads,
+        case.n_kv_heads,
+        case.head_dim,
+        case.capacity,
+    )
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(case.dtype)
+
+    # HF hands the op transposed views of [B, H, n, D] tensors.
+    q = randn(batch, n_heads, n, dim).to(device).transpose(1, 2)
+    k_new = randn(batch, n_kv, n, dim).to(device).transpose(1, 2)
+    v_new = randn(batch, n_kv, n, dim).to(device).transpose(1, 2)
+    k_cache = randn(batch, capacity, n_kv, dim).to(device)
+    v_cache = randn(batch, capacity, n_kv, dim).to(device)
+    if case.zero_prefix:
+        seqlens = torch.zeros(batch, dtype=torch.int32)
+    else:
+        seqlens = torch.randint(0, capacity - n + 1, (batch,), generator=gen, dtype=torch.int32)
+        if batch >= 2:
+            seqlens[0] = 0  # ragged, with an empty prefix
+        if batch >= 3:
+            seqlens[2] = capacity - n  # the block fills the cache to the last row
+    return q, k_new, v_new, k_cache, v_cache, seqlens.to(device)
+
+
+def _poison_cache_tail(k_cache, v_cache, seqlens, backend: str) -> None:
+    """Fill rows >= cache_seqlens[b]: NaN for Triton (must never be read); finite garbage for the
+    torch reference, which reads and masks them (NaN * 0 would poison it)."""
+    for b, prefix in enumerate(seqlens.tolist()):
+        for cache in (k_cache, v_cache):
+            if backend == "triton":
+                cache[b, prefix:] = float("nan")
+            else:
+                cache[b, prefix:] = 1e3
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    view_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(view_dtype)
+
+
+def _check_cache(before, after, new, seqlens, n) -> None:
+    """Rows [seqlens[b], seqlens[b] + n) hold exactly ``new``; every other row is bit-identical."""
+    for b, prefix in enumerate(seqlens.tolist()):
+        assert torch.equal(after[b, prefix : prefix + n], new[b].to(after.dtype)), f"sequence {b}: appended rows"
+        assert torch.equal(_bits(after[b, :prefix]), _bits(before[b, :prefix])), f"sequence {b}: prefix changed"
+        assert torch.equal(_bits(after[b, prefix + n :]), _bits(before[b, prefix + n :])), f"sequence {b}: tail"
+
+
+def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_splits: int | None = None) -> None:
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, device, seed)
+    scale = case.head_dim**-0.5
+    expected = naive_attention(q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, case.softcap)
+    _poison_cache_tail(k_cache, v_cache, seqlens, backend)
+    k_before, v_before, seqlens_before = k_cache.clone(), v_cache.clone(), seqlens.clone()
+    if case.out_strided:
+        out = torch.full(
+            (case.batch, case.n_heads, case.n, case.head_dim), float("nan"), dtype=case.dtype, device=device
+        ).transpose(1, 2)
+    else:
+        out = torch.full(q.shape, float("nan"), dtype=case.dtype, device=device)
+
+    if num_splits is None:
+        result = ops.jacobi_attention(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            seqlens,
+            scale,
+            backend=backend,
+            sliding_window=case.window,
+            softcap=case.softcap,
+            out=out,
+        )
+    else:
+        result = triton_attention.jacobi_attention(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            seqlens,
+            scale,
+            sliding_window=case.window,
+            softcap=case.softcap,
+            out=out,
+            num_splits=num_splits,
+        )
+
+    assert result.data_ptr() == out.data_ptr() and result.dtype == case.dtype
+    tol = TOLERANCES[case.dtype]
+    torch.testing.assert_close(result.double().cpu(), expected, rtol=tol, atol=tol)
+    _check_cache(k_before, k_cache, k_new, seqlens, case.n)
+    _check_cache(v_before, v_cache, v_new, seqlens, case.n)
+    assert torch.equal(seqlens, seqlens_before), "cache_seqlens must not advance"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", FP32_CASES + FP16_CASES + BF16_CASES + LONG_CASES, ids=lambda case: case.id)
+def test_matches_float64_reference(case, backend, device):
+    _skip_unless_runnable(backend, device, case.dtype)
+    _run_case(case, backend, device, seed=zlib.crc32(case.id.encode()))
+
+
+SPLIT_CASES = [
+    (Case(2, 1, 8, 2, 64, 300), 4),
+    (Case(3, 4, 4, 1, 80, 400, window=150), 7),
+    (Case(3, 16, 4, 4, 16, 260, softcap=4.0, out_strided=True), 3),  # cache_seqlens 0 -> idle splits
+    (Case(2, 3, 2, 1, 32, 40), 16),  # more splits than prefix tiles
+    (Case(2, 4, 8, 2, 128, 300, dtype=torch.float16), 5),
+    (Case(2, 4, 8, 2, 128, 300, dtype=torch.bfloat16), 5),
+]
+
+
+@pytest.mark.parametrize(("case", "num_splits"), SPLIT_CASES, ids=lambda v: v.id if isinstance(v, Case) else f"s{v}")
+def test_split_k_matches_float64_reference(case, num_splits, device):
+    _skip_unless_runnable("triton", device, case.dtype)
+    _run_case(case, "triton", device, seed=zlib.crc32(case.id.encode()) + num_splits, num_splits=num_splits)
+
+
+def test_allocates_output_in_q_dtype(device):
+    _skip_unless_runnable("triton", device, torch.float16)
+    case = Case(2, 3, 4, 2, 64, 20, dtype=torch.float16)
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, device, seed=7)
+    expected = naive_attention(q, k_cache, v_cache, k_new, v_new, seqlens, 0.125, None, None)
+    result = ops.jacobi_attention(q, k_cache, v_cache, k_new, v_new, seqlens, 0.125, backend="triton")
+    assert result.shape == q.shape and result.dtype == torch.float16 and result.device == q.device
+    torch.testing.assert_close(result.double().cpu(), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_rejects_unsupported_head_dim():
+    q = torch.zeros(1, 1, 1, 320)
+    cache = torch.zeros(1, 4, 1, 320)
+    with pytest.raises(ValueError, match="head_dim"):
+        triton_attention.jacobi_attention(q, cache, cache, q, q, torch.zeros(1, dtype=torch.int32), 1.0)
