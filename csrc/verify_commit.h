@@ -30,7 +30,8 @@ struct VerifyRow {
   int64_t n_eos;
 };
 
-// Returns the accepted count a in [1, n] (0 when the sequence had already finished).
+// Returns the accepted count a in [1, n] (0 when the sequence had already finished). The cache
+// length advances by a (by the number of emitted tokens when the sequence finishes).
 // Sliding mode commits every step; chunked mode only when the whole chunk is verified
 // (a == n) or the sequence finishes. See jacobi_engine/reference.py for the full contract.
 JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n, int64_t max_new_tokens,
@@ -57,7 +58,9 @@ JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n,
     const int64_t base = *row.n_generated;
     for (int64_t j = 0; j < emit; ++j) row.out[(base + j) * row.out_stride] = row.preds[j];
     *row.n_generated = static_cast<int32_t>(base + emit);
-    *row.cache_seqlen += static_cast<int32_t>(accepted);
+    // A finishing sequence only keeps what it emitted, so its frozen length stays inside the
+    // cache however many steps the rest of the batch still takes.
+    *row.cache_seqlen += static_cast<int32_t>(finished ? emit : accepted);
     if (finished) *row.done = true;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t source = accepted - 1 + j;

@@ -69,6 +69,27 @@ class JacobiOutput:
     trajectories: list[SequenceTrajectory] | None = None
 
 
+@dataclass
+class _DecodeState:
+    """Everything a decode step reads and writes: device tensors with fixed addresses and shapes."""
+
+    cache: JacobiCache
+    guesses: GuessStrategy
+    block: torch.Tensor  # [B, n] int64, slot 0 known-correct
+    out_tokens: torch.Tensor  # [B, max_new_tokens + n] int64 view into the sequences buffer
+    n_generated: torch.Tensor  # [B] int32
+    done: torch.Tensor  # [B] bool
+    eos_ids: torch.Tensor  # [E] int64
+    max_new_tokens: int
+    max_steps: int
+    histogram: torch.Tensor  # [n + 1] int64, accepted count per (sequence, forward)
+    forwards: torch.Tensor  # () int64, decode forwards while any sequence was running
+    step: torch.Tensor  # [1] int64, decode steps taken
+    log_blocks: torch.Tensor | None  # [max_steps, B, n] blocks fed, when logging
+    log_starts: torch.Tensor | None  # [max_steps, B] index of slot 0 in the generated tokens
+    log_accepted: torch.Tensor | None  # [max_steps, B] accepted counts (0: finished)
+
+
 def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -95,6 +116,10 @@ class JacobiEngine:
         seed: seeds the random initial guesses, so every call is reproducible.
         attention_backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`jacobi_engine.ops`).
         verify_backend: ``"auto"``, ``"native"`` (compiled op) or ``"torch"``.
+        cuda_graph: capture the whole Jacobi step (model forward + verify/commit + guesses) in a
+            CUDA graph once per ``generate`` and replay it (CUDA models only).
+        sync_every: decode steps between host checks of the done flags (default 1, or 8 with
+            ``cuda_graph``). Steps past the end are harmless no-ops for finished sequences.
     """
 
     def __init__(
@@ -107,6 +132,8 @@ class JacobiEngine:
         seed: int = 0,
         attention_backend: str = "auto",
         verify_backend: str = "auto",
+        cuda_graph: bool = False,
+        sync_every: int | None = None,
     ):
         self.info = inspect_model(model)
         _check_int("block_size", block_size, minimum=1)
@@ -120,6 +147,13 @@ class JacobiEngine:
             raise ValueError(f"attention_backend must be one of {ops.ATTENTION_BACKENDS}, got {attention_backend!r}")
         if verify_backend not in ops.VERIFY_BACKENDS:
             raise ValueError(f"verify_backend must be one of {ops.VERIFY_BACKENDS}, got {verify_backend!r}")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and model_device(model).type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model_device(model)}")
+        _check_int("sync_every", sync_every, minimum=1, allow_none=True)
+        self.cuda_graph = cuda_graph
+        self.sync_every = sync_every if sync_every is not None else (8 if cuda_graph else 1)
         self.model = model
         self.block_size = block_size
         self.mode = mode
@@ -239,6 +273,92 @@ class JacobiEngine:
         return logits[rows, last]
 
     # -- generation ----------------------------------------------------------------------------
+    def _decode_step(self, state: _DecodeState) -> None:
+        """One Jacobi step on device tensors only: no host sync, no data-dependent shape.
+
+        That is what lets the whole step (model forward included) be captured in a CUDA graph;
+        tests/test_graph_safety.py checks it op by op on CPU.
+        """
+        if state.log_blocks is not None:
+            state.log_blocks.index_copy_(0, state.step, state.block[None])
+            state.log_starts.index_copy_(0, state.step, (state.n_generated - 1)[None])
+        state.forwards += (~state.done).any()
+        before = state.n_generated.clone()
+        positions = self._positions(state.cache.cache_seqlens, self.block_size)
+        logits, _ = self._forward(state.cache, state.block, positions)
+        n_accepted = ops.verify_and_commit(
+            logits,
+            state.block,
+            state.guesses.fill(),
+            state.cache.cache_seqlens,
+            state.out_tokens,
+            state.n_generated,
+            state.done,
+            state.eos_ids,
+            state.max_new_tokens,
+            self.mode == "chunked",
+            backend=self.verify_backend,
+        )
+        state.guesses.refine(state.block, state.n_generated, (state.n_generated > before) & ~state.done)
+        state.histogram.scatter_add_(0, n_accepted.to(torch.long), torch.ones_like(n_accepted, dtype=torch.long))
+        if state.log_accepted is not None:
+            state.log_accepted.index_copy_(0, state.step, n_accepted[None])
+        state.step += 1
+
+    def _run_eager(self, state: _DecodeState, streamer) -> None:
+        """Steps until every sequence is done, syncing with the host once per ``sync_every`` steps."""
+        sync_every = 1 if streamer is not None else self.sync_every
+        longest = int(state.cache.cache_seqlens.max())
+        streamed = 1
+        for first_step in range(0, state.max_steps, sync_every):
+            steps = min(sync_every, state.max_steps - first_step)
+            # The torch attention path reads only rows below this bound (it must hold until the next sync).
+            state.cache.kv_len_bound = longest + self.block_size * steps
+            for _ in range(steps):
+                self._decode_step(state)
+            finished, longest, generated = torch.stack(
+                [
+                    state.done.all().to(torch.long),
+                    state.cache.cache_seqlens.max().to(torch.long),
+                    state.n_generated[0].long(),
+                ]
+            ).tolist()
+            if streamer is not None and generated > streamed:
+                streamer.put(state.out_tokens[0, streamed:generated].cpu())
+                streamed = generated
+            if finished:
+                return
+        raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")  # pragma: no cover
+
+    def _run_cuda_graph(self, state: _DecodeState, streamer) -> None:
+        """Captures one step (forward + verify/commit + guesses) in a CUDA graph and replays it,
+        checking the done flags on the host every ``sync_every`` replays."""
+        state.cache.kv_len_bound = None  # the graph must not depend on a host-side bound
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up steps are real steps: they also JIT-compile Triton kernels
+                self._decode_step(state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_step(state)
+        streamed, taken = 1, 2
+        while True:
+            finished, generated = torch.stack([state.done.all().to(torch.long), state.n_generated[0].long()]).tolist()
+            if streamer is not None and generated > streamed:
+                streamer.put(state.out_tokens[0, streamed:generated].cpu())
+                streamed = generated
+            if finished:
+                return
+            if taken >= state.max_steps:
+                raise RuntimeError(
+                    "Jacobi decoding did not finish within its step bound; this is a bug"
+                )  # pragma: no cover
+            for _ in range(min(self.sync_every, state.max_steps - taken)):
+                graph.replay()
+                taken += 1
+
     @torch.inference_mode()
     def generate(
         self,
@@ -284,88 +404,78 @@ class JacobiEngine:
         if self.max_seq_len is not None:
             capacity = max(capacity, self.max_seq_len + n)
         cache = self._get_cache(batch, capacity, device)
-        sequences = torch.full((batch, width + max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        # Prompt (left-padded) then generated tokens; n slack columns let the verify op write a
+        # whole block past max_new_tokens without clamping (the output is cut to size anyway).
+        sequences = torch.full((batch, width + max_new_tokens + n), pad_token_id, dtype=torch.long, device=device)
         sequences[:, :width] = input_ids
-        out_tokens = sequences[:, width:]  # a view: the op writes generated tokens in place
-        eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device)
+        guesses = self.guess_strategy
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed)
-        guesses = self.guess_strategy
         guesses.start(sequences, width, prompt_lengths, n, generator)
+        # Jacobi verifies at least one new token per forward, so a chunk converges within n
+        # iterations: this bounds the number of steps in both modes (and sizes the step logs).
+        max_steps = max_new_tokens + n
+        logging = return_stats or record_trajectory
 
         started = time.perf_counter()
         with jacobi_attention_enabled(self.model, cache, self.attention_backend):
             first_logits = self._prefill(cache, input_ids, prompt_lengths)
             cache.cache_seqlens.copy_(prompt_lengths.to(torch.int32))
             first = first_logits.argmax(dim=-1)
-            out_tokens[:, 0] = first
-            n_generated = torch.ones(batch, dtype=torch.int32, device=device)
-            done = torch.isin(first, eos_ids) | (max_new_tokens <= 1)
-            block = guesses.fill().clone()
-            block[:, 0] = first
-            guesses.refine(block, n_generated, ~done)
+            sequences[:, width] = first
+            eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device)
+            state = _DecodeState(
+                cache=cache,
+                guesses=guesses,
+                block=guesses.fill().clone(),
+                out_tokens=sequences[:, width:],
+                n_generated=torch.ones(batch, dtype=torch.int32, device=device),
+                done=torch.isin(first, eos_ids) | (max_new_tokens <= 1),
+                eos_ids=eos_ids,
+                max_new_tokens=max_new_tokens,
+                max_steps=max_steps,
+                histogram=torch.zeros(n + 1, dtype=torch.long, device=device),
+                forwards=torch.zeros((), dtype=torch.long, device=device),
+                step=torch.zeros(1, dtype=torch.long, device=device),
+                log_blocks=torch.zeros((max_steps, batch, n), dtype=torch.long, device=device) if logging else None,
+                log_starts=torch.zeros((max_steps, batch), dtype=torch.int32, device=device) if logging else None,
+                log_accepted=torch.zeros((max_steps, batch), dtype=torch.int32, device=device) if logging else None,
+            )
+            state.block[:, 0] = first
+            guesses.refine(state.block, state.n_generated, ~state.done)
             sync()
             prefill_done = time.perf_counter()
             if streamer is not None:
                 streamer.put(first.cpu())
-
-            forwards = 1
-            histogram = torch.zeros(n + 1, dtype=torch.long, device=device)
-            logs: tuple[list, list, list] | None = ([], [], []) if (return_stats or record_trajectory) else None
-            chunked = self.mode == "chunked"
-            finished, longest_seqlen = bool(done.all()), int(prompt_lengths.max())
-            while not finished:
-                cache.kv_len_bound = longest_seqlen + n
-                if logs is not None:
-                    logs[0].append(block.clone())
-                    logs[1].append(n_generated - 1)
-                before = n_generated.clone()
-                logits, _ = self._forward(cache, block, self._positions(cache.cache_seqlens, n))
-                forwards += 1
-                n_accepted = ops.verify_and_commit(
-                    logits,
-                    block,
-                    guesses.fill(),
-                    cache.cache_seqlens,
-                    out_tokens,
-                    n_generated,
-                    done,
-                    eos_ids,
-                    max_new_tokens,
-                    chunked,
-                    backend=self.verify_backend,
-                )
-                guesses.refine(block, n_generated, (n_generated > before) & ~done)
-                histogram += torch.bincount(n_accepted, minlength=n + 1)
-                if logs is not None:
-                    logs[2].append(n_accepted)
-                # One host sync per step: are we done, and how far may attention read next time.
-                status = torch.stack([done.all().to(torch.long), cache.cache_seqlens.max().to(torch.long)])
-                if streamer is not None:
-                    count_before, count_after = int(before[0]), int(n_generated[0])
-                    if count_after > count_before:
-                        streamer.put(out_tokens[0, count_before:count_after].cpu())
-                finished_flag, longest_seqlen = status.tolist()
-                finished = bool(finished_flag)
+            if self.cuda_graph:
+                self._run_cuda_graph(state, streamer)
+            else:
+                self._run_eager(state, streamer)
             sync()
             decode_done = time.perf_counter()
         if streamer is not None:
             streamer.end()
 
-        lengths = n_generated.tolist()
+        lengths = state.n_generated.tolist()
         result = sequences[:, : width + max(lengths)].clone()
         trajectories = None
-        if logs is not None:
-            final_tokens = [out_tokens[row, : lengths[row]].tolist() for row in range(batch)]
-            trajectories = build_trajectories(*logs, final_tokens, prompt_lengths.tolist())
+        if logging:
+            steps_taken = int(state.step)
+            final_tokens = [state.out_tokens[row, : lengths[row]].tolist() for row in range(batch)]
+            trajectories = build_trajectories(
+                state.log_blocks[:steps_taken],
+                state.log_starts[:steps_taken],
+                state.log_accepted[:steps_taken],
+                final_tokens,
+                prompt_lengths.tolist(),
+            )
         if stats is not None:
-            histogram_list = histogram.tolist()
-            histogram_list[0] = 0  # bincount's zeros are finished rows, not forwards
-            stats.forward_passes = forwards
+            histogram = state.histogram.tolist()
+            histogram[0] = 0  # zeros are rows that had already finished, not forwards
+            stats.forward_passes = 1 + int(state.forwards)
             stats.tokens_generated = sum(lengths)
-            sequence_forwards = batch + sum(histogram_list)
-            stats.tokens_per_forward = stats.tokens_generated / sequence_forwards
-            stats.accepted_histogram = histogram_list
+            stats.tokens_per_forward = stats.tokens_generated / (batch + sum(histogram))
+            stats.accepted_histogram = histogram
             stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
             stats.prefill_seconds = prefill_done - started
             stats.decode_seconds = decode_done - prefill_done
@@ -374,6 +484,16 @@ class JacobiEngine:
 
 def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
     """One-call shortcut: ``JacobiEngine(model, <engine args>).generate(input_ids, <generate args>)``."""
-    engine_keys = ("block_size", "mode", "init", "max_seq_len", "seed", "attention_backend", "verify_backend")
+    engine_keys = (
+        "block_size",
+        "mode",
+        "init",
+        "max_seq_len",
+        "seed",
+        "attention_backend",
+        "verify_backend",
+        "cuda_graph",
+        "sync_every",
+    )
     engine_kwargs = {key: kwargs.pop(key) for key in engine_keys if key in kwargs}
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **kwargs)

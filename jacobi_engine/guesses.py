@@ -52,18 +52,30 @@ class GuessStrategy:
 
 
 class RandomPromptGuess(GuessStrategy):
-    """Random tokens drawn from each sequence's own prompt, as in CLLM."""
+    """Random tokens drawn from each sequence's own prompt, as in CLLM.
+
+    A pool of random prompt tokens is drawn once per ``generate`` and consumed round-robin by
+    a device-side counter, so the decoding step draws no random numbers (CUDA-graph safe).
+    """
 
     name = "random_prompt"
+    pool_steps = 64  # blocks' worth of random tokens in the pool
+
+    def start(self, sequences, prompt_width, prompt_lengths, block_size, generator) -> None:
+        super().start(sequences, prompt_width, prompt_lengths, block_size, generator)
+        batch = sequences.shape[0]
+        pool_size = block_size * self.pool_steps
+        uniform = torch.rand((batch, pool_size), generator=generator, device=generator.device).to(sequences.device)
+        offsets = (uniform * self.prompt_lengths[:, None]).long().clamp(max=prompt_width - 1)
+        columns = prompt_width - self.prompt_lengths[:, None] + offsets
+        self.pool = sequences.gather(1, columns)  # [B, pool_size]
+        self.pool_columns = torch.arange(block_size, device=sequences.device)
+        self.draws = torch.zeros((), dtype=torch.long, device=sequences.device)
 
     def fill(self) -> torch.Tensor:
-        batch = self.sequences.shape[0]
-        uniform = torch.rand((batch, self.block_size), generator=self.generator, device=self.generator.device).to(
-            self.sequences.device
-        )
-        offsets = (uniform * self.prompt_lengths[:, None]).long().clamp(max=self.prompt_width - 1)
-        columns = self.prompt_width - self.prompt_lengths[:, None] + offsets
-        return self.sequences.gather(1, columns)
+        columns = (self.draws * self.block_size + self.pool_columns) % self.pool.shape[1]
+        self.draws += 1
+        return self.pool[:, columns]
 
 
 class NgramGuess(RandomPromptGuess):

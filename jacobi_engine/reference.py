@@ -94,13 +94,14 @@ def verify_and_commit(
     ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
     ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
     rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees.
-    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >=max_new_tokens] (any row stride),
+    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >=max_new_tokens] (any row stride; with ``max_new_tokens + n`` columns
+    the reference runs without data-dependent shapes),
     ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E].
 
     Per active sequence, with ``p = argmax(scores)``: the accepted count ``a`` is 1 plus the length
     of the longest prefix with ``block[j+1] == p[j]``. The verified tokens are ``p[:a]``. They are
     appended to ``out_tokens`` (cut after the first EOS and at ``max_new_tokens``), and the cache
-    length advances by ``a``, when the step commits: always in sliding mode; in chunked mode
+    length advances by ``a`` (by the emitted count when the sequence finishes), when the step commits: always in sliding mode; in chunked mode
     only once the whole chunk is verified (``a == n``) or the sequence finishes. A committed
     block becomes ``[p[a-1], ..., p[n-1], fill[b, n-a+1:]]``; an uncommitted chunk becomes
     ``[block[0], p[0], ..., p[n-2]]`` (the Jacobi update in place).
@@ -127,9 +128,17 @@ def verify_and_commit(
     finished = has_eos | (n_emit >= remaining)
     commit = active & (finished | (n_accepted == n) | (not chunked))
 
+    # Scatter the verified tokens to columns n_generated + j; slots not emitted rewrite what is
+    # there. No data-dependent shapes (CUDA-graph safe); needs n slack columns past
+    # max_new_tokens so the columns never collide.
     emit_rows = commit[:, None] & (slots[None, :] < n_emit[:, None])
-    batch_index, slot_index = emit_rows.nonzero(as_tuple=True)
-    out_tokens[batch_index, n_generated.to(torch.long)[batch_index] + slot_index] = preds[batch_index, slot_index]
+    columns = n_generated.to(torch.long)[:, None] + slots[None, :]
+    if out_tokens.shape[1] >= max_new_tokens + n:
+        current = out_tokens.gather(1, columns)
+        out_tokens.scatter_(1, columns, torch.where(emit_rows, preds, current))
+    else:  # a narrow output buffer: fall back to indexing only the emitted slots
+        batch_index, slot_index = emit_rows.nonzero(as_tuple=True)
+        out_tokens[batch_index, columns[batch_index, slot_index]] = preds[batch_index, slot_index]
 
     shift_src = n_accepted[:, None] - 1 + slots[None, :]
     shifted = torch.where(shift_src < n, preds.gather(1, shift_src.clamp(max=n - 1)), fill)
@@ -138,6 +147,7 @@ def verify_and_commit(
     block.copy_(torch.where(active[:, None], next_block, block))
 
     n_generated.add_(torch.where(commit, n_emit, 0).to(n_generated.dtype))
-    cache_seqlens.add_(torch.where(commit, n_accepted, 0).to(cache_seqlens.dtype))
+    advance = torch.where(finished, n_emit, n_accepted)
+    cache_seqlens.add_(torch.where(commit, advance, 0).to(cache_seqlens.dtype))
     done.logical_or_(commit & finished)
     return torch.where(active, n_accepted, 0).to(torch.int32)

@@ -68,19 +68,19 @@ class SequenceTrajectory:
 
 
 def build_trajectories(
-    blocks: list[torch.Tensor],
-    starts: list[torch.Tensor],
-    accepted: list[torch.Tensor],
+    blocks: torch.Tensor,
+    starts: torch.Tensor,
+    accepted: torch.Tensor,
     final_tokens: list[list[int]],
     prompt_lengths: list[int],
 ) -> list[SequenceTrajectory]:
-    """Turn per-step logs ([B, n] blocks, [B] starts, [B] accepted, 0 = inactive) into trajectories."""
+    """Turn the engine's step logs into trajectories.
+
+    ``blocks`` [steps, B, n] are the blocks fed, ``starts`` [steps, B] the index of slot 0 in the
+    generated tokens and ``accepted`` [steps, B] the accepted counts (0: the sequence had finished).
+    """
     trajectories = [SequenceTrajectory(prompt_length=p, tokens=t) for p, t in zip(prompt_lengths, final_tokens)]
-    if not blocks:
-        return trajectories
-    all_blocks = torch.stack(blocks).cpu().tolist()  # [steps, B, n]
-    all_starts = torch.stack(starts).cpu().tolist()
-    all_accepted = torch.stack(accepted).cpu().tolist()
+    all_blocks, all_starts, all_accepted = blocks.tolist(), starts.tolist(), accepted.tolist()
     for step_blocks, step_starts, step_accepted in zip(all_blocks, all_starts, all_accepted):
         for row, trajectory in enumerate(trajectories):
             if step_accepted[row] > 0:

@@ -141,3 +141,21 @@ def test_backends_agree():
     ]
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     assert outputs[0].stats.accepted_histogram == outputs[1].stats.accepted_histogram
+
+
+def test_finished_rows_stay_inside_the_cache():
+    """Regression: a row finishing on max_new_tokens with a long accept kept advancing its cache
+    length, and the next block of the still-running rows wrote past the cache."""
+    model = tiny_model("gpt2", vocab_size=VOCAB)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (3, 12), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    expected = hf_greedy(model, input_ids, mask, 40, eos_token_id=[], pad_token_id=PAD)
+    for block_size in (4, 7, 16):
+        engine = JacobiEngine(model, block_size=block_size)
+        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
+        assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
+        cache = engine._cache
+        assert int(cache.cache_seqlens.max()) + block_size <= cache.capacity

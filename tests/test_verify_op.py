@@ -38,7 +38,7 @@ def python_verify(preds, block, fill, seqlens, out, n_generated, done, eos, max_
             for j, token in enumerate(emitted):
                 out[b][n_generated[b] + j] = token
             n_generated[b] += len(emitted)
-            seqlens[b] += accepted
+            seqlens[b] += len(emitted) if finished else accepted
             done[b] = bool(finished)
             block[b] = preds[b][accepted - 1 :] + fill[b][n - accepted + 1 :]
         else:

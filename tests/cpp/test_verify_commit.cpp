@@ -54,6 +54,7 @@ void test_eos_cuts_and_finishes() {
   Sequence s{{11, 2, 13, 14}, {10, 11, 2, 13}, {0, 0, 0, 0}, std::vector<int64_t>(10, -1), {5, 2}, 3, 1};
   EXPECT_EQ(s.run(10, false), 4);
   EXPECT_EQ(s.generated, 3);  // 11, then EOS; nothing after it
+  EXPECT_EQ(s.seqlen, 5);     // a finished sequence keeps only what it emitted
   EXPECT_EQ(s.out[2], 2);
   EXPECT_EQ(s.out[3], -1);
   EXPECT_EQ(s.done, true);
@@ -65,6 +66,7 @@ void test_max_new_tokens_cut() {
   Sequence s{{11, 12, 13, 14}, {10, 11, 12, 13}, {0, 0, 0, 0}, std::vector<int64_t>(10, -1), {}, 0, 4};
   EXPECT_EQ(s.run(6, false), 4);
   EXPECT_EQ(s.generated, 6);
+  EXPECT_EQ(s.seqlen, 2);
   EXPECT_EQ(s.out[5], 12);
   EXPECT_EQ(s.out[6], -1);
   EXPECT_EQ(s.done, true);
