@@ -23,6 +23,7 @@ real token's logits.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import transformers
 from jacobi_engine.training.losses import IGNORE_INDEX, ar_loss, consistency_loss
 
 LOSSES = ("global", "local")
-REQUIRED_COLUMNS = ("prompt_length", "prompt_ids", "states", "fixed_point", "label_ids")
+REQUIRED_COLUMNS = ("prompt_index", "chunk_index", "prompt_length", "prompt_ids", "states", "fixed_point", "label_ids")
 
 
 def _right_pad(sequences: list[list[int]], width: int, value: int) -> torch.Tensor:
@@ -73,20 +74,28 @@ class TrajectoryCollator:
     * ``ar_input_ids``, ``ar_attention_mask``, ``ar_labels`` int64 [B, La]: ``[x; y*]`` (or
       ``[prompt; ground truth]`` with ``use_labels``); labels are -100 except on the answer.
 
-    The state draws use ``rng`` (default: Python's global ``random``, which the Trainer seeds,
-    checkpoints and restores on resume, so a resumed run draws what the original would have).
+    Which state a row gets is a pure function of ``(seed, epoch, prompt_index, chunk_index)``
+    (the trainer advances ``epoch``), or drawn from ``rng`` when one is given. Not a shared RNG:
+    the data loader collates one batch ahead, so the RNG state a checkpoint saves has already
+    served the next batch, and a resumed run would draw differently from an uninterrupted one.
     """
 
     loss: str = "global"
     use_labels: bool = False
     pad_id: int = 0
+    seed: int = 0
+    epoch: int = 0
     rng: random.Random | None = None
 
+    def _rng(self, row: dict):
+        if self.rng is not None:
+            return self.rng
+        return random.Random(f"{self.seed}:{self.epoch}:{row.get('prompt_index')}:{row.get('chunk_index')}")
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        rng = self.rng if self.rng is not None else random
         students, teachers, contexts, ar_rows, ar_starts = [], [], [], [], []
         for row in rows:
-            student, teacher = pick_states(row["states"], self.loss, rng)
+            student, teacher = pick_states(row["states"], self.loss, self._rng(row))
             students.append(list(student))
             teachers.append(list(teacher))
             contexts.append(list(row["prompt_ids"]))
@@ -139,6 +148,16 @@ def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
+class _CollatorEpoch(transformers.TrainerCallback):
+    """Tells the collator which epoch it is collating, so each epoch draws new states."""
+
+    def __init__(self, collator: TrajectoryCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = math.floor((state.epoch or 0.0) + 1e-6)
+
+
 class ConsistencyTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss is CLLM's consistency loss plus a weighted AR loss.
 
@@ -157,6 +176,8 @@ class ConsistencyTrainer(transformers.Trainer):
         # Our loss is a per-batch mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        if isinstance(self.data_collator, TrajectoryCollator):
+            self.add_callback(_CollatorEpoch(self.data_collator))
         self._loss_sums = {"consistency_loss": 0.0, "ar_loss": 0.0}
         self._loss_count = 0
 
@@ -308,7 +329,7 @@ def train_consistency(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=TrajectoryCollator(loss=loss, use_labels=use_labels, pad_id=pad_id),
+        data_collator=TrajectoryCollator(loss=loss, use_labels=use_labels, pad_id=pad_id, seed=seed),
         processing_class=tokenizer,
         callbacks=callbacks,
         loss=loss,
