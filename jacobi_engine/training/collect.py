@@ -39,7 +39,6 @@ from pathlib import Path
 import torch
 
 from jacobi_engine.engine import JacobiEngine
-from jacobi_engine.hf_compat import inspect_model
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -259,19 +258,6 @@ def assemble_dataset(out_dir: str | Path):
     return dataset
 
 
-def _engine(model, block_size: int, seed: int, needed: int) -> JacobiEngine:
-    # Headroom of one extra block in the cache: in a batch, a row that has finished keeps being
-    # fed while others run, and its cache length may already sit up to n - 1 rows past
-    # prompt + max_new_tokens, so the engine's default capacity can be overrun (reported as an
-    # engine bug). max_seq_len only sizes the cache; it does not change the output.
-    limit = inspect_model(model).max_positions
-    headroom = needed + block_size
-    max_seq_len = headroom if limit is None or headroom <= limit else None
-    return JacobiEngine(
-        model, block_size=block_size, mode="chunked", init="random_prompt", seed=seed, max_seq_len=max_seq_len
-    )
-
-
 # -- the loop ----------------------------------------------------------------------------------------
 def collect_trajectories(
     model,
@@ -341,6 +327,7 @@ def collect_trajectories(
     num_batches = (len(records) + batch_size - 1) // batch_size
     done = {int(key) for key in manifest["batches"]}
     done_prompts = sum(min(batch_size, len(records) - k * batch_size) for k in done)
+    engine = JacobiEngine(model, block_size=block_size, mode="chunked", init="random_prompt", seed=seed)
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
@@ -352,7 +339,7 @@ def collect_trajectories(
             first = batch_index * batch_size
             indices = list(range(first, min(first + batch_size, len(records))))
             input_ids, attention_mask = left_pad([prompt_ids[i] for i in indices])
-            engine = _engine(model, block_size, seed + batch_index, input_ids.shape[1] + max_new_tokens)
+            engine.seed = seed + batch_index  # per batch, so a batch redone after a kill is identical
             output = engine.generate(
                 input_ids.to(device),
                 attention_mask=attention_mask.to(device),
