@@ -41,6 +41,8 @@ class JacobiCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        # A constant 2-D attention mask for models that want one; see JacobiEngine._forward.
+        self.ones_mask = torch.ones(batch_size, max_seq_len, dtype=torch.long, device=self.device)
         # Host-side bound on cache_seqlens.max() + block, set by the engine when it knows it
         # without a sync. The torch attention path reads only that many rows.
         self.kv_len_bound: int | None = None

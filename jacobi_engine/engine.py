@@ -240,7 +240,15 @@ class JacobiEngine:
         return cache
 
     def _forward(self, cache: JacobiCache, input_ids, position_ids, logits_to_keep=None) -> torch.Tensor:
-        kwargs = {self.info.cache_keyword: cache, "position_ids": position_ids, "use_cache": True}
+        # The all-ones mask is never read by our attention (masking comes from cache_seqlens) and
+        # transformers builds no mask for it; passing one stops models such as GPT-2 from probing
+        # input_ids for padding with a host sync in every forward.
+        kwargs = {
+            self.info.cache_keyword: cache,
+            "position_ids": position_ids,
+            "attention_mask": cache.ones_mask,
+            "use_cache": True,
+        }
         if logits_to_keep is not None and self.info.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         else:

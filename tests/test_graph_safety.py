@@ -1,0 +1,109 @@
+"""The decode step (HF model forward + verify/commit + guesses) is capturable in a CUDA graph.
+
+A CUDA graph cannot contain a host synchronisation or an op whose output shape depends on data.
+We cannot capture a graph without a GPU, but we can watch every aten op the step dispatches on
+CPU and fail on the ones that would sync or produce data-dependent shapes on a GPU. (``tolist()``
+bypasses the dispatcher, so the step code itself must not use it.) The GPU
+check (python/benchmarks/gpu_check.sh) then captures the real graph and compares its tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from jacobi_engine import JacobiEngine
+
+# Ops that read a device value on the host or size their output from data.
+FORBIDDEN = {
+    "item",  # .item(), int(t), float(t) (as dispatched under inference mode)
+    "_local_scalar_dense",  # the same outside inference mode
+    "index(bool mask)",  # boolean-mask indexing: a hidden nonzero
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "nonzero_static",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "bincount",
+    "repeat_interleave",
+    "allclose",
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in ("index", "index_put", "index_put_") and len(args) > 1:
+            indices = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                name = "index(bool mask)"
+        self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor) -> list[str]:
+    recorder = OpRecorder()
+    step = engine._decode_step
+
+    def watched(state):
+        with recorder:
+            step(state)
+
+    engine._decode_step = watched
+    try:
+        engine.generate(input_ids, max_new_tokens=12, eos_token_id=[5], record_trajectory=True)
+    finally:
+        del engine._decode_step
+    return recorder.ops
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2", "opt", "mistral_sliding", "gpt_neox"])
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        dict(mode="sliding", init="random_prompt", verify_backend="native"),
+        dict(mode="chunked", init="ngram", verify_backend="torch"),
+    ],
+    ids=["sliding-native", "chunked-ngram-torch"],
+)
+def test_decode_step_has_no_sync_or_dynamic_shape(arch, engine_kwargs):
+    model = tiny_model(arch)
+    input_ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    engine = JacobiEngine(model, block_size=4, **engine_kwargs)
+    ops = record_decode_steps(engine, input_ids)
+    assert "verify_and_commit" in ops or "scatter_" in ops  # the recorder really saw the step
+    bad = sorted(set(ops) & FORBIDDEN)
+    assert not bad, f"decode step of {arch} calls graph-unsafe ops: {bad}"
+
+
+def test_recorder_catches_a_sync():
+    """The check itself can fail: a step that calls .item() is reported."""
+    model = tiny_model("llama")
+    engine = JacobiEngine(model, block_size=4)
+    step = engine._decode_step
+
+    def syncing_step(state):
+        step(state)
+        int(state.n_generated.sum())
+
+    engine._decode_step = syncing_step
+    input_ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert set(record_decode_steps(engine, input_ids)) & FORBIDDEN == {"item"}
+
+    def masking_step(state):
+        step(state)
+        state.block[state.done] = 0
+
+    engine._decode_step = masking_step
+    assert set(record_decode_steps(engine, input_ids)) & FORBIDDEN == {"index(bool mask)"}
