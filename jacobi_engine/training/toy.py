@@ -87,8 +87,14 @@ def toy_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, seed:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def write_toy_setup(out_dir: str | Path, num_prompts: int = 16, vocab_size: int = 256, seed: int = 0) -> dict:
-    """Save a toy model + tokenizer to ``out_dir/model`` and prompts to ``out_dir/prompts.jsonl``."""
+def write_toy_setup(
+    out_dir: str | Path, num_prompts: int = 8, repeats: int = 16, vocab_size: int = 256, seed: int = 0
+) -> dict:
+    """Save a toy model + tokenizer to ``out_dir/model`` and prompts to ``out_dir/prompts.jsonl``.
+
+    Each of the ``num_prompts`` prompts is written ``repeats`` times: every copy is decoded
+    from different random initial guesses, which a small prompt set needs to train on.
+    """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(vocab_size)
     model = toy_llama(len(tokenizer), seed=seed)
@@ -97,18 +103,20 @@ def write_toy_setup(out_dir: str | Path, num_prompts: int = 16, vocab_size: int 
     tokenizer.save_pretrained(model_dir)
     prompts_path = out_dir / "prompts.jsonl"
     with prompts_path.open("w", encoding="utf-8") as handle:
-        for prompt in stdlib_prompts(num_prompts):
-            handle.write(json.dumps({"prompt": prompt}) + "\n")
+        for _ in range(repeats):
+            for prompt in stdlib_prompts(num_prompts):
+                handle.write(json.dumps({"prompt": prompt}) + "\n")
     return {"model": str(model_dir), "prompts": str(prompts_path)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=16, help="copies of each prompt (new random guesses each)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(json.dumps(write_toy_setup(args.out_dir, args.num_prompts, seed=args.seed), indent=2))
+    print(json.dumps(write_toy_setup(args.out_dir, args.num_prompts, args.repeats, seed=args.seed), indent=2))
     return 0
 
 
