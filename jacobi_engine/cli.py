@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = subparsers.add_parser("info", help="print build information")
     info.set_defaults(handler=_info)
 
-    from jacobi_engine import demo
+    from jacobi_engine import demo, trajectory_plot
 
     demo.register(subparsers)
+    trajectory_plot.register(subparsers)
     try:
         from jacobi_engine.training import commands as training_commands
     except ImportError as error:  # training extras missing: say so only when asked for

@@ -38,6 +38,7 @@ class BlockTrajectory:
     start: int
     states: list[list[int]]
     fixed_point: list[int]
+    n_accepted: list[int] = field(default_factory=list)  # per state: slots its forward verified
 
 
 @dataclass
@@ -55,6 +56,7 @@ class SequenceTrajectory:
         for step in self.steps:
             if grouped and grouped[-1].start == step.start:
                 grouped[-1].states.append(list(step.guesses))
+                grouped[-1].n_accepted.append(step.n_accepted)
                 continue
             n = len(step.guesses)
             grouped.append(
@@ -62,6 +64,7 @@ class SequenceTrajectory:
                     start=step.start,
                     states=[list(step.guesses)],
                     fixed_point=self.tokens[step.start : step.start + n],
+                    n_accepted=[step.n_accepted],
                 )
             )
         return grouped
