@@ -35,13 +35,14 @@ def test_mask_starts_at_first_differing_context():
 
 
 def test_mask_ignores_padding_slots():
-    student = torch.tensor([[5, 1, 2, 9], [5, 8, 2, 0]])
-    teacher = torch.tensor([[5, 1, 2, 3], [5, 1, 2, 0]])
-    slot_mask = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    student = torch.tensor([[5, 1, 2, 9], [5, 8, 2, 0], [5, 8, 2, 3]])
+    teacher = torch.tensor([[5, 1, 2, 3], [5, 1, 2, 0], [5, 1, 2, 3]])
+    slot_mask = torch.tensor([[True, True, True, False], [True, True, True, False], [True, False, True, True]])
     expected = torch.tensor(
         [
             [False, False, False],  # the only difference is in a padding slot
             [False, True, False],  # slot 2's prediction targets padding slot 3
+            [False, False, False],  # a masked slot never counts as a difference
         ]
     )
     assert torch.equal(consistency_mask(student, teacher, slot_mask), expected)

@@ -268,11 +268,15 @@ def test_train_command(setup, tmp_path):
     out = tmp_path / "out"
     argv = ["train", "--model", str(setup["model"]), "--data", str(setup["data"]), "--out", str(out)]
     argv += ["--loss", "local", "--ar-weight", "1", "--max-steps", "2", "--learning-rate", "1e-3", "--batch-size", "2"]
-    argv += ["--use-labels", "--label-smoothing", "0.1", "--save-steps", "2"]
+    argv += ["--use-labels", "--label-smoothing", "0.1", "--save-steps", "2", "--grad-accum", "2"]
+    argv += ["--logging-steps", "1"]
     assert cli.main(argv) == 0
     transformers.AutoModelForCausalLM.from_pretrained(str(out))
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+    for entry in state["log_history"]:
+        if "loss" in entry:  # with gradient accumulation the loss is still a per-sample-batch mean
+            assert entry["loss"] == pytest.approx(entry["consistency_loss"] + entry["ar_loss"], rel=1e-3, abs=1e-3)
 
 
 def test_ddp_two_processes_gloo(setup, tmp_path):
