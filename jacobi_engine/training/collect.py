@@ -47,16 +47,16 @@ LABEL_FIELDS = ("answer", "label")
 
 
 def dataset_features():
-    from datasets import Features, List, Value
+    from datasets import Features, Sequence, Value  # Sequence, not List: datasets 3.x has no List
 
-    ids = List(Value("int64"))
+    ids = Sequence(Value("int64"))
     return Features(
         {
             "prompt_index": Value("int64"),
             "chunk_index": Value("int64"),
             "prompt_length": Value("int64"),
             "prompt_ids": ids,
-            "states": List(ids),
+            "states": Sequence(ids),
             "fixed_point": ids,
             "label_ids": ids,
         }
@@ -229,7 +229,10 @@ def _shard_name(batch_index: int) -> str:
 
 
 def _fingerprint(prompt_ids: list[list[int]], label_ids: list[list[int]]) -> str:
-    digest = hashlib.sha256(json.dumps([prompt_ids, label_ids], separators=(",", ":")).encode())
+    digest = hashlib.sha256()
+    for prompt, labels in zip(prompt_ids, label_ids):  # one prompt at a time: no giant string
+        digest.update(json.dumps([prompt, labels], separators=(",", ":")).encode())
+        digest.update(b"\n")
     return digest.hexdigest()
 
 
