@@ -121,13 +121,20 @@ def _trainer(setup, tmp_path, loss="global"):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), use_cpu=True, remove_unused_columns=False, report_to=[], max_steps=1
     )
-    return ConsistencyTrainer(
-        model=model,
-        args=args,
-        train_dataset=load_from_disk(str(setup["data"])),
-        data_collator=TrajectoryCollator(loss=loss),
-        loss=loss,
-    )
+    return ConsistencyTrainer(model=model, args=args, train_dataset=load_from_disk(str(setup["data"])), loss=loss)
+
+
+def test_trainer_loss_and_collator_must_agree(setup, tmp_path):
+    trainer = _trainer(setup, tmp_path, loss="local")
+    assert trainer.data_collator.loss == "local"
+    with pytest.raises(ValueError, match="local"):
+        ConsistencyTrainer(
+            model=trainer.model,
+            args=trainer.args,
+            train_dataset=trainer.train_dataset,
+            data_collator=TrajectoryCollator(loss="global"),
+            loss="local",
+        )
 
 
 def test_teacher_forward_runs_without_grad(setup, tmp_path):

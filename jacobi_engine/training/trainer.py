@@ -161,16 +161,24 @@ class _CollatorEpoch(transformers.TrainerCallback):
 class ConsistencyTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose loss is CLLM's consistency loss plus a weighted AR loss.
 
-    Use it with :class:`TrajectoryCollator` as ``data_collator`` (and ``remove_unused_columns=False``).
-    ``loss``: ``"global"`` or ``"local"`` (must match the collator's); ``ar_weight``: w of the
-    AR term (CLLM uses 10); ``label_smoothing`` of the AR cross-entropy.
+    ``loss``: ``"global"`` or ``"local"``; it decides which states the collator pairs, so without
+    a ``data_collator`` one is made (:class:`TrajectoryCollator`), and a given one must agree.
+    ``ar_weight``: w of the AR term (CLLM uses 10); ``label_smoothing`` of the AR cross-entropy.
+    Pass ``remove_unused_columns=False`` in the training arguments (the collator needs every column).
     """
 
     def __init__(self, *args, loss: str = "global", ar_weight: float = 10.0, label_smoothing: float = 0.0, **kwargs):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        collator = kwargs.get("data_collator")
+        if collator is None:
+            training_args = kwargs.get("args") or (args[1] if len(args) > 1 else None)
+            kwargs["data_collator"] = TrajectoryCollator(loss=loss, seed=getattr(training_args, "seed", 0))
+        elif isinstance(collator, TrajectoryCollator) and collator.loss != loss:
+            raise ValueError(
+                f"the trainer's loss is {loss!r} but its TrajectoryCollator pairs states for {collator.loss!r}"
+            )
         super().__init__(*args, **kwargs)
-        self.consistency = loss
         self.ar_weight = ar_weight
         self.ar_label_smoothing = label_smoothing
         # Our loss is a per-batch mean: let the Trainer divide it by the accumulation steps.
