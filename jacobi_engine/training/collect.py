@@ -140,7 +140,8 @@ def augment_states(
 
     The first wrong slot stays wrong, so a state never becomes the fixed point and the positions
     the consistency loss covers are unchanged; later tokens become "already correct" more often,
-    as they do in a model that is learning. The fixed point (last state) is kept as is.
+    as they do in a model that is learning. The fixed point (last state) is kept as is. Meant
+    for the global loss: augmented neighbours are no longer one Jacobi step apart.
     """
     augmented = []
     for state in states[:-1]:
