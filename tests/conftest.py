@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Tests run tiny models: with more than one thread per process, OpenMP threads spin-wait on each
+# other and a busy 2-core machine runs them up to 100x slower.
+torch.set_num_threads(1)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
