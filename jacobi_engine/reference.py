@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def jacobi_attention(
@@ -46,31 +47,44 @@ def jacobi_attention(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=q.device)  # [B, n]
-    batch_index = torch.arange(batch, device=q.device)[:, None].expand(batch, n)
-    k_cache[batch_index, rows] = k_new.to(k_cache.dtype)
-    v_cache[batch_index, rows] = v_new.to(v_cache.dtype)
+    # Append the block: one index_copy_ per buffer over the flattened (batch, row) axis.
+    flat_rows = (torch.arange(batch, device=q.device)[:, None] * seq_capacity + rows).reshape(-1)
+    k_cache.view(-1, n_kv_heads, head_dim).index_copy_(
+        0, flat_rows, k_new.reshape(-1, n_kv_heads, head_dim).to(k_cache.dtype)
+    )
+    v_cache.view(-1, n_kv_heads, v_cache.shape[-1]).index_copy_(
+        0, flat_rows, v_new.reshape(-1, n_kv_heads, v_new.shape[-1]).to(v_cache.dtype)
+    )
 
     kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
-    keys = k_cache[:, :kv_len]
-    values = v_cache[:, :kv_len]
-    group = n_heads // n_kv_heads
-    # [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D]: GQA without materialising repeated K/V.
-    q_grouped = q.reshape(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    keys = keys.permute(0, 2, 1, 3)[:, :, None]
-    values = values.permute(0, 2, 1, 3)[:, :, None]
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(q_grouped.to(compute_dtype), keys.to(compute_dtype).transpose(-1, -2))
-    scores = scores * softmax_scale
-    if softcap is not None and softcap > 0:
-        scores = torch.tanh(scores / softcap) * softcap
     key_pos = torch.arange(kv_len, device=q.device)
     visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
     if sliding_window is not None and sliding_window > 0:
         visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    result = torch.matmul(probs, values.to(compute_dtype))  # [B, Hkv, group, n, D]
-    result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, head_dim).to(q.dtype)
+    keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D] views, no copies
+    values = v_cache[:, :kv_len].transpose(1, 2)
+    if softcap is None or softcap <= 0:
+        result = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            attn_mask=visible[:, None],
+            scale=softmax_scale,
+            enable_gqa=n_heads != n_kv_heads,
+        ).transpose(1, 2)
+    else:
+        # Soft-capping (Gemma 2) has no SDPA equivalent: spell the attention out, GQA grouped
+        # as [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D] so K/V are never repeated.
+        group = n_heads // n_kv_heads
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q_grouped = q.reshape(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        scores = torch.matmul(q_grouped.to(compute_dtype), keys[:, :, None].to(compute_dtype).transpose(-1, -2))
+        scores = torch.tanh(scores * (softmax_scale / softcap)) * softcap
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        result = torch.matmul(probs, values[:, :, None].to(compute_dtype))  # [B, Hkv, group, n, D]
+        result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, -1)
+    result = result.to(q.dtype)
     if out is None:
         return result
     out.copy_(result)

@@ -1,0 +1,264 @@
+"""End-to-end generation benchmark on held-out GSM8K questions, everything side by side in one process.
+
+    python python/benchmarks/bench_generate.py --json OUT.json [--prompts FILE.jsonl] [--limit N]
+
+Rows (batch size 1, greedy, the same questions for every row):
+    hf_greedy            / teacher   model.generate(do_sample=False)
+    hf_prompt_lookup     / teacher   model.generate(do_sample=False, prompt_lookup_num_tokens=10)
+    engine_ar            / teacher   JacobiEngine(block_size=1)
+    engine_jacobi        / teacher   JacobiEngine(block_size=n)
+    engine_jacobi        / cllm      JacobiEngine(block_size=n)
+    engine_jacobi_ngram  / cllm      JacobiEngine(block_size=n, init="ngram")
+
+Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
+model forward calls, counted with a forward hook, so HF's methods are measured the same way),
+quality (final-answer accuracy in points, the number after ``####``), perplexity (of the reference
+answers under that model, answer tokens only, conditioned on the prompt), agreement (fraction of
+generated tokens equal to the same model's HF greedy output, position by position).
+
+Default questions: the held-out split (data/gsm8k/eval.jsonl.gz), never trained on. --prompts
+takes a JSONL file of {"question", "answer"} lines in the training data's format instead.
+Also writes a PNG plot next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jacobi_engine import JacobiEngine, build_info
+from jacobi_engine.demo import ASSETS
+from jacobi_engine.gsm8k import extract_final_answer, format_prompt, load_jsonl_gz, repo_data_path
+
+
+def load_pair(teacher_dir: str, cllm_dir: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+        for name, path in (("teacher", teacher_dir), ("cllm", cllm_dir))
+    }
+    return tokenizer, models
+
+
+def load_questions(path: str | None, limit: int | None) -> list[dict]:
+    if path is None:
+        records = load_jsonl_gz(repo_data_path("eval"))
+    else:
+        with open(path) as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        for number, record in enumerate(records, 1):
+            if "question" not in record or "answer" not in record:
+                raise SystemExit(f"{path}:{number}: each line needs a 'question' and an 'answer'")
+    return records[:limit] if limit else records
+
+
+class ForwardCounter:
+    """Counts forward calls of a model (prefill and decode alike) with a forward hook."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+@torch.inference_mode()
+def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
+    """exp(mean NLL) of the reference answers' tokens (and the closing EOS is not counted)."""
+    total_nll, total_tokens = 0.0, 0
+    for record in records:
+        prompt_ids = tokenizer(format_prompt(record["question"]))["input_ids"]
+        answer_ids = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+        targets = torch.tensor(answer_ids)
+        total_nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        total_tokens += len(answer_ids)
+    return math.exp(total_nll / total_tokens)
+
+
+def run_method(name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int):
+    """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    engine = None
+    if name == "engine_ar":
+        engine = JacobiEngine(model, block_size=1)
+    elif name == "engine_jacobi":
+        engine = JacobiEngine(model, block_size=block_size)
+    elif name == "engine_jacobi_ngram":
+        engine = JacobiEngine(model, block_size=block_size, init="ngram")
+
+    def generate(input_ids):
+        if engine is not None:
+            return engine.generate(
+                input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, return_stats=False
+            ).sequences
+        extra = {"prompt_lookup_num_tokens": 10} if name == "hf_prompt_lookup" else {}
+        return model.generate(
+            input_ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **extra
+        )
+
+    generate(prompts[0])  # warm-up
+    counter = ForwardCounter(model)
+    outputs, start = [], time.perf_counter()
+    for input_ids in prompts:
+        sequences = generate(input_ids)
+        outputs.append(sequences[0, input_ids.shape[1] :].tolist())
+    seconds = time.perf_counter() - start
+    counter.close()
+    return outputs, seconds, counter.calls
+
+
+def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    same = total = 0
+    for ours, theirs in zip(outputs, reference):
+        total += len(theirs)
+        same += sum(a == b for a, b in zip(ours, theirs))
+    return same / total if total else 1.0
+
+
+def accuracy(outputs: list[list[int]], tokenizer, records: list[dict]) -> float:
+    correct = 0
+    for tokens, record in zip(outputs, records):
+        predicted = extract_final_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+        correct += predicted is not None and predicted == extract_final_answer(record["answer"])
+    return 100.0 * correct / len(records)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['method']}\n({r['model']})" for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
+    axes[0].bar(labels, [r["tokens_per_s"] for r in rows], color="#1976d2")
+    axes[0].set_ylabel("tokens / s (batch 1)")
+    axes[1].bar(labels, [r["tokens_per_forward"] for r in rows], color="#388e3c")
+    axes[1].set_ylabel("tokens / forward")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+    figure.suptitle("Held-out GSM8K: greedy, prompt lookup and Jacobi decoding")
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True, help="write the results here (and a .png next to it)")
+    parser.add_argument("--prompts", help='JSONL of {"question", "answer"} (default: held-out GSM8K)')
+    parser.add_argument("--teacher", default=str(ASSETS / "teacher"))
+    parser.add_argument("--cllm", default=str(ASSETS / "cllm"))
+    parser.add_argument("--limit", type=int, default=100, help="questions to generate for (0: all)")
+    parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer, models = load_pair(args.teacher, args.cllm)
+    block_size = args.block_size or getattr(models["cllm"].config, "jacobi_block_size", None) or 16
+    records = load_questions(args.prompts, args.limit or None)
+    prompts = [tokenizer(format_prompt(r["question"]), return_tensors="pt").input_ids for r in records]
+    perplexity = {name: answer_perplexity(model, tokenizer, records) for name, model in models.items()}
+
+    plan = [
+        ("hf_greedy", "teacher"),
+        ("hf_prompt_lookup", "teacher"),
+        ("engine_ar", "teacher"),
+        ("engine_jacobi", "teacher"),
+        ("hf_greedy", "cllm"),  # the CLLM's own greedy output: the reference for its agreement
+        ("engine_jacobi", "cllm"),
+        ("engine_jacobi_ngram", "cllm"),
+    ]
+    results, greedy = {}, {}
+    for method, model_name in plan:
+        outputs, seconds, calls = run_method(
+            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size
+        )
+        results[(method, model_name)] = (outputs, seconds, calls)
+        if method == "hf_greedy":
+            greedy[model_name] = outputs
+        tokens = sum(len(o) for o in outputs)
+        print(
+            f"{method:<20} {model_name:<8} {tokens / seconds:8.1f} tok/s {tokens / calls:5.2f} tok/forward", flush=True
+        )
+
+    rows = []
+    for (method, model_name), (outputs, seconds, calls) in results.items():
+        tokens = sum(len(o) for o in outputs)
+        rows.append(
+            dict(
+                method=method,
+                model=model_name,
+                tokens_per_s=tokens / seconds,
+                tokens_per_forward=tokens / calls,
+                quality=accuracy(outputs, tokenizer, records),
+                perplexity=perplexity[model_name],
+                agreement=agreement(outputs, greedy[model_name]),
+                tokens=tokens,
+                seconds=seconds,
+                forwards=calls,
+            )
+        )
+    hf_rate = next(r["tokens_per_s"] for r in rows if r["method"] == "hf_greedy" and r["model"] == "teacher")
+    lookup_rate = next(r["tokens_per_s"] for r in rows if r["method"] == "hf_prompt_lookup")
+    for row in rows:
+        row["speedup_vs_hf_greedy"] = row["tokens_per_s"] / hf_rate
+        row["speedup_vs_prompt_lookup"] = row["tokens_per_s"] / lookup_rate
+
+    header = (
+        "| method | model | tokens/s | tokens/forward | accuracy (pts) | perplexity | agreement | "
+        "vs HF greedy | vs prompt lookup |"
+    )
+    print("\n" + header + "\n|" + "---|" * 9)
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['model']} | {r['tokens_per_s']:.1f} | {r['tokens_per_forward']:.2f} | "
+            f"{r['quality']:.1f} | {r['perplexity']:.3f} | {r['agreement']:.3f} | {r['speedup_vs_hf_greedy']:.2f}x | "
+            f"{r['speedup_vs_prompt_lookup']:.2f}x |"
+        )
+    result = dict(
+        command=" ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        machine=dict(
+            platform=platform.platform(),
+            python=platform.python_version(),
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            cpu_count=os.cpu_count(),
+            jacobi_engine=build_info(),
+        ),
+        questions=len(records),
+        source=args.prompts or "data/gsm8k/eval.jsonl.gz (held out)",
+        block_size=block_size,
+        max_new_tokens=args.max_new_tokens,
+        rows=rows,
+    )
+    with open(args.json, "w") as handle:
+        json.dump(result, handle, indent=2)
+    png = str(Path(args.json).with_suffix(".png"))
+    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png)
+    print(f"\nwrote {args.json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
