@@ -239,7 +239,8 @@ class JacobiEngine:
         cache.reset()
         return cache
 
-    def _forward(self, cache: JacobiCache, input_ids, position_ids, logits_to_keep=None) -> torch.Tensor:
+    def _forward(self, cache: JacobiCache, input_ids, position_ids, logits_to_keep=None) -> tuple[torch.Tensor, bool]:
+        """Model forward over ``input_ids`` on top of ``cache``; returns (logits, whether logits_to_keep applied)."""
         # The all-ones mask is never read by our attention (masking comes from cache_seqlens) and
         # transformers builds no mask for it; passing one stops models such as GPT-2 from probing
         # input_ids for padding with a host sync in every forward.

@@ -1,0 +1,65 @@
+"""Copy a trained teacher/CLLM pair into the package, where ``jacobi-engine demo`` finds it.
+
+    python python/examples/ship_reference_pair.py --teacher runs/teacher --cllm runs/cllm_a/cllm
+
+Copies each model's config, generation config, safetensors weights and tokenizer (nothing else:
+no checkpoints, no optimizer state) to jacobi_engine/assets/cllm-gsm8k/{teacher,cllm}/, refuses
+weights over 10 MB, and writes demo_questions.jsonl with the first held-out questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "jacobi_engine" / "assets" / "cllm-gsm8k"
+FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+MAX_BYTES = 10 * 1000 * 1000
+
+
+def ship(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        path = source / name
+        if not path.exists():
+            raise SystemExit(f"{path} is missing")
+        if name == "model.safetensors" and path.stat().st_size > MAX_BYTES:
+            raise SystemExit(f"{path} is {path.stat().st_size} bytes, over the 10 MB limit")
+        shutil.copyfile(path, target / name)
+    metrics = source / "metrics.json"
+    if metrics.exists():  # provenance: the command and numbers that produced these weights
+        data = json.loads(metrics.read_text())
+        summary = {key: data[key] for key in ("command", "timings", "dev_check", "eval") if key in data}
+        if "train" in data:
+            summary["train_seconds"] = data["train"].get("seconds")
+        (target / "provenance.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--cllm", required=True)
+    parser.add_argument("--questions", type=int, default=8)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from jacobi_engine.gsm8k import load_jsonl_gz, repo_data_path
+
+    ship(Path(args.teacher), ASSETS / "teacher")
+    ship(Path(args.cllm), ASSETS / "cllm")
+    cllm_metrics = Path(args.cllm).parent / "metrics.json"
+    if cllm_metrics.exists():
+        shutil.copyfile(cllm_metrics, ASSETS / "cllm" / "provenance.json")
+    questions = load_jsonl_gz(repo_data_path("eval"))[: args.questions]
+    with open(ASSETS / "demo_questions.jsonl", "w") as handle:
+        for record in questions:
+            handle.write(json.dumps({"question": record["question"], "answer": record["answer"]}) + "\n")
+    print(f"shipped to {ASSETS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
