@@ -114,6 +114,58 @@ def test_collator_ground_truth_labels():
         TrajectoryCollator(use_labels=True)(rows)
 
 
+def test_collator_ar_corpus():
+    """With an AR corpus, every AR row is one corpus pair (labels on its answer only), drawn
+    deterministically per (seed, epoch, sample), and different epochs draw differently."""
+    corpus = [([1, 60], [61, 62, 2]), ([1, 70, 71], [72, 2]), ([1], [80, 2])]
+    collator = TrajectoryCollator(loss="global", seed=3, ar_corpus=corpus)
+    first = collator(_rows())
+    assert collator(_rows())["ar_input_ids"].tolist() == first["ar_input_ids"].tolist()
+    for ids, labels, mask in zip(
+        first["ar_input_ids"].tolist(), first["ar_labels"].tolist(), first["ar_attention_mask"].tolist()
+    ):
+        length = sum(mask)
+        prompt, answer = next((p, a) for p, a in corpus if p + a == ids[:length])
+        assert labels[:length] == [-100] * len(prompt) + answer
+        assert all(label == -100 for label in labels[length:])
+    draws = set()
+    for epoch in range(12):
+        collator.epoch = epoch
+        draws.add(tuple(map(tuple, collator(_rows())["ar_input_ids"].tolist())))
+    assert len(draws) > 1
+
+
+def test_ar_data_file(setup, tmp_path):
+    ar_file = tmp_path / "ar.jsonl"
+    ar_file.write_text(
+        "\n".join(json.dumps({"prompt": f"def f{i}():", "answer": f"return {i}"}) for i in range(5)) + "\n"
+    )
+    trainer = train_consistency(
+        setup["model"],
+        setup["data"],
+        tmp_path / "out",
+        ar_data=ar_file,
+        max_steps=2,
+        batch_size=2,
+        learning_rate=1e-3,
+        save_steps=100,
+        logging_steps=1,
+    )
+    tokenizer = trainer.processing_class
+    corpus = trainer.data_collator.ar_corpus
+    assert len(corpus) == 5
+    assert corpus[3] == (
+        tokenizer("def f3():")["input_ids"],
+        tokenizer("return 3", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+    )
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="use_labels and ar_data"):
+        train_consistency(setup["model"], setup["data"], tmp_path / "x", ar_data=ar_file, use_labels=True)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "no answer"}) + "\n")
+    with pytest.raises(ValueError, match="answer"):
+        train_consistency(setup["model"], setup["data"], tmp_path / "y", ar_data=tmp_path / "bad.jsonl")
+
+
 def _trainer(setup, tmp_path, loss="global"):
     from datasets import load_from_disk
 

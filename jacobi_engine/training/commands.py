@@ -73,6 +73,7 @@ def _train(args: argparse.Namespace) -> int:
         ar_weight=args.ar_weight,
         label_smoothing=args.label_smoothing,
         use_labels=args.use_labels,
+        ar_data=args.ar_data,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
@@ -144,6 +145,11 @@ def register(subparsers) -> None:
     train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the AR loss")
     train.add_argument(
         "--use-labels", action="store_true", help="AR loss on the ground-truth answers instead of the model's own"
+    )
+    train.add_argument(
+        "--ar-data",
+        help='AR loss on examples drawn from this JSONL of {"prompt", "answer"} (e.g. the original fine-tuning '
+        "data) instead of the chunks' own outputs",
     )
     train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
     train.add_argument("--learning-rate", type=float, default=2e-5)

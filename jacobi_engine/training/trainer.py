@@ -72,7 +72,8 @@ class TrajectoryCollator:
     * ``block_start`` int64 [B]: the column of slot 0 (= ``len(x)``);
     * ``student_block``, ``teacher_block`` int64 [B, n]; ``slot_mask`` bool [B, n] (real slots);
     * ``ar_input_ids``, ``ar_attention_mask``, ``ar_labels`` int64 [B, La]: ``[x; y*]`` (or
-      ``[prompt; ground truth]`` with ``use_labels``); labels are -100 except on the answer.
+      ``[prompt; ground truth]`` with ``use_labels``, or a drawn ``ar_corpus`` pair); labels are
+      -100 except on the answer.
 
     Which state a row gets is a pure function of ``(seed, epoch, prompt_index, chunk_index)``
     (the trainer advances ``epoch``), or drawn from ``rng`` when one is given. Not a shared RNG:
@@ -86,6 +87,9 @@ class TrajectoryCollator:
     seed: int = 0
     epoch: int = 0
     rng: random.Random | None = None
+    # (prompt ids, answer ids) pairs: when given, each sample's AR row is one of these, drawn
+    # like its state, instead of its own chunk or label (see ``train_consistency(ar_data=...)``).
+    ar_corpus: list[tuple[list[int], list[int]]] | None = None
 
     def _rng(self, row: dict):
         if self.rng is not None:
@@ -95,11 +99,16 @@ class TrajectoryCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         students, teachers, contexts, ar_rows, ar_starts = [], [], [], [], []
         for row in rows:
-            student, teacher = pick_states(row["states"], self.loss, self._rng(row))
+            rng = self._rng(row)
+            student, teacher = pick_states(row["states"], self.loss, rng)
             students.append(list(student))
             teachers.append(list(teacher))
             contexts.append(list(row["prompt_ids"]))
-            if self.use_labels:
+            if self.ar_corpus:
+                prompt, answer = self.ar_corpus[rng.randrange(len(self.ar_corpus))]
+                ar_rows.append(list(prompt) + list(answer))
+                ar_starts.append(len(prompt))
+            elif self.use_labels:
                 if not row["label_ids"]:
                     raise ValueError(
                         f"use_labels is set but prompt {row.get('prompt_index')} has no ground-truth answer"
@@ -246,6 +255,26 @@ def _load_dataset(data_dir: str | Path, use_labels: bool):
     return dataset
 
 
+def load_ar_corpus(path: str | Path, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + EOS) pairs from a JSONL file of ``{"prompt", "answer"}`` lines,
+    tokenized like the trajectories (prompt with special tokens, answer without)."""
+    from jacobi_engine.training.collect import read_prompts
+
+    if tokenizer is None:
+        raise ValueError("ar_data needs the model directory's tokenizer")
+    eos = tokenizer.eos_token_id
+    corpus = []
+    for number, record in enumerate(read_prompts(path), start=1):
+        if record["answer"] is None:
+            raise ValueError(f"{path}:{number}: ar_data lines need an 'answer' (or 'label')")
+        prompt = list(tokenizer(record["prompt"])["input_ids"])
+        answer = list(tokenizer(record["answer"], add_special_tokens=False)["input_ids"])
+        corpus.append((prompt, answer + ([eos] if eos is not None else [])))
+    if not corpus:
+        raise ValueError(f"{path} holds no examples")
+    return corpus
+
+
 def _apply_lora(model, r: int, alpha: int, dropout: float):
     try:
         from peft import LoraConfig, get_peft_model
@@ -264,6 +293,7 @@ def train_consistency(
     ar_weight: float = 10.0,
     label_smoothing: float = 0.0,
     use_labels: bool = False,
+    ar_data: str | Path | None = None,
     max_steps: int = 1000,
     learning_rate: float = 2e-5,
     batch_size: int = 8,
@@ -291,12 +321,20 @@ def train_consistency(
     (LoRA merged into the weights) and the tokenizer are saved to ``out_dir`` with
     ``save_pretrained``. Works unchanged under ``torchrun`` / ``accelerate launch`` (DDP; gloo
     on CPU). Returns the trainer.
+
+    The AR term trains on each sample's own chunk fixed point by default, on its ground-truth
+    answer with ``use_labels``, or, with ``ar_data`` (a JSONL of ``{"prompt", "answer"}``, e.g.
+    the model's original fine-tuning data), on examples drawn from that corpus: with few
+    collected prompts, the first two repeat each answer once per chunk and the AR term then
+    memorises them, while a large corpus keeps the model's general quality.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if use_labels and ar_data is not None:
+        raise ValueError("use_labels and ar_data both choose the AR data: give one of them")
     out_dir = Path(out_dir)
     dataset = _load_dataset(data_dir, use_labels)
     # float32 master weights; ``bf16`` turns on autocast (mixed precision), not bf16 weights.
@@ -337,7 +375,13 @@ def train_consistency(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=TrajectoryCollator(loss=loss, use_labels=use_labels, pad_id=pad_id, seed=seed),
+        data_collator=TrajectoryCollator(
+            loss=loss,
+            use_labels=use_labels,
+            pad_id=pad_id,
+            seed=seed,
+            ar_corpus=load_ar_corpus(ar_data, tokenizer) if ar_data is not None else None,
+        ),
         processing_class=tokenizer,
         callbacks=callbacks,
         loss=loss,

@@ -8,8 +8,10 @@ Steps (everything seeded):
 2. ``collect_trajectories``: the teacher decodes them with the engine in chunked mode (block
    ``--block-size``, random-prompt initial guesses, batched, KV-cached) and every state of every
    chunk is saved (issue 4's collector);
-3. ``train_consistency``: global consistency loss + AR loss (weight 10) on the ground-truth answers
-   (issue 4's trainer), ``--max-steps`` steps of ``--batch-size`` samples;
+3. ``train_consistency``: global consistency loss + AR loss (weight 10) on ground-truth answers
+   drawn from the WHOLE train split (issue 4's trainer with ``ar_data``: with a few hundred
+   collected prompts, an AR term on their own answers memorises them and the held-out perplexity
+   rises), ``--max-steps`` steps of ``--batch-size`` samples;
 4. a quick check on ``--dev`` other TRAIN questions: tokens per forward of teacher and CLLM
    (Jacobi, sliding mode) and whether the greedy output changed. The held-out split is left
    for python/benchmarks/bench_generate.py.
@@ -72,6 +74,10 @@ def main(argv=None) -> int:
     chosen = [records[i] for i in order[: args.prompts]]
     dev = [records[i] for i in order[args.prompts : args.prompts + args.dev]]
     prompts = [{"prompt": format_prompt(r["question"]), "answer": r["answer"]} for r in chosen]
+    ar_data = out / "ar_data.jsonl"
+    with open(ar_data, "w") as handle:
+        for record in records:
+            handle.write(json.dumps({"prompt": format_prompt(record["question"]), "answer": record["answer"]}) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(args.teacher, local_files_only=True)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, local_files_only=True, dtype=torch.float32).eval()
@@ -97,7 +103,7 @@ def main(argv=None) -> int:
         out / "cllm",
         loss=args.loss,
         ar_weight=args.ar_weight,
-        use_labels=True,
+        ar_data=ar_data,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
