@@ -19,15 +19,6 @@ MAX_NEW = 14  # not a multiple of BLOCK: the last chunk of each sequence is cut 
 COLUMNS = {"prompt_index", "chunk_index", "prompt_length", "prompt_ids", "states", "fixed_point", "label_ids"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids spin-wait contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return toy.train_tokenizer(128)

@@ -26,14 +26,6 @@ from jacobi_engine.training.trainer import (
 BLOCK = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A saved tiny model + tokenizer and 8 prompts' trajectories (3 chunks each)."""
