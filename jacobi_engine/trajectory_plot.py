@@ -96,7 +96,8 @@ def _token_labels(tokenizer, states: list[list[int]]) -> list[list[str]]:
     for state in states:
         row = []
         for token in state:
-            text = tokenizer.decode([token]).replace("\n", "\\n")
+            # Make whitespace visible: a space-only token would otherwise be an empty cell.
+            text = tokenizer.decode([token]).replace(" ", "\u2423").replace("\n", "\\n")
             row.append(text if len(text) <= 6 else text[:5] + "…")
         labels.append(row)
     return labels
@@ -112,12 +113,14 @@ def run(args: argparse.Namespace) -> int:
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     engine = JacobiEngine(model, block_size=args.block_size, mode="chunked", init=args.init, seed=args.seed)
     out = engine.generate(input_ids, max_new_tokens=args.max_new_tokens, record_trajectory=True)
-    index, block = pick_block(out.trajectories[0].blocks(), args.block)
+    blocks = out.trajectories[0].blocks()
+    index, block = pick_block(blocks, args.block)
     title = (
         f"block {index} (positions {block.start}..{block.start + len(block.states[0]) - 1}): "
         f"{len(block.states)} iterations to the fixed point, n={args.block_size}"
     )
     draw(block, _token_labels(tokenizer, block.states), args.out, title)
+    print(f"iterations per block: {[len(b.states) for b in blocks]}")
     print(f"{title}\nwrote {args.out}")
     return 0
 
