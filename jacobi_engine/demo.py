@@ -86,12 +86,16 @@ def _timed(fn):
 
 
 def run(args: argparse.Namespace) -> int:
+    with torch.no_grad():  # a context, not set_grad_enabled(False): callers keep their grad mode
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from jacobi_engine import JacobiEngine
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_grad_enabled(False)
     if args.model:
         jacobi_model, tokenizer = _load(args.model, device)
         ar_model, label = jacobi_model, f"{args.model}"
