@@ -63,6 +63,12 @@ def _tile_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, stride_row, stride_d, offs_d, mask, DTYPE: tl.constexpr):
+    """A [rows, head_dim] tile of a K or V tensor, masked rows read as 0, cast to the compute dtype."""
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
 def _scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Scaled (and soft-capped) scores in log2 units, so the softmax can use exp2."""
     if HAS_SOFTCAP:
@@ -238,12 +244,8 @@ def _jacobi_attention_kernel(
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         kv_mask = _tile_mask(pos < hi, offs_d, HEAD_DIM, BLOCK_D)
-        k = tl.load(
-            k_cache_base + pos[:, None] * stride_kcs + offs_d[None, :] * stride_kcd, mask=kv_mask, other=0.0
-        ).to(COMPUTE_DTYPE)
-        v = tl.load(
-            v_cache_base + pos[:, None] * stride_vcs + offs_d[None, :] * stride_vcd, mask=kv_mask, other=0.0
-        ).to(COMPUTE_DTYPE)
+        k = _load_rows(k_cache_base, pos, stride_kcs, stride_kcd, offs_d, kv_mask, COMPUTE_DTYPE)
+        v = _load_rows(v_cache_base, pos, stride_vcs, stride_vcd, offs_d, kv_mask, COMPUTE_DTYPE)
         visible = (pos < hi)[None, :]
         if HAS_WINDOW:
             visible = visible & (pos[None, :] > window_floor[:, None])
@@ -264,12 +266,8 @@ def _jacobi_attention_kernel(
         for start in range(j_lo, diag_start, BLOCK_N):
             j = start + offs_n
             kv_mask = _tile_mask(j < diag_start, offs_d, HEAD_DIM, BLOCK_D)
-            k = tl.load(
-                k_new_base + j[:, None] * stride_knn + offs_d[None, :] * stride_knd, mask=kv_mask, other=0.0
-            ).to(COMPUTE_DTYPE)
-            v = tl.load(
-                v_new_base + j[:, None] * stride_vnn + offs_d[None, :] * stride_vnd, mask=kv_mask, other=0.0
-            ).to(COMPUTE_DTYPE)
+            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, kv_mask, COMPUTE_DTYPE)
+            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_d, kv_mask, COMPUTE_DTYPE)
             if HAS_WINDOW:
                 visible = j[None, :] > new_floor[:, None]
             else:
@@ -280,12 +278,8 @@ def _jacobi_attention_kernel(
         for start in range(diag_start, q_end, BLOCK_N):
             j = start + offs_n
             kv_mask = _tile_mask(j < q_end, offs_d, HEAD_DIM, BLOCK_D)
-            k = tl.load(
-                k_new_base + j[:, None] * stride_knn + offs_d[None, :] * stride_knd, mask=kv_mask, other=0.0
-            ).to(COMPUTE_DTYPE)
-            v = tl.load(
-                v_new_base + j[:, None] * stride_vnn + offs_d[None, :] * stride_vnd, mask=kv_mask, other=0.0
-            ).to(COMPUTE_DTYPE)
+            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, kv_mask, COMPUTE_DTYPE)
+            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_d, kv_mask, COMPUTE_DTYPE)
             visible = (j[None, :] <= query_idx[:, None]) & (j < q_end)[None, :]
             if HAS_WINDOW:
                 visible = visible & (j[None, :] > new_floor[:, None])
