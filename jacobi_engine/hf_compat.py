@@ -94,3 +94,40 @@ def eos_ids_from(value, generation_config) -> list[int]:
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
             raise ValueError(f"eos_token_id must hold non-negative ints, got {value!r}")
     return ids
+
+
+# RoPE types whose frequencies are picked from the largest position of each forward.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def length_dependent_rope(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """(rope type, switch length) of every rotary module whose frequencies depend on the sequence length.
+
+    Such a module changes its frequencies once ``max(position_ids) + 1`` passes the switch length:
+    ``dynamic`` (NTK scaling) past ``original_max_seq_len``, ``longrope`` (Phi-3) past
+    ``original_max_position_embeddings``. In HF's token-by-token decoding that maximum is the
+    current length, so a request that never passes the switch length never switches.
+    """
+    found = []
+    for module in model.modules():
+        rope_types = getattr(module, "rope_type", None)
+        if rope_types is None or not hasattr(module, "inv_freq") and not hasattr(module, "original_inv_freq"):
+            continue
+        if isinstance(rope_types, str):
+            rope_types = {None: rope_types}
+        if not isinstance(rope_types, dict):
+            continue
+        for layer_type, rope_type in rope_types.items():
+            if rope_type not in LENGTH_DEPENDENT_ROPE:
+                continue
+            switch = None
+            parameters = getattr(getattr(module, "config", None), "rope_parameters", None) or {}
+            if layer_type is not None and isinstance(parameters.get(layer_type), dict):
+                parameters = parameters[layer_type]
+            if rope_type == "longrope":
+                switch = parameters.get("original_max_position_embeddings")
+            if switch is None:
+                switch = getattr(module, "original_max_seq_len", None)
+            if isinstance(switch, int) and switch > 0:
+                found.append((rope_type, switch))
+    return found

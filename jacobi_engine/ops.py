@@ -138,15 +138,27 @@ def verify_and_commit(
     n_generated: torch.Tensor,
     done: torch.Tensor,
     eos_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: torch.Tensor | int,
     chunked: bool,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Fused Jacobi fixed-point check + commit; see :func:`jacobi_engine.reference.verify_and_commit`.
 
+    ``max_new_tokens`` is int32 [B] (one limit per sequence, on the device so a captured CUDA graph
+    serves any request); a Python int is broadcast to every sequence for convenience.
     One launch, no host synchronisation. Returns ``n_accepted`` int32 [B] (0 for finished rows).
     """
     _check_choice("backend", backend, VERIFY_BACKENDS)
+    if not isinstance(max_new_tokens, torch.Tensor):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int or an int32 tensor, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(out_tokens, torch.Tensor) and out_tokens.dim() == 2 and out_tokens.shape[1] < max_new_tokens:
+            raise ValueError(
+                f"out_tokens has {out_tokens.shape[1]} columns, fewer than max_new_tokens={max_new_tokens}"
+            )
+        max_new_tokens = torch.full((block.shape[0],), max_new_tokens, dtype=torch.int32, device=block.device)
     if backend == "torch":
         return reference.verify_and_commit(
             scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked

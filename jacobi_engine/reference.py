@@ -100,7 +100,7 @@ def verify_and_commit(
     n_generated: torch.Tensor,
     done: torch.Tensor,
     eos_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: torch.Tensor,
     chunked: bool,
 ) -> torch.Tensor:
     """One Jacobi fixed-point check and commit, for every sequence of the batch.
@@ -108,9 +108,9 @@ def verify_and_commit(
     ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
     ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
     rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees.
-    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >=max_new_tokens] (any row stride; with ``max_new_tokens + n`` columns
-    the reference runs without data-dependent shapes),
-    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E].
+    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >= max(max_new_tokens)] (any row stride),
+    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E]
+    (ids < 0 never match: padding), ``max_new_tokens`` int32 [B] is each sequence's own limit.
 
     Per active sequence, with ``p = argmax(scores)``: the accepted count ``a`` is 1 plus the length
     of the longest prefix with ``block[j+1] == p[j]``. The verified tokens are ``p[:a]``. They are
@@ -137,22 +137,20 @@ def verify_and_commit(
     else:
         has_eos = torch.zeros_like(done)
         first_eos = torch.full_like(n_accepted, n)
-    remaining = max_new_tokens - n_generated.to(torch.long)
+    remaining = max_new_tokens.to(torch.long) - n_generated.to(torch.long)
     n_emit = torch.minimum(torch.minimum(n_accepted, first_eos + 1), remaining)
     finished = has_eos | (n_emit >= remaining)
     commit = active & (finished | (n_accepted == n) | (not chunked))
 
-    # Scatter the verified tokens to columns n_generated + j; slots not emitted rewrite what is
-    # there. No data-dependent shapes (CUDA-graph safe); needs n slack columns past
-    # max_new_tokens so the columns never collide.
+    # Scatter the verified tokens to columns n_generated + j, and the slots not emitted to n spare
+    # columns past the buffer, so every index is distinct and no shape depends on data
+    # (CUDA-graph safe) whatever the buffer's width.
     emit_rows = commit[:, None] & (slots[None, :] < n_emit[:, None])
-    columns = n_generated.to(torch.long)[:, None] + slots[None, :]
-    if out_tokens.shape[1] >= max_new_tokens + n:
-        current = out_tokens.gather(1, columns)
-        out_tokens.scatter_(1, columns, torch.where(emit_rows, preds, current))
-    else:  # a narrow output buffer: fall back to indexing only the emitted slots
-        batch_index, slot_index = emit_rows.nonzero(as_tuple=True)
-        out_tokens[batch_index, columns[batch_index, slot_index]] = preds[batch_index, slot_index]
+    width = out_tokens.shape[1]
+    columns = torch.where(emit_rows, n_generated.to(torch.long)[:, None] + slots[None, :], width + slots[None, :])
+    extended = torch.cat([out_tokens, out_tokens.new_zeros((batch, n))], dim=1)
+    extended.scatter_(1, columns, preds)
+    out_tokens.copy_(extended[:, :width])
 
     shift_src = n_accepted[:, None] - 1 + slots[None, :]
     shifted = torch.where(shift_src < n, preds.gather(1, shift_src.clamp(max=n - 1)), fill)

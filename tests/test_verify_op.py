@@ -188,7 +188,7 @@ def test_opcheck():
     )
     for kind in ("float32", "argmax"):
         tensors = tensors_for({**case, "score_kind": kind}, "cpu")
-        args = (*tensors.values(), 8, False)
+        args = (*tensors.values(), torch.full((tensors["block"].shape[0],), 8, dtype=torch.int32), False)
         torch.library.opcheck(torch.ops.jacobi_engine.verify_and_commit.default, args)
 
 
@@ -210,7 +210,7 @@ def test_compiles_with_torch_compile():
     eager, compiled = tensors_for(case, "cpu"), tensors_for(case, "cpu")
 
     def step(t):
-        return torch.ops.jacobi_engine.verify_and_commit(*t.values(), 8, False)
+        return torch.ops.jacobi_engine.verify_and_commit(*t.values(), torch.full((1,), 8, dtype=torch.int32), False)
 
     expected = step(eager)
     result = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled)
@@ -233,9 +233,29 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize(
+    "limits, error",
+    [(torch.full((2,), 8, dtype=torch.long), TypeError), (torch.full((3,), 8, dtype=torch.int32), ValueError)],
+    ids=["dtype", "shape"],
+)
+def test_bad_max_new_tokens_tensor(limits, error):
+    tensors = (
+        torch.zeros(2, 4, 6),
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.zeros(2, dtype=torch.int32),
+        torch.zeros(2, 8, dtype=torch.long),
+        torch.zeros(2, dtype=torch.int32),
+        torch.zeros(2, dtype=torch.bool),
+        torch.zeros(1, dtype=torch.long),
+    )
+    with pytest.raises(error, match="max_new_tokens"):
+        ops.verify_and_commit(*tensors, limits, False, backend="native")
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_arguments(case):
-    _, override, error, message = case
+    name, override, error, message = case
     tensors = dict(
         scores=torch.zeros(2, 4, 6),
         block=torch.zeros(2, 4, dtype=torch.long),
@@ -249,5 +269,8 @@ def test_bad_arguments(case):
     tensors.update(override)
     with pytest.raises(error, match=message):
         ops.verify_and_commit(*tensors.values(), 8, False, backend="native")
+    if name != "out too short":  # only the int form of max_new_tokens can be checked without a sync
+        with pytest.raises(error, match=message):
+            ops.verify_and_commit(*tensors.values(), torch.full((2,), 8, dtype=torch.int32), False, backend="native")
     with pytest.raises(ValueError, match="backend"):
         ops.verify_and_commit(*tensors.values(), 8, False, backend="cuda")
