@@ -1,7 +1,7 @@
 """The engine's KV cache: static per-layer buffers and per-sequence lengths.
 
-Layout follows ``flash_attn_with_kvcache``: each layer holds ``keys``/``values`` of shape
-[B, S, Hkv, D] and the whole cache shares ``cache_seqlens`` int32 [B], the number of
+Layout follows ``flash_attn_with_kvcache``: each layer holds ``keys`` [B, S, Hkv, D_k] and
+``values`` [B, S, Hkv, D_v] (D_k != D_v for multi-head latent attention) and the whole cache shares ``cache_seqlens`` int32 [B], the number of
 committed tokens of each sequence. A Jacobi block is written in place at rows
 ``cache_seqlens[b] ..`` by the attention op itself; committing accepted tokens is just
 ``cache_seqlens += n_accepted``. Rejected guesses are never cropped: the next block
@@ -47,10 +47,15 @@ class JacobiCache(Cache):
         # without a sync. The torch attention path reads only that many rows.
         self.kv_len_bound: int | None = None
         self.current_layer: int | None = None
+        # The block K/V each layer's update() returned in the running forward. A layer that reuses
+        # another layer's K/V (Gemma-3n's shared-KV layers) calls attention with those very
+        # tensors and no update() of its own; identity tells the dispatch whose buffers they are.
+        self.block_keys: dict[int, torch.Tensor] = {}
+        self.block_values: dict[int, torch.Tensor] = {}
 
     # -- our interface ---------------------------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The [B, S, Hkv, D] key and value buffers of one layer."""
+        """The [B, S, Hkv, D_k] key and [B, S, Hkv, D_v] value buffers of one layer."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or values is None:
             raise RuntimeError(f"layer {layer_idx} of the Jacobi cache was never written")
@@ -60,6 +65,8 @@ class JacobiCache(Cache):
         """Forget all sequences (buffers are kept and simply overwritten later)."""
         self.cache_seqlens.zero_()
         self.kv_len_bound = None
+        self.block_keys.clear()
+        self.block_values.clear()
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +74,10 @@ class JacobiCache(Cache):
 
     # -- transformers.Cache interface -----------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Called by the model with this layer's new K/V ([B, Hkv, n, D]); returns them unchanged."""
+        """Called by the model with this layer's new K/V ([B, Hkv, n, D_k] and [B, Hkv, n, D_v]); returns them.
+
+        The key and value head sizes may differ (MLA); each buffer takes its own.
+        """
         if layer_idx >= self.num_layers:
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {self.num_layers} layers")
         if self.keys[layer_idx] is None:
@@ -79,7 +89,16 @@ class JacobiCache(Cache):
                 (*shape[:3], value_states.shape[-1]), dtype=value_states.dtype, device=self.device
             )
         self.current_layer = layer_idx
+        self.block_keys[layer_idx] = key_states
+        self.block_values[layer_idx] = value_states
         return key_states, value_states
+
+    def producer_of(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int | None:
+        """The layer whose update() returned exactly these K/V tensors in this forward, if any."""
+        for layer_idx, block_key in self.block_keys.items():
+            if block_key is key_states and self.block_values[layer_idx] is value_states:
+                return layer_idx
+        return None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Models only use this to infer positions when none are given; the engine always gives

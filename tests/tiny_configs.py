@@ -142,6 +142,12 @@ def _shrink(config) -> None:
         current = _get(config, name)
         if _is_int(current) or (current is None and name in FILL_NONE and hasattr(config, name)):
             _set(config, name, value)
+    if _is_int(_get(config, "qk_rope_head_dim")):
+        # MLA configs derive these from the rope/nope split; keep them consistent.
+        if _get(config, "head_dim") is not None:
+            _set(config, "head_dim", config.qk_rope_head_dim)
+        if _get(config, "qk_head_dim") is not None:
+            _set(config, "qk_head_dim", config.qk_rope_head_dim + (_get(config, "qk_nope_head_dim") or 0))
     for name in LAYER_COUNTS:
         if _is_int(_get(config, name)):
             _set(config, name, LAYERS)
@@ -160,6 +166,8 @@ def _shrink(config) -> None:
         value = _get(config, name)
         if isinstance(value, list) or (_is_int(value) and value >= VOCAB):
             _set(config, name, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}.get(name, 1))
+    if _get(config, "is_decoder") is False and not _get(config, "is_encoder_decoder"):
+        _set(config, "is_decoder", True)  # BERT-style models are causal LMs only as decoders
     if _get(config, "initializer_range") is not None:
         _set(config, "initializer_range", INIT_RANGE)
     for name in ("sliding_window_pattern", "_sliding_window_pattern"):
@@ -190,7 +198,13 @@ def _llama4(config):
     config.floor_scale = 4  # temperature tuning takes effect within the test
 
 
+def _lfm2(config):
+    config.layer_types = ["conv", "full_attention"] * (LAYERS // 2)
+
+
 OVERRIDES = {
+    "lfm2": _lfm2,
+    "lfm2_moe": _lfm2,
     "gemma3n": _gemma3n,
     "gemma3n_text": _gemma3n,
     "llama4": _llama4,
