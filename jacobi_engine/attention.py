@@ -95,20 +95,22 @@ def _block_attention(
             "set the model back to 'sdpa' or 'eager' to use it on its own"
         )
     cache, backend = state
-    # The op appends the K/V it is given, so they must be exactly what update() returned: a model
-    # that transforms them in between (repeats heads, splits values) would write something else.
-    # A shared-KV layer (Gemma-3n) calls attention with another layer's K/V and no update() of its
-    # own: it attends to that layer's buffers, and re-appending the same rows changes nothing.
+    # A shared-KV layer (Gemma-3n) calls attention with the very K/V an earlier layer attended with,
+    # and no update() of its own: it attends to that layer's buffers, and re-appending the same
+    # rows changes nothing. Otherwise the K/V belong to the layer whose update() just ran; they may
+    # have been transformed per token since (MLA expands a latent): the cache stores them as given.
     layer = cache.producer_of(key, value)
     if layer is None:
+        layer = cache.current_layer
+    if layer is None:
         raise RuntimeError(
-            "the model's attention received K/V that are not the tensors its cache.update() returned "
-            "(transformed after the update, or no update at all)"
+            "the model's attention received K/V other than those of its own cache.update() (for example "
+            "two attention calls with different values per layer); the engine caches one K/V per layer"
         )
     sliding_window, chunk_size = _layer_masks(module, sliding_window)
     if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
         query = _retune_query_temperature(module, query, cache)
-    k_cache, v_cache = cache.layer(layer)
+    k_cache, v_cache = cache.buffers(layer, key, value)
     out = ops.jacobi_attention(
         query.transpose(1, 2),
         k_cache,
@@ -125,6 +127,7 @@ def _block_attention(
         chunk_size=chunk_size,
     )
     cache.current_layer = None
+    cache.block_keys[layer], cache.block_values[layer] = key, value
     return out, None
 
 

@@ -114,7 +114,7 @@ SIZES = {
     "rotary_dim": 8,
 }
 # Sizes some configs leave None by default and derive nothing from (the model then divides by None).
-FILL_NONE = ("head_dim", "num_key_value_heads", "n_routed_experts")
+FILL_NONE = ("head_dim", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok")
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
 
 
@@ -146,6 +146,8 @@ def _shrink(config) -> None:
         # MLA configs derive these from the rope/nope split; keep them consistent.
         if _get(config, "head_dim") is not None:
             _set(config, "head_dim", config.qk_rope_head_dim)
+        if _is_int(_get(config, "num_key_value_heads")):  # MLA expands the latent to every head
+            _set(config, "num_key_value_heads", _get(config, "num_attention_heads"))
         if _get(config, "qk_head_dim") is not None:
             _set(config, "qk_head_dim", config.qk_rope_head_dim + (_get(config, "qk_nope_head_dim") or 0))
     for name in LAYER_COUNTS:
