@@ -50,7 +50,11 @@ def _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sink
     batch, n, n_heads, head_dim = q.shape
     _, capacity, n_kv_heads, _ = k_cache.shape
     value_dim = v_cache.shape[3]
-    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
+    if (
+        k_cache.shape[0] != batch
+        or k_cache.shape[3] != head_dim
+        or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3])
+    ):
         raise ValueError(
             f"k_cache must be [B={batch}, S, Hkv, D_k={head_dim}] and v_cache [B, S, Hkv, D_v] with the same B, S "
             f"and Hkv, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
