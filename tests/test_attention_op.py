@@ -310,3 +310,20 @@ def test_rejects_unsupported_head_dim():
     cache = torch.zeros(1, 4, 1, 320)
     with pytest.raises(ValueError, match="head_dim"):
         triton_attention.jacobi_attention(q, cache, cache, q, q, torch.zeros(1, dtype=torch.int32), 1.0)
+
+
+def test_rejects_bad_feature_arguments():
+    case = Case(2, 3, 4, 2, 16, 20, value_dim=8)
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, torch.device("cpu"), seed=3)
+    args = (q, k_cache, v_cache, k_new, v_new, seqlens, 0.25)
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        ops.jacobi_attention(*args, backend="torch", sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks must be a floating-point"):
+        ops.jacobi_attention(*args, backend="torch", sinks=torch.zeros(4, dtype=torch.long))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            ops.jacobi_attention(*args, backend="torch", chunk_size=bad)
+    with pytest.raises(ValueError, match="v_new must be"):
+        ops.jacobi_attention(q, k_cache, v_cache, k_new, k_new, seqlens, 0.25, backend="torch")
+    with pytest.raises(ValueError, match="v_cache"):
+        ops.jacobi_attention(q, k_cache, v_cache[:, :10], k_new, v_new, seqlens, 0.25, backend="torch")
