@@ -66,13 +66,15 @@ def inspect_model(model: object) -> ModelInfo:
     embeddings = model.get_input_embeddings()
     vocab_size = getattr(embeddings, "num_embeddings", None) or text_config.vocab_size
     num_layers = text_config.num_hidden_layers
-    return ModelInfo(
+    info = ModelInfo(
         cache_keyword=cache_keyword,
         accepts_logits_to_keep="logits_to_keep" in parameters,
         max_positions=max_positions,
         vocab_size=int(vocab_size),
         num_layers=int(num_layers),
     )
+    __import__("jacobi_engine.support").support.check_supported(model, info)  # stateful layers, probe forward
+    return info
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -26,16 +26,22 @@ def jacobi_attention(
     softcap: float | None = None,
     kv_len: int | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
 
-    Shapes: ``q`` [B, n, Hq, D]; ``k_cache``/``v_cache`` [B, S, Hkv, D]; ``k_new``/``v_new``
-    [B, n, Hkv, D]; ``cache_seqlens`` int32 [B]. Returns ``out`` [B, n, Hq, D] in ``q``'s dtype.
+    Shapes: ``q`` [B, n, Hq, D_k]; ``k_cache`` [B, S, Hkv, D_k], ``v_cache`` [B, S, Hkv, D_v];
+    ``k_new`` [B, n, Hkv, D_k], ``v_new`` [B, n, Hkv, D_v]; ``cache_seqlens`` int32 [B]; ``sinks``
+    [Hq] or None. Returns ``out`` [B, n, Hq, D_v] in ``q``'s dtype.
 
     ``k_new``/``v_new`` are written to cache rows ``cache_seqlens[b] .. cache_seqlens[b]+n-1``.
-    Query ``i`` of sequence ``b`` attends to rows ``0 .. cache_seqlens[b]+i`` (bottom-right
-    aligned causal mask, as ``flash_attn_with_kvcache``), restricted to the last
-    ``sliding_window`` rows when that is set. ``cache_seqlens`` is not advanced.
+    Query ``i`` of sequence ``b`` (at row ``r = cache_seqlens[b]+i``) attends to rows ``0 .. r``
+    (bottom-right aligned causal mask, as ``flash_attn_with_kvcache``), restricted to the last
+    ``sliding_window`` rows when that is set and to the rows ``j`` with ``j // chunk_size == r //
+    chunk_size`` when ``chunk_size`` is set. ``softcap`` maps scaled scores ``s`` to
+    ``softcap * tanh(s / softcap)``; ``sinks[h]`` is an extra logit in head ``h``'s softmax
+    denominator that attends to nothing. ``cache_seqlens`` is not advanced.
 
     ``kv_len`` is an optional host-side upper bound on ``cache_seqlens.max() + n``; it only
     limits how many cache rows are read. Rows past ``cache_seqlens[b] + n`` must be finite
@@ -43,6 +49,7 @@ def jacobi_attention(
     """
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
+    value_dim = v_cache.shape[3]
     seq_capacity = k_cache.shape[1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
@@ -52,8 +59,8 @@ def jacobi_attention(
     k_cache.view(-1, n_kv_heads, head_dim).index_copy_(
         0, flat_rows, k_new.reshape(-1, n_kv_heads, head_dim).to(k_cache.dtype)
     )
-    v_cache.view(-1, n_kv_heads, v_cache.shape[-1]).index_copy_(
-        0, flat_rows, v_new.reshape(-1, n_kv_heads, v_new.shape[-1]).to(v_cache.dtype)
+    v_cache.view(-1, n_kv_heads, value_dim).index_copy_(
+        0, flat_rows, v_new.reshape(-1, n_kv_heads, value_dim).to(v_cache.dtype)
     )
 
     kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
@@ -61,9 +68,12 @@ def jacobi_attention(
     visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
     if sliding_window is not None and sliding_window > 0:
         visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
-    keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D] views, no copies
+    if chunk_size is not None:
+        visible = visible & (key_pos[None, None, :] // chunk_size == rows[:, :, None] // chunk_size)
+    keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D_k] views, no copies
     values = v_cache[:, :kv_len].transpose(1, 2)
-    if softcap is None or softcap <= 0:
+    has_softcap = softcap is not None and softcap > 0
+    if not has_softcap and sinks is None:
         result = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             keys.to(q.dtype),
@@ -73,17 +83,23 @@ def jacobi_attention(
             enable_gqa=n_heads != n_kv_heads,
         ).transpose(1, 2)
     else:
-        # Soft-capping (Gemma 2) has no SDPA equivalent: spell the attention out, GQA grouped
-        # as [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D] so K/V are never repeated.
+        # Soft-capping (Gemma 2) and sinks have no SDPA equivalent: spell the attention out, GQA
+        # grouped as [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D] so K/V are never repeated.
         group = n_heads // n_kv_heads
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_grouped = q.reshape(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
         scores = torch.matmul(q_grouped.to(compute_dtype), keys[:, :, None].to(compute_dtype).transpose(-1, -2))
-        scores = torch.tanh(scores * (softmax_scale / softcap)) * softcap
+        scores = scores * softmax_scale
+        if has_softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        result = torch.matmul(probs, values[:, :, None].to(compute_dtype))  # [B, Hkv, group, n, D]
-        result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, -1)
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            sink_logits = sinks.to(compute_dtype).reshape(1, n_kv_heads, group, 1, 1).expand(batch, -1, -1, n, 1)
+            probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1)[..., :-1]
+        result = torch.matmul(probs, values[:, :, None].to(compute_dtype))  # [B, Hkv, group, n, D_v]
+        result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, value_dim)
     result = result.to(q.dtype)
     if out is None:
         return result

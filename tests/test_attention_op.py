@@ -33,6 +33,13 @@ class Case:
     dtype: torch.dtype = torch.float32
     out_strided: bool = False  # out as a transposed view of a [B, Hq, n, D] buffer
     zero_prefix: bool = False  # every cache_seqlens[b] = 0 (prefill)
+    value_dim: int | None = None  # D_v when it differs from D_k (MLA)
+    chunk: int | None = None  # chunked attention (Llama 4)
+    sinks: bool = False  # per-head attention-sink logits (gpt-oss)
+
+    @property
+    def v_dim(self) -> int:
+        return self.value_dim or self.head_dim
 
     @property
     def id(self) -> str:
@@ -42,6 +49,12 @@ class Case:
             parts.append(f"w{self.window}")
         if self.softcap:
             parts.append(f"cap{self.softcap:g}")
+        if self.value_dim:
+            parts.append(f"dv{self.value_dim}")
+        if self.chunk:
+            parts.append(f"chunk{self.chunk}")
+        if self.sinks:
+            parts.append("sinks")
         if self.zero_prefix:
             parts.append("prefill")
         if self.out_strided:
@@ -79,6 +92,23 @@ BF16_CASES = [
     Case(2, 100, 2, 1, 64, 300, dtype=torch.bfloat16),
     Case(2, 16, 4, 2, 80, 50, window=9, softcap=5.0, dtype=torch.bfloat16),
 ]
+# The features models bring: D_k != D_v (MLA), chunked attention (Llama 4), attention sinks (gpt-oss,
+# Granite SWA), alone and combined with windows, GQA, softcap and ragged prefixes.
+FEATURE_CASES = [
+    Case(2, 3, 4, 2, 24, 40, value_dim=16),
+    Case(3, 16, 4, 4, 192, 50, value_dim=128),  # DeepSeek-V3 head sizes
+    Case(1, 100, 2, 1, 16, 100, value_dim=40, zero_prefix=True),
+    Case(3, 7, 4, 2, 16, 60, chunk=8),
+    Case(2, 64, 4, 2, 32, 150, chunk=16, out_strided=True),
+    Case(3, 5, 4, 1, 16, 40, chunk=1),  # each query sees only itself
+    Case(2, 4, 4, 2, 16, 70, chunk=12, window=5),
+    Case(3, 4, 8, 2, 64, 60, sinks=True),
+    Case(2, 16, 4, 2, 32, 50, sinks=True, window=8),  # gpt-oss: sinks on sliding layers
+    Case(2, 3, 4, 4, 24, 30, sinks=True, softcap=4.0, value_dim=8, zero_prefix=True),
+    Case(3, 7, 6, 2, 32, 45, sinks=True, chunk=8, value_dim=48),
+    Case(2, 16, 4, 2, 48, 50, value_dim=32, chunk=8, sinks=True, dtype=torch.float16),
+    Case(2, 16, 4, 2, 48, 50, value_dim=32, chunk=8, sinks=True, dtype=torch.bfloat16),
+]
 # Long caches with few (sequence, kv head) programs: on a GPU the default heuristic splits these.
 LONG_CASES = [
     Case(1, 1, 8, 2, 128, 2048),
@@ -86,11 +116,14 @@ LONG_CASES = [
 ]
 
 
-def naive_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, window, softcap):
-    """float64 loop over (sequence, q head); keys are the prefix rows followed by the block's own."""
+def naive_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, window, softcap, chunk=None, sinks=None):
+    """float64 loop over (sequence, q head); keys are the prefix rows followed by the block's own.
+
+    A sink is an extra score column of value ``sinks[h]`` whose probability multiplies nothing.
+    """
     batch, n, n_heads, _ = q.shape
     group = n_heads // k_cache.shape[2]
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty((batch, n, n_heads, v_cache.shape[3]), dtype=torch.float64)
     for b in range(batch):
         prefix = int(cache_seqlens[b])
         keys = torch.cat([k_cache[b, :prefix], k_new[b]]).double().cpu()
@@ -100,11 +133,16 @@ def naive_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, win
         visible = key_pos <= query_pos
         if window:
             visible &= key_pos > query_pos - window
+        if chunk:
+            visible &= key_pos // chunk == query_pos // chunk
         for h in range(n_heads):
             scores = q[b, :, h].double().cpu() @ keys[:, h // group].T * scale
             if softcap:
                 scores = softcap * torch.tanh(scores / softcap)
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            if sinks is not None:
+                scores = torch.cat([scores, torch.full((n, 1), float(sinks[h]), dtype=torch.float64)], dim=1)
+            probs = torch.softmax(scores, dim=-1)[:, : prefix + n]
             out[b, :, h] = probs @ values[:, h // group]
     return out
 
@@ -134,9 +172,9 @@ def _make_inputs(case: Case, device: torch.device, seed: int):
     # HF hands the op transposed views of [B, H, n, D] tensors.
     q = randn(batch, n_heads, n, dim).to(device).transpose(1, 2)
     k_new = randn(batch, n_kv, n, dim).to(device).transpose(1, 2)
-    v_new = randn(batch, n_kv, n, dim).to(device).transpose(1, 2)
+    v_new = randn(batch, n_kv, n, case.v_dim).to(device).transpose(1, 2)
     k_cache = randn(batch, capacity, n_kv, dim).to(device)
-    v_cache = randn(batch, capacity, n_kv, dim).to(device)
+    v_cache = randn(batch, capacity, n_kv, case.v_dim).to(device)
     if case.zero_prefix:
         seqlens = torch.zeros(batch, dtype=torch.int32)
     else:
@@ -146,6 +184,14 @@ def _make_inputs(case: Case, device: torch.device, seed: int):
         if batch >= 3:
             seqlens[2] = capacity - n  # the block fills the cache to the last row
     return q, k_new, v_new, k_cache, v_cache, seqlens.to(device)
+
+
+def _make_sinks(case: Case, device: torch.device, seed: int):
+    # Sinks of the scores' magnitude, so that they take a real share of each softmax.
+    if not case.sinks:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (2 * torch.randn(case.n_heads, generator=gen)).to(device)
 
 
 def _poison_cache_tail(k_cache, v_cache, seqlens, backend: str) -> None:
@@ -175,15 +221,19 @@ def _check_cache(before, after, new, seqlens, n) -> None:
 def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_splits: int | None = None) -> None:
     q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, device, seed)
     scale = case.head_dim**-0.5
-    expected = naive_attention(q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, case.softcap)
+    sinks = _make_sinks(case, device, seed)
+    expected = naive_attention(
+        q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, case.softcap, case.chunk, sinks
+    )
     _poison_cache_tail(k_cache, v_cache, seqlens, backend)
     k_before, v_before, seqlens_before = k_cache.clone(), v_cache.clone(), seqlens.clone()
     if case.out_strided:
         out = torch.full(
-            (case.batch, case.n_heads, case.n, case.head_dim), float("nan"), dtype=case.dtype, device=device
+            (case.batch, case.n_heads, case.n, case.v_dim), float("nan"), dtype=case.dtype, device=device
         ).transpose(1, 2)
     else:
-        out = torch.full(q.shape, float("nan"), dtype=case.dtype, device=device)
+        out = torch.full((*q.shape[:3], case.v_dim), float("nan"), dtype=case.dtype, device=device)
+    features = dict(sliding_window=case.window, softcap=case.softcap, chunk_size=case.chunk, sinks=sinks, out=out)
 
     if num_splits is None:
         result = ops.jacobi_attention(
@@ -195,9 +245,7 @@ def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_spl
             seqlens,
             scale,
             backend=backend,
-            sliding_window=case.window,
-            softcap=case.softcap,
-            out=out,
+            **features,
         )
     else:
         result = triton_attention.jacobi_attention(
@@ -208,9 +256,7 @@ def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_spl
             v_new,
             seqlens,
             scale,
-            sliding_window=case.window,
-            softcap=case.softcap,
-            out=out,
+            **features,
             num_splits=num_splits,
         )
 
@@ -223,7 +269,9 @@ def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_spl
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("case", FP32_CASES + FP16_CASES + BF16_CASES + LONG_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize(
+    "case", FP32_CASES + FP16_CASES + BF16_CASES + FEATURE_CASES + LONG_CASES, ids=lambda case: case.id
+)
 def test_matches_float64_reference(case, backend, device):
     _skip_unless_runnable(backend, device, case.dtype)
     _run_case(case, backend, device, seed=zlib.crc32(case.id.encode()))
@@ -236,6 +284,8 @@ SPLIT_CASES = [
     (Case(2, 3, 2, 1, 32, 40), 16),  # more splits than prefix tiles
     (Case(2, 4, 8, 2, 128, 300, dtype=torch.float16), 5),
     (Case(2, 4, 8, 2, 128, 300, dtype=torch.bfloat16), 5),
+    (Case(2, 1, 8, 2, 64, 300, value_dim=32, sinks=True), 4),  # the sink joins split 0 only
+    (Case(3, 4, 4, 1, 32, 260, chunk=100, value_dim=48), 3),  # splits wholly outside the chunk
 ]
 
 
@@ -260,3 +310,20 @@ def test_rejects_unsupported_head_dim():
     cache = torch.zeros(1, 4, 1, 320)
     with pytest.raises(ValueError, match="head_dim"):
         triton_attention.jacobi_attention(q, cache, cache, q, q, torch.zeros(1, dtype=torch.int32), 1.0)
+
+
+def test_rejects_bad_feature_arguments():
+    case = Case(2, 3, 4, 2, 16, 20, value_dim=8)
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, torch.device("cpu"), seed=3)
+    args = (q, k_cache, v_cache, k_new, v_new, seqlens, 0.25)
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        ops.jacobi_attention(*args, backend="torch", sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks must be a floating-point"):
+        ops.jacobi_attention(*args, backend="torch", sinks=torch.zeros(4, dtype=torch.long))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            ops.jacobi_attention(*args, backend="torch", chunk_size=bad)
+    with pytest.raises(ValueError, match="v_new must be"):
+        ops.jacobi_attention(q, k_cache, v_cache, k_new, k_new, seqlens, 0.25, backend="torch")
+    with pytest.raises(ValueError, match="v_cache"):
+        ops.jacobi_attention(q, k_cache, v_cache[:, :10], k_new, v_new, seqlens, 0.25, backend="torch")
