@@ -179,11 +179,10 @@ def test_stats_against_forward_hooks_and_hf(mode, block_size):
     new_tokens = [row[input_ids.shape[1] :].tolist() for row in expected]
     # Tokens HF generated per row: up to and including the first EOS.
     counts = [next((i + 1 for i, t in enumerate(row) if t in (7, 9)), len(row)) for row in new_tokens]
+    engine = JacobiEngine(model, block_size=block_size, mode=mode)  # construction may probe the model
     calls, handle = _count_forwards(model)
     try:
-        out = JacobiEngine(model, block_size=block_size, mode=mode).generate(
-            input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[7, 9]
-        )
+        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[7, 9])
     finally:
         handle.remove()
     stats = out.stats
@@ -198,11 +197,10 @@ def test_stats_against_forward_hooks_and_hf(mode, block_size):
 def test_single_sequence_histogram_counts_every_decode_forward():
     model = tiny_model("qwen2", vocab_size=VOCAB)
     for mode in ("sliding", "chunked"):
+        engine = JacobiEngine(model, block_size=6, mode=mode)
         calls, handle = _count_forwards(model)
         try:
-            out = JacobiEngine(model, block_size=6, mode=mode).generate(
-                prompt(seed=4), max_new_tokens=33, eos_token_id=[]
-            )
+            out = engine.generate(prompt(seed=4), max_new_tokens=33, eos_token_id=[])
         finally:
             handle.remove()
         assert sum(out.stats.accepted_histogram) == len(calls) - 1  # one (sequence, forward) pair per decode forward
@@ -211,9 +209,10 @@ def test_single_sequence_histogram_counts_every_decode_forward():
 
 def test_no_decode_forward_when_prefill_finishes_everything():
     model = tiny_model("llama", vocab_size=VOCAB)
+    engine = JacobiEngine(model, block_size=4)
     calls, handle = _count_forwards(model)
     try:
-        out = JacobiEngine(model, block_size=4).generate(prompt(batch=2), max_new_tokens=1, eos_token_id=[])
+        out = engine.generate(prompt(batch=2), max_new_tokens=1, eos_token_id=[])
     finally:
         handle.remove()
     assert len(calls) == 1 and out.stats.forward_passes == 1
