@@ -42,9 +42,10 @@ def check_single_device(model: torch.nn.Module) -> None:
     devices = {_device_name(device) for device in device_map.values()}
     compute = devices - offload or devices & {"cpu"}
     if len(compute) > 1:
-        placement = ", ".join(f"{name or '<root>'}: {device}" for name, device in list(device_map.items())[:6])
+        entries = [f"{name or '<root>'}: {device}" for name, device in device_map.items()]
+        placement = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise ValueError(
-            f"model is split across devices {sorted(compute)} by device_map ({placement}, ...); JacobiEngine needs "
+            f"model is split across devices {sorted(compute)} by device_map ({placement}); JacobiEngine needs "
             "the whole model on one device: load it with device_map='cuda:0' (or one device), or use tensor "
             "parallelism (from_pretrained(..., tp_plan='auto') under torchrun) to spread a large model over GPUs"
         )
