@@ -340,6 +340,9 @@ def collect_trajectories(
 
     Calling it again with the same arguments on the same ``out_dir`` resumes (or, when the
     collection is complete, just reassembles the dataset). Returns the ``datasets.Dataset``.
+    With torch.distributed initialised, every process of the group must call it with the same
+    arguments and its own model copy; each decodes its share of the batches (module docstring),
+    and all of them return the merged dataset.
     """
     from tqdm.auto import tqdm
 

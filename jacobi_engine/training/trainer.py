@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from jacobi_engine.training.distributed import enable_fsdp_on_cpu
 from jacobi_engine.training.losses import IGNORE_INDEX, ar_loss, consistency_loss
 
 LOSSES = ("global", "local")
@@ -200,9 +201,7 @@ class ConsistencyTrainer(transformers.Trainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        from jacobi_engine.training.distributed import enable_fsdp_on_cpu
-
-        enable_fsdp_on_cpu(self)
+        enable_fsdp_on_cpu(self)  # accelerate drops FSDP on CPU; see training/distributed.py
 
     def teacher_logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher block logits [B, n, V], computed without gradients (stop-gradient)."""
