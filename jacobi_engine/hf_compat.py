@@ -27,6 +27,38 @@ class ModelInfo:
     num_layers: int
 
 
+def check_single_device(model: torch.nn.Module) -> None:
+    """Refuse a model that accelerate split across devices (``device_map`` pipeline placement).
+
+    The engine keeps one KV cache and runs its verify op on one device; a model whose layers sit
+    on different devices would need both on every one of them. Offloading to ``"cpu"``/``"disk"``
+    is fine: accelerate's hooks bring those weights to the one execution device for each forward.
+    Tensor parallelism (``tp_plan``) shards within every layer and is supported.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return
+    offload = {"cpu", "disk", "meta"}
+    devices = {_device_name(device) for device in device_map.values()}
+    compute = devices - offload or devices & {"cpu"}
+    if len(compute) > 1:
+        entries = [f"{name or '<root>'}: {device}" for name, device in device_map.items()]
+        placement = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise ValueError(
+            f"model is split across devices {sorted(compute)} by device_map ({placement}); JacobiEngine needs "
+            "the whole model on one device: load it with device_map='cuda:0' (or one device), or use tensor "
+            "parallelism (from_pretrained(..., tp_plan='auto') under torchrun) to spread a large model over GPUs"
+        )
+
+
+def _device_name(device) -> str:
+    """accelerate's device_map values (0, "cuda:1", "cpu", "disk", torch.device) as one spelling."""
+    if isinstance(device, str) and device in ("cpu", "disk", "meta"):
+        return device
+    device = torch.device(device)  # an int is an accelerator index, as torch.device(0) reads it
+    return f"{device.type}:{device.index or 0}" if device.type != "cpu" else "cpu"
+
+
 def _forward_parameters(model: torch.nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
@@ -50,6 +82,7 @@ def inspect_model(model: object) -> ModelInfo:
             f"model {type(model).__name__} does not route attention through transformers' AttentionInterface, "
             "which jacobi_engine plugs into; use a model class that does (Llama, Qwen2, Mistral, GPT-2, ...)"
         )
+    check_single_device(model)
     parameters = _forward_parameters(model)
     if "position_ids" not in parameters:
         raise ValueError(f"model {type(model).__name__}.forward does not accept position_ids")
