@@ -66,6 +66,8 @@ def _retune_query_temperature(module: torch.nn.Module, query: torch.Tensor, cach
     n = query.shape[2]
     offsets = torch.arange(n, device=query.device)
     applied = _temperature_scale(module, offsets + cache.get_seq_length(getattr(module, "layer_idx", 0)))
+    if cache.tree_depth is not None:  # a token tree: each token's position is its depth
+        offsets = cache.tree_depth.to(torch.long)
     true = _temperature_scale(module, cache.cache_seqlens.to(torch.long)[:, None] + offsets)  # [B, n]
     return (query * (true / applied)[:, None, :, None]).to(query.dtype)
 
@@ -125,6 +127,8 @@ def _block_attention(
         backend=backend,
         sinks=s_aux,
         chunk_size=chunk_size,
+        tree_mask=cache.tree_mask,
+        tree_depth=cache.tree_depth,
     )
     cache.current_layer = None
     cache.block_keys[layer], cache.block_values[layer] = key, value

@@ -46,6 +46,10 @@ class JacobiCache(Cache):
         # Host-side bound on cache_seqlens.max() + block, set by the engine when it knows it
         # without a sync. The torch attention path reads only that many rows.
         self.kv_len_bound: int | None = None
+        # The decode step's token-tree layout (block + candidate branches), read by the attention
+        # dispatch; None for a plain causal block (prefill, or no candidates).
+        self.tree_mask: torch.Tensor | None = None  # bool [T, T]
+        self.tree_depth: torch.Tensor | None = None  # int32 [T]
         self.current_layer: int | None = None
         # The block K/V each layer's update() returned in the running forward. A layer that reuses
         # another layer's K/V (Gemma-3n's shared-KV layers) calls attention with those very
@@ -67,6 +71,10 @@ class JacobiCache(Cache):
         self.kv_len_bound = None
         self.block_keys.clear()
         self.block_values.clear()
+
+    def key_value_buffers(self) -> list[torch.Tensor]:
+        """Every allocated [B, S, Hkv, D] key and value buffer, once each."""
+        return [t for t in self.keys + self.values if t is not None]
 
     @property
     def nbytes(self) -> int:

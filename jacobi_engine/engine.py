@@ -25,6 +25,7 @@ from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
 from jacobi_engine.hf_compat import inspect_model, length_dependent_rope, model_device
+from jacobi_engine.pool import CandidatePool, ngrams_of, tree_layout
 from jacobi_engine.processors import GenerationSettings, LogitsProcessing, resolve_generation
 from jacobi_engine.step import StepConfig, StepState, decode_step
 from jacobi_engine.trajectory import SequenceTrajectory, build_trajectories, count_stationary
@@ -44,7 +45,8 @@ class JacobiStats:
     ``sum(k * count) + batch == tokens_generated``. ``stationary_tokens`` counts tokens that were
     already correct while an earlier slot was still wrong and kept their value until verified
     (CLLM's term). ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
-    per step-cache key), kept out of ``decode_seconds``.
+    per step-cache key), kept out of ``decode_seconds``. ``candidate_wins`` counts the (sequence,
+    decode forward) pairs where a pooled candidate branch verified more tokens than the block.
     """
 
     block_size: int
@@ -57,6 +59,7 @@ class JacobiStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0
+    candidate_wins: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -127,6 +130,10 @@ class JacobiEngine:
             guesses) in a CUDA graph once per step-cache key and replay it (CUDA models only).
         sync_every: decode steps between host checks of the done flags (default 1, or 8 with
             ``cuda_graph``). Steps past the end are harmless no-ops for finished sequences.
+        candidates: k, pooled n-gram candidates verified beside the block in the same forward
+            (:mod:`jacobi_engine.pool`); 0 is plain Jacobi.
+        candidate_len: g, tokens per candidate (in chunked mode at most ``block_size - 1``).
+        pool_buckets, pool_slots: the pool's hash buckets per sequence and entries per bucket.
     """
 
     def __init__(
@@ -141,6 +148,10 @@ class JacobiEngine:
         verify_backend: str = "auto",
         cuda_graph: bool = False,
         sync_every: int | None = None,
+        candidates: int = 0,
+        candidate_len: int = 4,
+        pool_buckets: int = 4096,
+        pool_slots: int = 8,
     ):
         self.info = inspect_model(model)
         _check_int("block_size", block_size, minimum=1)
@@ -165,6 +176,21 @@ class JacobiEngine:
         if cuda_graph and model_device(model).type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model_device(model)}")
         _check_int("sync_every", sync_every, minimum=1, allow_none=True)
+        _check_int("candidates", candidates, minimum=0)
+        _check_int("candidate_len", candidate_len, minimum=1)
+        _check_int("pool_buckets", pool_buckets, minimum=1)
+        _check_int("pool_slots", pool_slots, minimum=1)
+        if candidates > pool_slots:
+            raise ValueError(f"candidates={candidates} exceeds pool_slots={pool_slots} (entries looked up per key)")
+        if candidates and mode == "chunked" and candidate_len > block_size - 1:
+            raise ValueError(
+                f"candidate_len={candidate_len} must be <= block_size - 1 = {block_size - 1} in chunked mode "
+                "(a branch verifies part of the current chunk)"
+            )
+        self.candidates = candidates
+        self.candidate_len = candidate_len
+        self.pool_buckets = pool_buckets
+        self.pool_slots = pool_slots
         self.cuda_graph = cuda_graph
         self.sync_every = sync_every if sync_every is not None else (8 if cuda_graph else 1)
         self.model = model
@@ -303,20 +329,21 @@ class JacobiEngine:
         """The step-cache entry of this key, created (and the oldest evicted) when missing."""
         spec = settings.processors if settings.processors.active else None
         dtype = next(self.model.parameters()).dtype
-        key = (batch, capacity, self.block_size, self.mode, eos_slots, spec, logging, device, dtype)
+        key = (batch, capacity, self.block_size, self.mode, self.candidates, eos_slots, spec, logging, device, dtype)
         entry = self._step_cache.get(key)
         if entry is not None:
             self._step_cache.move_to_end(key)
             return entry
-        n = self.block_size
-        width = capacity + n  # token columns: prompt + new tokens + one block of slack
+        n, k, g = self.block_size, self.candidates, self.candidate_len
+        tree_tokens = n + k * g  # tokens per decode forward (and cache rows it appends)
+        width = capacity + max(n, g + 1)  # token columns: prompt + new tokens + one verified row of slack
         max_steps = capacity + n  # Jacobi verifies >= 1 token per forward: a bound on the steps
 
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=device)
 
         state = StepState(
-            cache=JacobiCache(self.info.num_layers, batch, capacity + n, device),
+            cache=JacobiCache(self.info.num_layers, batch, capacity + tree_tokens, device),
             guesses=copy.copy(self.guess_strategy),
             tokens=zeros(batch, width),
             block=zeros(batch, n),
@@ -326,22 +353,37 @@ class JacobiEngine:
             eos_ids=zeros(eos_slots),
             position_limit=zeros(batch),
             pad_lengths=zeros(batch),
-            histogram=zeros(n + 1),
+            histogram=zeros(max(n, g + 1) + 1 if k else n + 1),
             verified_in_chunk=zeros(batch, dtype=torch.int32),
             lengths_before=zeros(batch, dtype=torch.int32),
             step=zeros(1),
             slot_offsets=torch.arange(n, device=device),
+            pool=CandidatePool(batch, g, self.pool_buckets, self.pool_slots, device) if k else None,
+            candidate_wins=zeros(),
             log_blocks=zeros(max_steps, batch, n) if logging else None,
             log_lengths=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
             log_accepted=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
         )
         processing = LogitsProcessing(spec, self.info.vocab_size, device) if spec is not None else None
-        config = StepConfig(n, self.mode == "chunked", self.verify_backend, processing)
+        tree_mask, tree_depth = tree_layout(n, k, g, device) if k else (None, None)
+        config = StepConfig(n, self.mode == "chunked", self.verify_backend, processing, k, g, tree_mask, tree_depth)
         entry = _StepCacheEntry(state, config)
         self._step_cache[key] = entry
         while len(self._step_cache) > MAX_CACHED_STEPS:
             self._step_cache.popitem(last=False)
         return entry
+
+    def _seed_pool(self, state: StepState, width: int) -> None:
+        """Empties the pool and fills it with the prompts' n-grams (once per call, before decoding)."""
+        pool = state.pool
+        pool.reset()
+        g = self.candidate_len
+        chunk = 64  # n-grams per insert: insert() compares every pair of one call
+        for first in range(0, max(width - g, 0), chunk):
+            columns = torch.arange(first, min(first + chunk, width - g), device=state.tokens.device)
+            key_columns = columns[None, :].expand(state.tokens.shape[0], -1)
+            keys, ngrams = ngrams_of(state.tokens, key_columns, g)
+            pool.insert(keys, ngrams, key_columns >= state.pad_lengths[:, None])
 
     def _step(self, entry: _StepCacheEntry) -> None:
         decode_step(self._block_forward, entry.config, entry.state)
@@ -359,8 +401,11 @@ class JacobiEngine:
             if taken >= max_steps:  # pragma: no cover
                 raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
             steps = min(sync_every, max_steps - taken)
-            # The torch attention path reads only rows below this bound (it must hold until the next sync).
-            state.cache.kv_len_bound = longest + self.block_size * steps
+            # The torch attention path reads only rows below this bound (it must hold until the next
+            # sync): each step commits at most one verified row and appends the whole token tree.
+            advance = max(self.block_size, self.candidate_len + 1) if self.candidates else self.block_size
+            tree_tokens = self.block_size + self.candidates * self.candidate_len
+            state.cache.kv_len_bound = longest + advance * (steps - 1) + tree_tokens
             for _ in range(steps):
                 self._step(entry)
             taken += steps
@@ -533,8 +578,10 @@ class JacobiEngine:
             if self.info.max_positions is not None:
                 position_limit = position_limit.clamp(max=self.info.max_positions - 1)
             state.position_limit.copy_(position_limit)
-            for buffer in (state.histogram, state.verified_in_chunk, state.step):
+            for buffer in (state.histogram, state.verified_in_chunk, state.step, state.candidate_wins):
                 buffer.zero_()
+            if state.pool is not None:
+                self._seed_pool(state, width)
             prompt_starts = pad_lengths.to(torch.long)
             generator = torch.Generator(device=device)
             generator.manual_seed(self.seed)
@@ -587,6 +634,7 @@ class JacobiEngine:
             stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
             stats.prefill_seconds = prefill_done - started
             stats.capture_seconds = capture_seconds
+            stats.candidate_wins = int(state.candidate_wins)
             stats.decode_seconds = decode_done - capture_done
         return JacobiOutput(result, stats, trajectories if record_trajectory else None)
 
@@ -624,6 +672,10 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
         "verify_backend",
         "cuda_graph",
         "sync_every",
+        "candidates",
+        "candidate_len",
+        "pool_buckets",
+        "pool_slots",
     )
     engine_kwargs = {key: kwargs.pop(key) for key in engine_keys if key in kwargs}
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **kwargs)

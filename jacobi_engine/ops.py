@@ -83,6 +83,20 @@ def _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sink
         raise ValueError(f"block of {n} tokens does not fit a cache of {capacity} rows")
 
 
+def _check_tree(q, tree_mask, tree_depth) -> None:
+    if (tree_mask is None) != (tree_depth is None):
+        raise ValueError("tree_mask and tree_depth go together: pass both or neither")
+    if tree_mask is None:
+        return
+    n = q.shape[1]
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool or tuple(tree_mask.shape) != (n, n):
+        raise ValueError(f"tree_mask must be a bool tensor of shape [n={n}, n={n}]")
+    if not isinstance(tree_depth, torch.Tensor) or tree_depth.dtype != torch.int32 or tuple(tree_depth.shape) != (n,):
+        raise ValueError(f"tree_depth must be an int32 tensor of shape [n={n}]")
+    if tree_mask.device != q.device or tree_depth.device != q.device:
+        raise ValueError("tree_mask and tree_depth must be on the device of q")
+
+
 def jacobi_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -99,6 +113,8 @@ def jacobi_attention(
     out: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of an n-token block over each sequence's cached prefix, appending the block's K/V.
 
@@ -114,11 +130,23 @@ def jacobi_attention(
     ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma 2), ``sinks`` [Hq] adds one logit per
     head to every softmax denominator (attention sinks: gpt-oss), ``kv_len`` is an optional
     host-side bound on ``max(cache_seqlens) + n`` and ``out`` an optional output buffer.
+    ``tree_mask`` bool [n, n] and ``tree_depth`` int32 [n] (both or neither) lay the block out as a
+    token tree, the Jacobi block followed by candidate branches: token ``i`` sees the prefix and the
+    block tokens ``j`` with ``tree_mask[i, j]``, at position ``cache_seqlens[b] + tree_depth[i]``.
     """
     _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks, chunk_size)
+    _check_tree(q, tree_mask, tree_depth)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    features = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks, chunk_size=chunk_size, out=out)
+    features = dict(
+        sliding_window=sliding_window,
+        softcap=softcap,
+        sinks=sinks,
+        chunk_size=chunk_size,
+        out=out,
+        tree_mask=tree_mask,
+        tree_depth=tree_depth,
+    )
     resolved = resolve_attention_backend(backend, q.device)
     if resolved == "triton":
         from jacobi_engine import triton_attention
@@ -175,3 +203,8 @@ def _verify_and_commit_fake(
     scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
 ):
     return block.new_empty((block.shape[0],), dtype=torch.int32)
+
+
+def move_cache_rows(buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int) -> None:
+    """KV commit of a winning candidate branch; see :func:`jacobi_engine.reference.move_cache_rows`."""
+    reference.move_cache_rows(buffers, src, dst, rows)

@@ -28,6 +28,8 @@ def jacobi_attention(
     out: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
 
@@ -42,6 +44,12 @@ def jacobi_attention(
     chunk_size`` when ``chunk_size`` is set. ``softcap`` maps scaled scores ``s`` to
     ``softcap * tanh(s / softcap)``; ``sinks[h]`` is an extra logit in head ``h``'s softmax
     denominator that attends to nothing. ``cache_seqlens`` is not advanced.
+
+    A token tree (a Jacobi block followed by candidate branches) replaces the causal in-block
+    mask: ``tree_mask`` bool [n, n] says which block tokens token ``i`` sees (itself included) and
+    ``tree_depth`` int [n] is each token's position offset, so token ``i`` sits at position
+    ``cache_seqlens[b] + tree_depth[i]`` for the window and chunk masks. The prefix rows stay visible
+    to every token. ``tree_mask = tril(ones)`` with ``tree_depth = arange(n)`` is the plain block.
 
     ``kv_len`` is an optional host-side upper bound on ``cache_seqlens.max() + n``; it only
     limits how many cache rows are read. Rows past ``cache_seqlens[b] + n`` must be finite
@@ -64,12 +72,24 @@ def jacobi_attention(
     )
 
     kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
-    key_pos = torch.arange(kv_len, device=q.device)
-    visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
+    key_rows = torch.arange(kv_len, device=q.device)
+    if tree_mask is None:
+        key_pos = key_rows[None, None, :]  # a cache row's position is its index
+        query_pos = rows[:, :, None]
+        visible = key_pos <= query_pos  # [B, n, kv_len]
+    else:
+        starts = cache_seqlens.to(torch.long)[:, None, None]
+        depth = tree_depth.to(torch.long)
+        in_block = key_rows[None, None, :] - starts  # [B, 1, kv_len]: index of the key in the block
+        inside = (in_block >= 0) & (in_block < n)
+        block_index = in_block.clamp(0, n - 1)
+        visible = (in_block < 0) | (inside & tree_mask[torch.arange(n, device=q.device)[None, :, None], block_index])
+        key_pos = torch.where(inside, starts + depth[block_index], key_rows[None, None, :])
+        query_pos = starts + depth[None, :, None]
     if sliding_window is not None and sliding_window > 0:
-        visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
+        visible = visible & (key_pos > query_pos - sliding_window)
     if chunk_size is not None:
-        visible = visible & (key_pos[None, None, :] // chunk_size == rows[:, :, None] // chunk_size)
+        visible = visible & (key_pos // chunk_size == query_pos // chunk_size)
     keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D_k] views, no copies
     values = v_cache[:, :kv_len].transpose(1, 2)
     has_softcap = softcap is not None and softcap > 0
@@ -179,3 +199,22 @@ def verify_and_commit(
     cache_seqlens.add_(torch.where(commit, advance, 0).to(cache_seqlens.dtype))
     done.logical_or_(commit & finished)
     return torch.where(active, n_accepted, 0).to(torch.int32)
+
+
+def move_cache_rows(buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int) -> None:
+    """KV commit of a winning candidate branch: copies cache rows ``src[b] .. src[b]+rows-1`` to
+    ``dst[b] .. dst[b]+rows-1`` in every buffer ``[B, S, H, D]`` of ``buffers``.
+
+    ``src``/``dst`` int64 [B]. A sequence with ``src[b] == dst[b]`` is left as it is. Ranges may
+    overlap (the rows are read before any is written). The caller keeps every row inside ``S``.
+    """
+    if not buffers or rows == 0:
+        return
+    batch, capacity = buffers[0].shape[:2]
+    offsets = torch.arange(rows, device=src.device)
+    base = torch.arange(batch, device=src.device)[:, None] * capacity
+    from_rows = (base + src[:, None] + offsets).reshape(-1)
+    to_rows = (base + dst[:, None] + offsets).reshape(-1)
+    for buffer in buffers:
+        flat = buffer.view(batch * capacity, *buffer.shape[2:])
+        flat.index_copy_(0, to_rows, flat.index_select(0, from_rows))

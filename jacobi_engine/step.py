@@ -32,6 +32,7 @@ import torch
 from jacobi_engine import ops
 from jacobi_engine.cache import JacobiCache
 from jacobi_engine.guesses import GuessStrategy
+from jacobi_engine.pool import CandidatePool, ngrams_of
 from jacobi_engine.processors import LogitsProcessing
 
 
@@ -54,6 +55,8 @@ class StepState:
     lengths_before: torch.Tensor  # [B] int32 scratch
     step: torch.Tensor  # [1] int64, decode steps taken
     slot_offsets: torch.Tensor  # [n] int64, 0..n-1
+    pool: CandidatePool | None = None  # n-gram candidates, when the engine verifies any
+    candidate_wins: torch.Tensor | None = None  # () int64, (sequence, forward) pairs a branch won
     log_blocks: torch.Tensor | None = None  # [max_steps, B, n] blocks fed, when logging
     log_lengths: torch.Tensor | None = None  # [max_steps, B] lengths before the step
     log_accepted: torch.Tensor | None = None  # [max_steps, B] accepted counts (0: finished)
@@ -67,6 +70,10 @@ class StepConfig:
     chunked: bool
     verify_backend: str
     processing: LogitsProcessing | None
+    candidates: int = 0  # k branches verified beside the block
+    candidate_len: int = 0  # g tokens per branch
+    tree_mask: torch.Tensor | None = None  # bool [T, T], T = n + k * g (pool.tree_layout)
+    tree_depth: torch.Tensor | None = None  # int32 [T]
 
 
 def forward_block(model_forward, state: StepState) -> torch.Tensor:
@@ -81,6 +88,9 @@ def forward_block(model_forward, state: StepState) -> torch.Tensor:
 
 def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
     """One Jacobi step on device tensors only (see the module docstring)."""
+    if config.candidates:
+        _pool_step(model_forward, config, state)
+        return
     if state.log_blocks is not None:
         state.log_blocks.index_copy_(0, state.step, state.block[None])
         state.log_lengths.index_copy_(0, state.step, state.lengths[None])
@@ -138,3 +148,119 @@ def _count_newly_verified(config: StepConfig, state: StepState, n_accepted, comm
     else:
         newly = torch.where(n_accepted > 0, emitted, 0)
     state.histogram.scatter_add_(0, newly.to(torch.long), torch.ones_like(newly, dtype=torch.long))
+
+
+def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
+    """A Jacobi step that also verifies ``k`` pooled candidates of ``g`` tokens (:mod:`jacobi_engine.pool`).
+
+    One forward over the token tree ``[block | branch 1 | ... | branch k]``; the longest verified
+    path among the block and the branches wins (the block on ties). The winner is handed to
+    ``ops.verify_and_commit`` as the row it verifies, so EOS, limits, modes and the next block
+    follow the plain rules; a winning branch's K/V then move to the rows after ``t0``.
+    """
+    block, cache = state.block, state.cache
+    batch, n = block.shape
+    k, g = config.candidates, config.candidate_len
+    width = max(n, g + 1)  # the verified row: the block, or t0 and a branch
+    if state.log_blocks is not None:
+        state.log_blocks.index_copy_(0, state.step, block[None])
+        state.log_lengths.index_copy_(0, state.step, state.lengths[None])
+    state.lengths_before.copy_(state.lengths)
+    active = ~state.done
+    first = block[:, 0]
+    candidates, usable = state.pool.lookup(first, k)  # [B, k, g], [B, k]
+    candidates = torch.where(usable[..., None], candidates, first[:, None, None])  # real ids for the embedding
+    fed = torch.cat([block, candidates.reshape(batch, k * g)], dim=1)  # [B, T]
+    starts = cache.cache_seqlens.to(torch.long)
+    positions = torch.minimum(starts[:, None] + config.tree_depth.to(torch.long), state.position_limit[:, None])
+    cache.tree_mask, cache.tree_depth = config.tree_mask, config.tree_depth
+    try:
+        scores = model_forward(cache, fed, positions)  # [B, T, V]
+    finally:
+        cache.tree_mask = cache.tree_depth = None
+    if config.processing is not None:
+        scores = _process_tree(config.processing, scores, state, candidates)
+    preds = scores.argmax(dim=-1)  # [B, T]
+
+    block_preds = preds[:, :n]
+    branch_preds = torch.cat([preds[:, None, :1].expand(-1, k, -1), preds[:, n:].reshape(batch, k, g)], dim=2)
+    block_accepted = 1 + (block[:, 1:] == block_preds[:, :-1]).to(torch.int32).cumprod(1).sum(1)
+    branch_accepted = 1 + (candidates == branch_preds[..., :-1]).to(torch.int32).cumprod(2).sum(2)
+    branch_accepted = torch.where(usable, branch_accepted, 0)
+    best_accepted, best = branch_accepted.max(dim=1)
+    use_branch = (best_accepted > block_accepted) & active
+
+    fill = state.guesses.fill()
+    fill = fill.repeat(1, -(-width // n))[:, :width]  # [B, width]: real ids for every freed slot
+    no_token = torch.full((batch, width), -1, dtype=torch.long, device=block.device)  # never equals a prediction
+    block_row = torch.cat([block, no_token[:, n:]], dim=1)
+    block_pred_row = torch.cat([block_preds, fill[:, n:]], dim=1)
+    winner = best[:, None, None].expand(-1, 1, g)
+    branch_tokens = candidates.gather(1, winner)[:, 0]  # [B, g]
+    branch_row = torch.cat([first[:, None], branch_tokens, no_token[:, g + 1 :]], dim=1)[:, :width]
+    winner_preds = branch_preds.gather(1, best[:, None, None].expand(-1, 1, g + 1))[:, 0]
+    branch_pred_row = torch.cat([winner_preds, fill[:, g + 1 :]], dim=1)[:, :width]
+    verified_row = torch.where(use_branch[:, None], branch_row, block_row).contiguous()
+    pred_row = torch.where(use_branch[:, None], branch_pred_row, block_pred_row).contiguous()
+
+    n_accepted = ops.verify_and_commit(
+        pred_row,
+        verified_row,
+        fill,
+        cache.cache_seqlens,
+        state.tokens,
+        state.lengths,
+        state.done,
+        state.eos_ids,
+        state.limits,
+        config.chunked,
+        backend=config.verify_backend,
+    )
+    block.copy_(torch.where(active[:, None], verified_row[:, :n], block))
+    # The winning branch's K/V sit after the block; the committed path needs them right after t0.
+    branch_start = starts + n + best.to(torch.long) * g
+    ops.move_cache_rows(
+        cache.key_value_buffers(), torch.where(use_branch, branch_start, starts + 1), starts + 1, g
+    )
+    committed = state.lengths > state.lengths_before
+    state.guesses.refine(block, state.lengths, committed & ~state.done)
+    _feed_pool(state, fed[:, :n], block_preds, active, g, width)
+    state.candidate_wins += use_branch.sum()
+    _count_newly_verified(config, state, n_accepted, committed)
+    if state.log_accepted is not None:
+        state.log_accepted.index_copy_(0, state.step, n_accepted[None])
+    state.step += 1
+
+
+def _feed_pool(state: StepState, fed_block, block_preds, active, g: int, width: int) -> None:
+    """Adds this step's n-grams: the Jacobi predictions of every slot (accepted or rejected), then
+    the n-grams of the output that the commit just completed."""
+    n = fed_block.shape[1]
+    pool = state.pool
+    if n >= g:
+        starts = torch.arange(n - g + 1, device=fed_block.device)
+        columns = starts[:, None] + torch.arange(g, device=fed_block.device)
+        predicted = block_preds[:, columns]  # [B, n-g+1, g]: what the model predicts after slot j
+        pool.insert(fed_block[:, : n - g + 1], predicted, active[:, None].expand(-1, n - g + 1))
+    # Output n-grams (key at column c, continuation c+1..c+g) completed by this commit.
+    before = state.lengths_before.to(torch.long)
+    key_columns = before[:, None] - g + torch.arange(width, device=fed_block.device)
+    keys, ngrams = ngrams_of(state.tokens, key_columns, g)
+    complete = (key_columns + g < state.lengths.to(torch.long)[:, None]) & (key_columns >= state.pad_lengths[:, None])
+    pool.insert(keys, ngrams, complete & active[:, None])
+
+
+def _process_tree(processing: LogitsProcessing, scores, state: StepState, candidates) -> torch.Tensor:
+    """Processed tree scores: the block as in :func:`_process`, each branch with its own prefix."""
+    batch, n = state.block.shape
+    k, g = candidates.shape[1], candidates.shape[2]
+    parts = [_process(processing, scores[:, :n], state)]
+    lengths = state.lengths.to(torch.long)
+    columns = lengths[:, None] + torch.arange(g, device=scores.device)
+    cur_len = columns + 1  # branch token m (0-based) predicts the token after it
+    for branch in range(k):
+        history = state.tokens.clone()
+        history.scatter_(1, columns, candidates[:, branch])
+        start = n + branch * g
+        parts.append(processing.apply(scores[:, start : start + g], history, cur_len, state.pad_lengths))
+    return torch.cat(parts, dim=1)
