@@ -150,6 +150,8 @@ def _jacobi_attention_kernel(
     Lse_part,
     cache_seqlens,
     Sinks,
+    Tree,
+    Depth,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -196,6 +198,7 @@ def _jacobi_attention_kernel(
     HAS_FLOOR: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -264,7 +267,11 @@ def _jacobi_attention_kernel(
 
     # Each tile row's own cache row and the first row it may see (window / chunk start). Both
     # grow with the query index, so the tile's first query bounds the rows any of them sees.
-    query_rows = prefix_len + query_idx
+    if HAS_TREE:
+        # A token tree: each query's position is its depth, not its index in the block.
+        query_rows = prefix_len + tl.load(Depth + query_idx, mask=row_ok, other=0)
+    else:
+        query_rows = prefix_len + query_idx
     first_visible = _first_visible(query_rows, window, chunk, HAS_WINDOW, HAS_CHUNK)
     tile_first = tl.min(first_visible, 0)  # the first row's: first_visible never decreases
 
@@ -292,7 +299,22 @@ def _jacobi_attention_kernel(
         )
 
     # Phase 2: the block's own keys, read from k_new/v_new (never from the rows being written).
-    if split == 0:
+    if split == 0 and HAS_TREE:
+        # Token tree: every block key may be visible (n is small); the tree says which are.
+        for start in range(0, n, BLOCK_N):
+            j = start + offs_n
+            j_ok = j < n
+            k_mask = _tile_mask(j_ok, offs_d, HEAD_DIM, BLOCK_D)
+            v_mask = _tile_mask(j_ok, offs_dv, VALUE_DIM, BLOCK_DV)
+            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, k_mask, COMPUTE_DTYPE)
+            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_dv, v_mask, COMPUTE_DTYPE)
+            key_pos = prefix_len + tl.load(Depth + j, mask=j_ok, other=0)
+            in_tree = tl.load(Tree + query_idx[:, None] * n + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0)
+            visible = _visible(key_pos, j_ok, query_rows, first_visible, False, HAS_FLOOR) & (in_tree != 0)
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, True, HAS_SOFTCAP, DOT_PRECISION
+            )
+    elif split == 0:
         if HAS_FLOOR:
             j_lo = tl.maximum(tile_first - prefix_len, 0)
         else:
@@ -320,15 +342,15 @@ def _jacobi_attention_kernel(
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, True, HAS_SOFTCAP, DOT_PRECISION
             )
-        if HAS_SINKS:
-            # A sink is one more logit in the softmax denominator that adds nothing to the output.
-            # Split 0 alone adds it; the merge then weighs every split against it.
-            sink = tl.load(Sinks + q_head, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
-            m_new = tl.maximum(m_i, sink)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.exp2(sink - m_new)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+    if HAS_SINKS and split == 0:
+        # A sink is one more logit in the softmax denominator that adds nothing to the output.
+        # Split 0 alone adds it; the merge then weighs every split against it.
+        sink = tl.load(Sinks + q_head, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
     row_mask_v = _tile_mask(row_ok, offs_dv, VALUE_DIM, BLOCK_DV)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -445,6 +467,8 @@ def jacobi_attention(
     num_splits: int | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block attention over each sequence's cached prefix, appending the block's K/V in place.
 
@@ -458,6 +482,8 @@ def jacobi_attention(
     receive ``k_new``/``v_new[b, i]``, query ``i`` attends to rows ``0 .. cache_seqlens[b] + i``
     (the last ``sliding_window`` of them when set, those of its own ``chunk_size`` chunk when set),
     scores are soft-capped when ``softcap`` is set and ``sinks[h]`` joins head h's softmax denominator.
+    With ``tree_mask`` [n, n] bool and ``tree_depth`` [n] int32 the block is a token tree: query ``i``
+    sees the prefix and the block keys ``j`` with ``tree_mask[i, j]``, at position offset ``tree_depth[i]``.
     Cache rows ``>= cache_seqlens[b]`` are never read. ``cache_seqlens`` is not advanced.
 
     ``num_splits`` forces the number of split-K chunks of the prefix (1 = no split); by default
@@ -526,6 +552,8 @@ def jacobi_attention(
             lse_part,
             cache_seqlens,
             sinks.contiguous() if sinks is not None else cache_seqlens,  # unused without sinks
+            tree_mask.to(torch.int8).contiguous() if tree_mask is not None else cache_seqlens,  # unused without a tree
+            tree_depth.contiguous() if tree_depth is not None else cache_seqlens,
             *q.stride(),
             *k_cache.stride(),
             *v_cache.stride(),
@@ -554,6 +582,7 @@ def jacobi_attention(
             HAS_FLOOR=has_window or has_chunk,
             HAS_SINKS=sinks is not None,
             HAS_SOFTCAP=has_softcap,
+            HAS_TREE=tree_mask is not None,
             COMPUTE_DTYPE=tl_compute_dtype,
             DOT_PRECISION=dot_precision,
             num_warps=num_warps,
