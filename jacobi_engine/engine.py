@@ -24,7 +24,7 @@ from jacobi_engine import ops
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
-from jacobi_engine.hf_compat import inspect_model, length_dependent_rope, model_device
+from jacobi_engine.hf_compat import has_windowed_attention, inspect_model, length_dependent_rope, model_device
 from jacobi_engine.pool import CandidatePool, ngrams_of, tree_layout
 from jacobi_engine.processors import GenerationSettings, LogitsProcessing, resolve_generation
 from jacobi_engine.step import StepConfig, StepState, decode_step
@@ -159,6 +159,7 @@ class JacobiEngine:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         _check_int("max_seq_len", max_seq_len, minimum=1, allow_none=True)
         self.rope_switches = length_dependent_rope(model)
+        self.windowed_attention = has_windowed_attention(model)
         if (
             max_seq_len is not None
             and not self.rope_switches
@@ -167,6 +168,8 @@ class JacobiEngine:
         ):
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {self.info.max_positions} positions")
         _check_int("seed", seed)
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits (torch.Generator), got {seed}")
         if attention_backend not in ops.ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ops.ATTENTION_BACKENDS}, got {attention_backend!r}")
         if verify_backend not in ops.VERIFY_BACKENDS:
@@ -257,6 +260,13 @@ class JacobiEngine:
             raise ValueError(f"{source} has a row with no tokens: every prompt needs at least one")
         # Masked tokens inside a prompt are left out (HF never attends to them and skips their
         # positions); a masked last token would make HF predict from a padding position.
+        holes = (attention_mask[:, 1:] < attention_mask[:, :-1]).any()
+        if self.windowed_attention and bool(holes):
+            raise ValueError(
+                f"{source} masks tokens inside a prompt, and this model has sliding-window or chunked attention: "
+                "HF counts masked positions inside the window, which jacobi_engine (which leaves masked tokens "
+                "out) does not reproduce; left-pad the prompts instead"
+            )
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 f"{source} masks the last token of a prompt (right padding): decoder-only generation "

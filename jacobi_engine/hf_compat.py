@@ -166,3 +166,23 @@ def length_dependent_rope(model: torch.nn.Module) -> list[tuple[str, int]]:
             if isinstance(switch, int) and switch > 0:
                 found.append((rope_type, switch))
     return found
+
+
+def has_windowed_attention(model: torch.nn.Module) -> bool:
+    """Whether any layer attends through a sliding window or in chunks (masks counted in token slots)."""
+    for module in model.modules():
+        if getattr(module, "sliding_window", None):
+            return True
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        layer_types = getattr(config, "layer_types", None)
+        if getattr(config, "attention_chunk_size", None):
+            return True
+        if layer_types:
+            if any("sliding" in str(kind) or "chunk" in str(kind) for kind in layer_types):
+                return True
+        elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            return True  # models without layer_types pass config.sliding_window to every layer (Mistral)
+    return False

@@ -51,9 +51,9 @@ class EchoGuess(GuessStrategy):
     """A user strategy: guesses the prompt's first tokens again and again."""
 
     def fill(self) -> torch.Tensor:
-        slots = torch.arange(self.block_size, device=self.sequences.device)[None]
-        lengths = self.prompt_lengths[:, None]
-        return self.sequences.gather(1, self.prompt_width - lengths + slots % lengths)
+        slots = torch.arange(self.block_size, device=self.tokens.device)[None]
+        lengths = (self.prompt_ends - self.prompt_starts)[:, None]
+        return self.tokens.gather(1, self.prompt_starts[:, None] + slots % lengths)
 
 
 class Hang(Exception):
