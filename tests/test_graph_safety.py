@@ -52,7 +52,7 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor) -> list[str]:
+def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor, **generate_kwargs) -> list[str]:
     recorder = OpRecorder()
     step = engine._step
 
@@ -62,7 +62,7 @@ def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor) -> list[s
 
     engine._step = watched
     try:
-        engine.generate(input_ids, max_new_tokens=12, eos_token_id=[5], record_trajectory=True)
+        engine.generate(input_ids, max_new_tokens=12, eos_token_id=[5], record_trajectory=True, **generate_kwargs)
     finally:
         del engine._step
     return recorder.ops
@@ -74,14 +74,17 @@ def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor) -> list[s
     [
         dict(mode="sliding", init="random_prompt", verify_backend="native"),
         dict(mode="chunked", init="ngram", verify_backend="torch"),
+        dict(mode="sliding", init="ngram", verify_backend="native", candidates=3, candidate_len=3),
+        dict(mode="chunked", verify_backend="torch", candidates=2, candidate_len=2, repetition_penalty=1.2),
     ],
-    ids=["sliding-native", "chunked-ngram-torch"],
+    ids=["sliding-native", "chunked-ngram-torch", "pool-sliding-native", "pool-chunked-processors-torch"],
 )
 def test_decode_step_has_no_sync_or_dynamic_shape(arch, engine_kwargs):
     model = tiny_model(arch)
     input_ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    generate_kwargs = {key: engine_kwargs.pop(key) for key in ("repetition_penalty",) if key in engine_kwargs}
     engine = JacobiEngine(model, block_size=4, **engine_kwargs)
-    ops = record_decode_steps(engine, input_ids)
+    ops = record_decode_steps(engine, input_ids, **generate_kwargs)
     assert "verify_and_commit" in ops or "scatter_" in ops  # the recorder really saw the step
     bad = sorted(set(ops) & FORBIDDEN)
     assert not bad, f"decode step of {arch} calls graph-unsafe ops: {bad}"

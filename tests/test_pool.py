@@ -1,0 +1,144 @@
+"""Multi-candidate verification (issue 11): the n-gram pool against a plain-Python statement of its
+contract, the KV-row move against a loop, and the engine with candidates against HF greedy on every
+test architecture, ragged batches, EOS inside branches, both modes."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+import torch
+from greedy_check import assert_matches_greedy, hf_greedy
+from models import ARCHITECTURES, tiny_model
+
+from jacobi_engine import JacobiEngine, ops
+from jacobi_engine.pool import CandidatePool
+
+VOCAB = 96
+PAD = 0
+
+
+class PythonPool:
+    """The contract, spelled out: per sequence and bucket (key % H) a FIFO of at most S distinct
+    (key, n-gram) entries; a lookup returns the newest entries whose key matches, newest first."""
+
+    def __init__(self, batch, buckets, slots):
+        self.buckets, self.slots = buckets, slots
+        self.table = [[deque() for _ in range(buckets)] for _ in range(batch)]
+
+    def insert(self, keys, ngrams, valid):
+        for b in range(len(keys)):
+            for key, ngram, ok in zip(keys[b], ngrams[b], valid[b]):
+                if not ok or key < 0:
+                    continue
+                bucket = self.table[b][key % self.buckets]
+                if (key, tuple(ngram)) in bucket:
+                    continue
+                bucket.append((key, tuple(ngram)))
+                if len(bucket) > self.slots:
+                    bucket.popleft()
+
+    def lookup(self, keys, count):
+        result = []
+        for b, key in enumerate(keys):
+            entries = [ngram for k, ngram in reversed(self.table[b][key % self.buckets]) if k == key]
+            result.append(entries[:count])
+        return result
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pool_matches_the_python_contract(seed):
+    rng = random.Random(seed)
+    batch, buckets, slots, length = 3, rng.choice([1, 3, 8]), rng.choice([2, 4]), rng.choice([1, 3])
+    pool = CandidatePool(batch, length, buckets, slots, "cpu")
+    reference = PythonPool(batch, buckets, slots)
+    alphabet = rng.choice([4, 12])  # few distinct keys and n-grams: many duplicates and collisions
+    for _ in range(25):
+        count = rng.randint(1, 9)
+        keys = [[rng.randrange(-1, alphabet) for _ in range(count)] for _ in range(batch)]
+        ngrams = [[[rng.randrange(alphabet) for _ in range(length)] for _ in range(count)] for _ in range(batch)]
+        valid = [[rng.random() < 0.8 for _ in range(count)] for _ in range(batch)]
+        # Entries of one call that share a bucket beyond S cannot all go in: keep them within S.
+        for b in range(batch):
+            seen = {}
+            for e in range(count):
+                bucket = keys[b][e] % buckets if keys[b][e] >= 0 else None
+                if valid[b][e] and bucket is not None:
+                    seen[bucket] = seen.get(bucket, 0) + 1
+                    if seen[bucket] > slots:
+                        valid[b][e] = False
+        pool.insert(torch.tensor(keys), torch.tensor(ngrams), torch.tensor(valid))
+        reference.insert(keys, ngrams, valid)
+        query = [rng.randrange(alphabet) for _ in range(batch)]
+        want = min(slots, rng.randint(1, 4))
+        found, usable = pool.lookup(torch.tensor(query), want)
+        expected = reference.lookup(query, want)
+        for b in range(batch):
+            got = [tuple(found[b, i].tolist()) for i in range(want) if usable[b, i]]
+            assert got == expected[b], (b, query[b])
+
+
+def test_move_cache_rows_matches_a_loop():
+    generator = torch.Generator().manual_seed(3)
+    buffers = [torch.randn(3, 30, 2, 4, generator=generator) for _ in range(3)]
+    before = [b.clone() for b in buffers]
+    src, dst = torch.tensor([10, 4, 7]), torch.tensor([3, 4, 5])  # row 1 stays, row 2 overlaps
+    ops.move_cache_rows(buffers, src, dst, 5)
+    for buffer, old in zip(buffers, before):
+        expected = old.clone()
+        for b in range(3):
+            for j in range(5):
+                expected[b, dst[b] + j] = old[b, src[b] + j]
+        assert torch.equal(buffer, expected)
+
+
+def repetitive_prompts(batch=3, width=14, seed=1):
+    """Prompts over a small alphabet, ragged: repeated n-grams give the pool something to find."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 15, (batch, width), generator=generator)
+    mask = torch.ones_like(input_ids)
+    for row in range(1, batch):
+        mask[row, : 3 * row] = 0
+        input_ids[row, : 3 * row] = PAD
+    return input_ids, mask
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def model(request):
+    return tiny_model(request.param, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "chunked"])
+def test_candidates_match_hf_greedy(model, mode):
+    input_ids, mask = repetitive_prompts()
+    eos = [7]  # frequent: EOS lands inside blocks and branches
+    expected = hf_greedy(model, input_ids, mask, 36, eos_token_id=eos, pad_token_id=PAD)
+    wins = 0
+    for n, k, g in ((4, 3, 3), (1, 4, 5), (8, 4, 4), (16, 2, 6)):
+        if mode == "chunked" and g > n - 1:
+            continue
+        engine = JacobiEngine(model, block_size=n, mode=mode, candidates=k, candidate_len=g, init="ngram")
+        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=36, eos_token_id=eos)
+        assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
+        stats = out.stats
+        generated = (out.sequences[:, input_ids.shape[1] :] != PAD).sum()  # no pad id is generated here
+        assert sum(i * c for i, c in enumerate(stats.accepted_histogram)) == stats.tokens_generated - 3
+        assert stats.candidate_wins <= sum(stats.accepted_histogram)
+        assert stats.tokens_generated <= int(generated) + 3 * 36
+        wins += stats.candidate_wins
+    if mode == "sliding" or model.config.model_type in ("gemma2", "gpt2"):
+        assert wins > 0  # the branches really won, so their commit path (KV move included) ran
+
+
+def test_candidates_are_validated():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    for kwargs, error in (
+        (dict(candidates=-1), ValueError),
+        (dict(candidates=2.0), TypeError),
+        (dict(candidates=2, candidate_len=0), ValueError),
+        (dict(candidates=9, pool_slots=8), ValueError),
+        (dict(candidates=2, candidate_len=4, block_size=4, mode="chunked"), ValueError),
+    ):
+        with pytest.raises(error, match="candidate|pool_slots"):
+            JacobiEngine(model, **kwargs)
