@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "kv_commit.h"
 #include "verify_commit.h"
 
 namespace jacobi_engine {
@@ -134,7 +135,30 @@ __global__ void verify_commit_argmax_kernel(VerifyLaunch args) {
   commit_row(args, b, static_cast<const int64_t*>(args.scores) + b * args.score_stride_b);
 }
 
+// Grid (B, buffers): the threads of one block own fixed words of every row of one sequence of one
+// buffer (see kv_commit.h for why that needs no synchronisation).
+__global__ void move_cache_rows_kernel(MoveRowsLaunch args) {
+  const int64_t b = blockIdx.x;
+  const int buffer = blockIdx.y;
+  const int64_t src = args.src[b];
+  const int64_t dst = args.dst[b];
+  if (args.word4) {
+    int32_t* sequence = static_cast<int32_t*>(args.buffers[buffer]) + b * args.sequence_words[buffer];
+    move_rows(sequence, args.row_words[buffer], src, dst, args.rows, threadIdx.x, blockDim.x);
+  } else {
+    uint8_t* sequence = static_cast<uint8_t*>(args.buffers[buffer]) + b * args.sequence_words[buffer];
+    move_rows(sequence, args.row_words[buffer], src, dst, args.rows, threadIdx.x, blockDim.x);
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_move_cache_rows(const MoveRowsLaunch& args, cudaStream_t stream) {
+  if (args.batch == 0 || args.n_buffers == 0 || args.rows == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(args.batch), static_cast<unsigned>(args.n_buffers));
+  move_cache_rows_kernel<<<grid, 256, 0, stream>>>(args);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_verify_and_commit(const VerifyLaunch& args, cudaStream_t stream) {
   if (args.batch == 0) return cudaSuccess;

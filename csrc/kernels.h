@@ -38,4 +38,21 @@ struct VerifyLaunch {
 // Enqueues the fused verify-and-commit on `stream`; returns the launch status.
 cudaError_t launch_verify_and_commit(const VerifyLaunch& args, cudaStream_t stream);
 
+// move_cache_rows: up to kMaxMoveBuffers cache buffers per launch, passed by value.
+constexpr int kMaxMoveBuffers = 64;
+
+struct MoveRowsLaunch {
+  void* buffers[kMaxMoveBuffers];      // [B, S, ...] contiguous
+  int64_t row_words[kMaxMoveBuffers];  // words per row (word = 4 bytes when word4, else 1 byte)
+  int64_t sequence_words[kMaxMoveBuffers];  // words per sequence (S * row_words)
+  int n_buffers;
+  bool word4;
+  const int64_t* src;  // [B]
+  const int64_t* dst;  // [B]
+  int64_t batch;
+  int64_t rows;
+};
+
+cudaError_t launch_move_cache_rows(const MoveRowsLaunch& args, cudaStream_t stream);
+
 }  // namespace jacobi_engine

@@ -1,11 +1,13 @@
 // Schema of the extension's ops and their CPU implementations.
 //
 // torch.ops.jacobi_engine.verify_and_commit: fused Jacobi fixed-point check + commit.
+// torch.ops.jacobi_engine.move_cache_rows: KV commit of a winning candidate branch.
 // The CUDA implementation registers against the same schema in ops_cuda.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "ops.h"
+#include "kv_commit.h"
 #include "verify_commit.h"
 
 namespace jacobi_engine {
@@ -61,7 +63,42 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
   }
 }
 
+void check_move_rows_args(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows) {
+  TORCH_CHECK_VALUE(rows >= 0, "rows must be >= 0, got ", rows);
+  TORCH_CHECK_TYPE(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong, "src and dst must be int64");
+  TORCH_CHECK_VALUE(src.dim() == 1 && src.is_contiguous() && dst.sizes() == src.sizes() && dst.is_contiguous(),
+                    "src and dst must be contiguous [B] tensors of the same shape");
+  for (const at::Tensor& buffer : buffers) {
+    TORCH_CHECK_VALUE(buffer.dim() >= 2 && buffer.size(0) == src.size(0) && buffer.is_contiguous(),
+                      "buffers must be contiguous [B=", src.size(0), ", S, ...] tensors, got ", buffer.sizes());
+    TORCH_CHECK_VALUE(buffer.device() == src.device() && dst.device() == src.device(),
+                      "buffers, src and dst must be on one device");
+  }
+}
+
 namespace {
+
+void move_cache_rows_cpu(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows) {
+  check_move_rows_args(buffers, src, dst, rows);
+  const int64_t* src_ptr = src.data_ptr<int64_t>();
+  const int64_t* dst_ptr = dst.data_ptr<int64_t>();
+  for (const at::Tensor& buffer : buffers) {
+    const int64_t capacity = buffer.size(1);
+    const int64_t row_bytes = buffer.stride(1) * buffer.element_size();
+    for (int64_t b = 0; b < buffer.size(0); ++b) {
+      TORCH_CHECK_VALUE(src_ptr[b] >= 0 && dst_ptr[b] >= 0 && src_ptr[b] + rows <= capacity &&
+                            dst_ptr[b] + rows <= capacity && (dst_ptr[b] <= src_ptr[b] || dst_ptr[b] >= src_ptr[b] + rows),
+                        "move_cache_rows: rows ", src_ptr[b], "..+", rows, " -> ", dst_ptr[b],
+                        " must lie in the cache (", capacity, " rows) and move back when they overlap");
+      uint8_t* sequence = static_cast<uint8_t*>(buffer.data_ptr()) + b * buffer.stride(0) * buffer.element_size();
+      if (row_bytes % 4 == 0) {
+        move_rows(reinterpret_cast<int32_t*>(sequence), row_bytes / 4, src_ptr[b], dst_ptr[b], rows, 0, 1);
+      } else {
+        move_rows(sequence, row_bytes, src_ptr[b], dst_ptr[b], rows, 0, 1);
+      }
+    }
+  }
+}
 
 at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
                                  at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
@@ -102,6 +139,10 @@ TORCH_LIBRARY(jacobi_engine, m) {
       "verify_and_commit(Tensor scores, Tensor(a!) block, Tensor fill, Tensor(b!) cache_seqlens, "
       "Tensor(c!) out_tokens, Tensor(d!) n_generated, Tensor(e!) done, Tensor eos_ids, Tensor max_new_tokens, "
       "bool chunked) -> Tensor");
+  m.def("move_cache_rows(Tensor(a!)[] buffers, Tensor src, Tensor dst, int rows) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) { m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cpu); }
+TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
+  m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cpu);
+  m.impl("move_cache_rows", &jacobi_engine::move_cache_rows_cpu);
+}

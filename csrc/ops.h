@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/TensorBody.h>
+#include <c10/util/ArrayRef.h>
 
 namespace jacobi_engine {
 
@@ -10,5 +12,8 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
                        const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
                        const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
                        const at::Tensor& max_new_tokens);
+
+// Validates move_cache_rows' arguments (what can be checked without reading device values).
+void check_move_rows_args(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows);
 
 }  // namespace jacobi_engine

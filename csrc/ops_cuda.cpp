@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "kernels.h"
 #include "ops.h"
 
@@ -74,7 +76,41 @@ at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, c
   return n_accepted;
 }
 
+void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows) {
+  check_move_rows_args(buffers, src, dst, rows);
+  if (buffers.empty()) return;
+  const c10::cuda::CUDAGuard guard(src.device());
+  // 4-byte words when every row and sequence of every buffer allows them (always for fp32/bf16/fp16
+  // caches with an even head size), bytes otherwise.
+  bool word4 = true;
+  for (const at::Tensor& buffer : buffers) {
+    const int64_t row_bytes = buffer.stride(1) * buffer.element_size();
+    word4 = word4 && row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(buffer.data_ptr()) % 4 == 0;
+  }
+  const int64_t word = word4 ? 4 : 1;
+  for (size_t first = 0; first < buffers.size(); first += kMaxMoveBuffers) {
+    MoveRowsLaunch args{};
+    args.n_buffers = static_cast<int>(std::min<size_t>(kMaxMoveBuffers, buffers.size() - first));
+    for (int i = 0; i < args.n_buffers; ++i) {
+      const at::Tensor& buffer = buffers[first + i];
+      args.buffers[i] = buffer.data_ptr();
+      args.row_words[i] = buffer.stride(1) * buffer.element_size() / word;
+      args.sequence_words[i] = buffer.stride(0) * buffer.element_size() / word;
+    }
+    args.word4 = word4;
+    args.src = src.data_ptr<int64_t>();
+    args.dst = dst.data_ptr<int64_t>();
+    args.batch = src.size(0);
+    args.rows = rows;
+    const cudaError_t status = launch_move_cache_rows(args, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(status == cudaSuccess, "move_cache_rows launch failed: ", cudaGetErrorString(status));
+  }
+}
+
 }  // namespace
 }  // namespace jacobi_engine
 
-TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) { m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cuda); }
+TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) {
+  m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cuda);
+  m.impl("move_cache_rows", &jacobi_engine::move_cache_rows_cuda);
+}

@@ -205,6 +205,22 @@ def _verify_and_commit_fake(
     return block.new_empty((block.shape[0],), dtype=torch.int32)
 
 
-def move_cache_rows(buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int) -> None:
-    """KV commit of a winning candidate branch; see :func:`jacobi_engine.reference.move_cache_rows`."""
-    reference.move_cache_rows(buffers, src, dst, rows)
+def move_cache_rows(
+    buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int, backend: str = "auto"
+) -> None:
+    """KV commit of a winning candidate branch; see :func:`jacobi_engine.reference.move_cache_rows`.
+
+    backends: ``"native"`` (``torch.ops.jacobi_engine.move_cache_rows``: C++ on CPU, one CUDA launch
+    per 64 buffers on GPU, the per-sequence logic shared in csrc/kv_commit.h), ``"torch"`` (the
+    reference); ``"auto"`` = native. No host synchronisation on GPU (CUDA-graph safe).
+    """
+    _check_choice("backend", backend, VERIFY_BACKENDS)
+    if backend == "torch":
+        reference.move_cache_rows(buffers, src, dst, rows)
+        return
+    torch.ops.jacobi_engine.move_cache_rows(buffers, src, dst, rows)
+
+
+@torch.library.register_fake("jacobi_engine::move_cache_rows")
+def _move_cache_rows_fake(buffers, src, dst, rows):
+    return None

@@ -219,7 +219,8 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     block.copy_(torch.where(active[:, None], verified_row[:, :n], block))
     # The winning branch's K/V sit after the block; the committed path needs them right after t0.
     branch_start = starts + n + best.to(torch.long) * g
-    ops.move_cache_rows(cache.key_value_buffers(), torch.where(use_branch, branch_start, starts + 1), starts + 1, g)
+    source = torch.where(use_branch, branch_start, starts + 1)
+    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, backend=config.verify_backend)
     committed = state.lengths > state.lengths_before
     state.guesses.refine(block, state.lengths, committed & ~state.done)
     _feed_pool(state, fed[:, :n], block_preds, active, g, width)

@@ -79,12 +79,17 @@ def test_pool_matches_the_python_contract(seed):
             assert got == expected[b], (b, query[b])
 
 
-def test_move_cache_rows_matches_a_loop():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_move_cache_rows_matches_a_loop(backend, dtype, device):
     generator = torch.Generator().manual_seed(3)
-    buffers = [torch.randn(3, 30, 2, 4, generator=generator) for _ in range(3)]
+    # K and V of different head sizes (MLA), one with an odd row size in bytes for 2-byte dtypes.
+    shapes = [(3, 30, 2, 4), (3, 30, 2, 3), (3, 30, 1, 5)]
+    buffers = [torch.randn(*shape, generator=generator).to(dtype).to(device) for shape in shapes]
     before = [b.clone() for b in buffers]
-    src, dst = torch.tensor([10, 4, 7]), torch.tensor([3, 4, 5])  # row 1 stays, row 2 overlaps
-    ops.move_cache_rows(buffers, src, dst, 5)
+    src = torch.tensor([10, 4, 7], device=device)  # sequence 1 stays, sequence 2 overlaps
+    dst = torch.tensor([3, 4, 5], device=device)
+    ops.move_cache_rows(buffers, src, dst, 5, backend=backend)
     for buffer, old in zip(buffers, before):
         expected = old.clone()
         for b in range(3):
@@ -142,3 +147,19 @@ def test_candidates_are_validated():
     ):
         with pytest.raises(error, match="candidate|pool_slots"):
             JacobiEngine(model, **kwargs)
+
+
+def test_move_cache_rows_rejects_bad_arguments():
+    buffer = torch.zeros(2, 10, 1, 4)
+    with pytest.raises(ValueError, match="must lie in the cache"):
+        ops.move_cache_rows([buffer], torch.tensor([8, 0]), torch.tensor([1, 0]), 5)
+    with pytest.raises(TypeError, match="int64"):
+        ops.move_cache_rows([buffer], torch.tensor([1, 0], dtype=torch.int32), torch.tensor([0, 0]), 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.move_cache_rows([buffer[..., ::2]], torch.tensor([1, 0]), torch.tensor([0, 0]), 1)
+
+
+def test_move_cache_rows_opcheck():
+    buffers = [torch.randn(2, 12, 2, 4), torch.randn(2, 12, 2, 2)]
+    args = (buffers, torch.tensor([6, 1]), torch.tensor([1, 1]), 3)
+    torch.library.opcheck(torch.ops.jacobi_engine.move_cache_rows.default, args)

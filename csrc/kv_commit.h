@@ -1,0 +1,35 @@
+// Per-sequence logic of the KV-commit op (move_cache_rows): when a candidate branch wins, its K/V
+// rows, appended after the Jacobi block, move to the rows right after the block's first token.
+//
+// Written once for both sides, like verify_commit.h: the CPU op calls it with one worker per
+// sequence (first = 0, step = 1), the CUDA kernel with the threads of one block per (buffer,
+// sequence). Each worker owns the same word indices of every row and walks the rows in
+// ascending order, so overlapping ranges with dst < src are safe without any synchronisation:
+// a word is only overwritten after the same worker has read it as a source. Plain C++.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define JE_HOST_DEVICE __host__ __device__
+#else
+#define JE_HOST_DEVICE
+#endif
+
+namespace jacobi_engine {
+
+// Copies rows src_row .. src_row+rows-1 of one sequence's [S, row_words] slice to dst_row .. .
+// Word type W is what the caller can use given the row's size and alignment (4 bytes or 1).
+// Requires dst_row <= src_row when the ranges overlap (the engine's case: rows move back).
+template <typename W>
+JE_HOST_DEVICE inline void move_rows(W* sequence, int64_t row_words, int64_t src_row, int64_t dst_row, int64_t rows,
+                                     int64_t first, int64_t step) {
+  if (src_row == dst_row) return;
+  for (int64_t j = 0; j < rows; ++j) {
+    const W* from = sequence + (src_row + j) * row_words;
+    W* to = sequence + (dst_row + j) * row_words;
+    for (int64_t w = first; w < row_words; w += step) to[w] = from[w];
+  }
+}
+
+}  // namespace jacobi_engine
