@@ -8,6 +8,7 @@ Rows (batch size 1, greedy, the same questions for every row; each model is run 
     engine_ar            JacobiEngine(block_size=1)                      (teacher)
     engine_jacobi        JacobiEngine(block_size=n)
     engine_jacobi_ngram  JacobiEngine(block_size=n, init="ngram")
+    engine_pool          JacobiEngine(block_size=n, init="ngram", candidates=k, candidate_len=g)
 
 Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
 model forward calls, counted with a forward hook, so HF's methods are measured the same way),
@@ -94,7 +95,9 @@ def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def run_method(name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int):
+def run_method(
+    name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, pool=(4, 4)
+):
     """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     engine = None
@@ -104,6 +107,8 @@ def run_method(name: str, model, tokenizer, prompts: list[torch.Tensor], max_new
         engine = JacobiEngine(model, block_size=block_size)
     elif name == "engine_jacobi_ngram":
         engine = JacobiEngine(model, block_size=block_size, init="ngram")
+    elif name == "engine_pool":
+        engine = JacobiEngine(model, block_size=block_size, init="ngram", candidates=pool[0], candidate_len=pool[1])
 
     def generate(input_ids):
         if engine is not None:
@@ -172,6 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--pool", type=int, nargs=2, default=(4, 4), metavar=("K", "G"), help="engine_pool candidates")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,15 +194,17 @@ def main(argv=None) -> int:
         ("engine_ar", "teacher"),
         ("engine_jacobi", "teacher"),
         ("engine_jacobi_ngram", "teacher"),
+        ("engine_pool", "teacher"),
         ("hf_greedy", "cllm"),  # the CLLM's own greedy output: its baseline and the reference for agreement
         ("hf_prompt_lookup", "cllm"),
         ("engine_jacobi", "cllm"),
         ("engine_jacobi_ngram", "cllm"),
+        ("engine_pool", "cllm"),
     ]
     results, greedy = {}, {}
     for method, model_name in plan:
         outputs, seconds, calls = run_method(
-            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size
+            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size, tuple(args.pool)
         )
         results[(method, model_name)] = (outputs, seconds, calls)
         if method == "hf_greedy":
@@ -257,6 +265,7 @@ def main(argv=None) -> int:
         source=args.prompts or "jacobi_engine/assets/gsm8k/eval.jsonl.gz (held out)",
         cllm_teacher_agreement=cllm_teacher_agreement,
         block_size=block_size,
+        pool=dict(candidates=args.pool[0], candidate_len=args.pool[1]),
         max_new_tokens=args.max_new_tokens,
         rows=rows,
     )
