@@ -8,11 +8,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define JE_HOST_DEVICE __host__ __device__
-#else
-#define JE_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace jacobi_engine {
 

@@ -21,24 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_generate import ForwardCounter  # this folder is on sys.path when run as a script
 
 from jacobi_engine import JacobiEngine, build_info
 from jacobi_engine.demo import ASSETS
 from jacobi_engine.gsm8k import format_prompt, load_jsonl_gz, repo_data_path
 
 DEFAULT_GRID = dict(n=[4, 8, 16], k=[0, 2, 4, 8], g=[4, 8])
-
-
-class ForwardCounter:
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.calls += 1
-
-    def close(self):
-        self.handle.remove()
 
 
 def run(model, prompts, max_new_tokens, eos, pad, engine_kwargs):
