@@ -92,6 +92,9 @@ def _train(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         bf16=args.bf16,
+        packing=args.packing,
+        attention=args.attention,
+        noise_schedule=args.noise_schedule,
     )
     if trainer.is_world_process_zero():
         print(f"trained {trainer.state.global_step} steps; model saved to {args.out}")
@@ -169,4 +172,24 @@ def register(subparsers) -> None:
     train.add_argument("--lora-alpha", type=int, default=32)
     train.add_argument("--lora-dropout", type=float, default=0.0)
     train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
+    train.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one row per prompt with all its chunks and a noise-aware mask (default); --batch-size then counts "
+        "prompts. --no-packing: one row per (prompt, chunk) sample",
+    )
+    train.add_argument(
+        "--attention",
+        choices=("sdpa", "flex"),
+        default="sdpa",
+        help="packed mask via SDPA + boolean mask (default) or FlexAttention (GPU only for training)",
+    )
+    train.add_argument(
+        "--noise-schedule",
+        choices=("random", "progressive"),
+        default="random",
+        help="which trajectory state a sample trains on: uniform (random), or few wrong tokens to many over "
+        "training (progressive)",
+    )
     train.set_defaults(handler=_train)
