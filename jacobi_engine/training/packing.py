@@ -264,7 +264,8 @@ class PackedCollator(TrajectoryCollator):
       sample's student block (its noisy block) and teacher block (its clean chunk for ``global``;
       the noisy block of ``teacher_input_ids`` for ``local``, i.e. the same indices);
     * ``student_block``, ``teacher_block`` int64 [N, n]; ``slot_mask`` bool [N, n];
-    * ``teacher_input_ids`` int64 [B, L], ``local`` only: the packed rows with the next states.
+    * ``teacher_input_ids`` int64 [B, L], ``local`` only: the packed rows with the next states;
+    * ``noise_progress`` float scalar: the training progress the noise schedule used.
     """
 
     pad_to_multiple: int = 1
@@ -347,6 +348,7 @@ class PackedCollator(TrajectoryCollator):
             "student_block": _pad_rows(student_blocks, n, self.pad_id),
             "teacher_block": _pad_rows(teacher_blocks, n, self.pad_id),
             "slot_mask": torch.arange(n)[None, :] < block_lengths[:, None],
+            "noise_progress": torch.tensor(progress),
         }
         if self.loss == "local":
             batch["teacher_input_ids"] = _pad_rows(teacher_rows, width, self.pad_id)

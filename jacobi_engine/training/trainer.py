@@ -78,7 +78,8 @@ class TrajectoryCollator:
     * ``student_block``, ``teacher_block`` int64 [B, n]; ``slot_mask`` bool [B, n] (real slots);
     * ``ar_input_ids``, ``ar_attention_mask``, ``ar_labels`` int64 [B, La]: ``[x; y*]`` (or
       ``[prompt; ground truth]`` with ``use_labels``, or a drawn ``ar_corpus`` pair); labels are
-      -100 except on the answer.
+      -100 except on the answer;
+    * ``noise_progress`` float scalar: the training progress the noise schedule used.
 
     Which state a row gets is a pure function of ``(seed, epoch, prompt_index, chunk_index)``
     (the trainer advances ``epoch``), or drawn from ``rng`` when one is given. Not a shared RNG:
@@ -169,6 +170,7 @@ class TrajectoryCollator:
             "ar_input_ids": ar_input_ids,
             "ar_attention_mask": ar_attention_mask,
             "ar_labels": torch.where(answer, ar_input_ids, IGNORE_INDEX),
+            "noise_progress": torch.tensor(progress),
         }
 
 
