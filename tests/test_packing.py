@@ -46,30 +46,48 @@ def trajectories(tmp_path_factory):
 
 
 def test_mask_hand_layout():
-    # prompt [a b], chunks of 2 and 1 tokens: [a b | c0 c0 c1 | n0 n0 n1 | pad].
-    chunk_id = torch.tensor([[-1, -1, 0, 0, 1, 0, 0, 1, -2]])
-    noisy = torch.tensor([[False] * 5 + [True] * 3 + [False]])
+    # prompt [a b], chunks of 2 and 2 tokens; noisy block 0 starts at slot 0 (positions 2-3),
+    # noisy block 1 at slot 1 (position 5): [a b | c0 c0 c1 c1 | n0 n0 n1 | pad].
+    layout = {
+        "chunk_id": torch.tensor([[-1, -1, 0, 0, 1, 1, 0, 0, 1, -2]]),
+        "noisy": torch.tensor([[False] * 6 + [True] * 3 + [False]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 2, 3, 5, 0]]),
+        "context_length": torch.tensor([[0, 0, 0, 0, 0, 0, 2, 2, 5, 0]]),
+    }
     expected = torch.tensor(
         [
-            # a  b  c0 c0 c1 n0 n0 n1 pad
-            [1, 0, 0, 0, 0, 0, 0, 0, 0],  # a
-            [1, 1, 0, 0, 0, 0, 0, 0, 0],  # b
-            [1, 1, 1, 0, 0, 0, 0, 0, 0],  # clean chunk 0
-            [1, 1, 1, 1, 0, 0, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0, 0, 0],  # clean chunk 1
-            [1, 1, 0, 0, 0, 1, 0, 0, 0],  # noisy block 0: prompt + itself
-            [1, 1, 0, 0, 0, 1, 1, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0, 1, 0],  # noisy block 1: prompt + clean chunk 0 + itself
-            [0, 0, 0, 0, 0, 0, 0, 0, 1],  # padding: itself only
+            # a  b  c0 c0 c1 c1 n0 n0 n1 pad
+            [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # a
+            [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # b
+            [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],  # clean chunk 0
+            [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0, 0, 0],  # clean chunk 1
+            [1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 1, 0, 0, 0],  # noisy block 0: prompt + itself
+            [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0, 1, 0],  # noisy block 1: prompt + chunk 0 + its slot 0 + itself
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],  # padding: itself only
         ],
         dtype=torch.bool,
     )
-    assert torch.equal(dense_packed_mask(chunk_id, noisy)[0, 0], expected)
-    # A sliding window of 2 positions: noisy block 1 (position 4) loses position 2 (and earlier).
-    positions = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 4, 0]])
-    windowed = dense_packed_mask(chunk_id, noisy, positions, window=2)[0, 0]
-    assert windowed[7].tolist() == [False, False, False, True, False, False, False, True, False]
-    assert windowed[4].tolist() == [False, False, False, True, True, False, False, False, False]
+    assert torch.equal(dense_packed_mask(layout)[0, 0], expected)
+    # A sliding window of 2 positions: noisy block 1 (position 5) keeps positions 4 and 5 only.
+    windowed = dense_packed_mask(layout, window=2)[0, 0]
+    assert windowed[8].tolist() == [False] * 4 + [True] + [False] * 3 + [True, False]
+    assert windowed[5].tolist() == [False] * 4 + [True, True] + [False] * 4
+
+
+def test_noisy_blocks_start_at_the_first_wrong_slot(trajectories):
+    batch = PackedCollator(loss="global", seed=1)(group_by_prompt(trajectories["rows"]))
+    flat_ids, flat_noisy = batch["input_ids"].flatten(), batch["noisy"].flatten()
+    for sample in range(batch["student_block"].shape[0]):
+        student, teacher = batch["student_block"][sample], batch["teacher_block"][sample]
+        size = int(batch["slot_mask"][sample].sum())
+        first = next((slot for slot in range(size) if student[slot] != teacher[slot]), size)
+        index = batch["student_index"][sample, :size]
+        assert torch.equal(flat_ids[index], student[:size])  # every slot reads the student's token
+        assert flat_noisy[index].tolist() == [False] * first + [True] * (size - first)
+        assert torch.equal(batch["teacher_index"][sample, :first], index[:first])
 
 
 def test_group_by_prompt_refuses_chunks_that_do_not_tile(trajectories):
@@ -175,12 +193,10 @@ def test_padding_rows_do_not_change_losses(trajectories):
         batch = collator(records)
         assert batch["input_ids"].shape[0] == 2 and (batch["chunk_id"][1] == -2).any()
         alone = [collator([record]) for record in records]
-        logits = packed_logits(model, batch["input_ids"], batch["position_ids"], batch["chunk_id"], batch["noisy"])
+        logits = packed_logits(model, batch["input_ids"], batch)
         for row, single in enumerate(alone):
             width = single["input_ids"].shape[1]
-            expected = packed_logits(
-                model, single["input_ids"], single["position_ids"], single["chunk_id"], single["noisy"]
-            )
+            expected = packed_logits(model, single["input_ids"], single)
             assert torch.allclose(logits[row, :width], expected[0], atol=1e-5)
 
 
@@ -189,10 +205,9 @@ def test_flex_attention_forward_matches_sdpa(trajectories):
     backward on CPU)."""
     model = tiny_model("llama", vocab_size=trajectories["vocab_size"])
     batch = PackedCollator(loss="global", seed=1, pad_to_multiple=128)(group_by_prompt(trajectories["rows"]))
-    layout = (batch["input_ids"], batch["position_ids"], batch["chunk_id"], batch["noisy"])
     with torch.no_grad():
-        sdpa = packed_logits(model, *layout, attention="sdpa")
-        flex = packed_logits(model, *layout, attention="flex")
+        sdpa = packed_logits(model, batch["input_ids"], batch, attention="sdpa")
+        flex = packed_logits(model, batch["input_ids"], batch, attention="flex")
     real = batch["chunk_id"] != -2
     assert torch.allclose(sdpa[real], flex[real], atol=1e-4)
 
