@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps of each run left out of the timing")
     parser.add_argument("--repeats", type=int, default=2, help="alternating unpacked/packed runs")
     parser.add_argument("--forward-batches", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
