@@ -44,7 +44,7 @@ def test_examples_of_file(tmp_path):
     assert size["module"] == "pkg.box" and size["line"] == 4
     assert examples[1]["prompt"] == 'def top():\n    """Top."""\n'
     assert examples[1]["answer"] == "    x = 1\n    return x\n"
-    assert [e["qualname"] for e in prepare_code.examples_of_file(path, "box.py", 1200, 22)] == ["top"]  # 37 > 22
+    assert [e["qualname"] for e in prepare_code.examples_of_file(path, "box.py", 1200, 25)] == ["top"]  # 23 <= 25 < 37
 
 
 def test_held_out_names_take_whole_names_until_the_fraction():
