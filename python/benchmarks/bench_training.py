@@ -45,7 +45,6 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     samples, prompts = collect(args, args.data)
     print(f"data: {samples} chunk trajectories of {prompts} prompts in {args.data}", flush=True)
     runs = []
@@ -236,6 +235,7 @@ def main(argv=None) -> int:
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(),
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "data": {"chunk_trajectories": samples, "prompts": prompts, "block_size": 16, "max_new_tokens": 256},
         "recipe": "global loss, ar_data = GSM8K train split, ar_weight 5, lr 1e-3 constant, SDPA mask",
