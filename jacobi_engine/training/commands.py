@@ -155,7 +155,12 @@ def register(subparsers) -> None:
         "data) instead of the chunks' own outputs",
     )
     train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    train.add_argument("--learning-rate", type=float, default=2e-5)
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="default: by model size, log-linear from 1e-2 at 1e5 parameters to 2e-5 at 7e9 (1.7e-3 at 2.4M)",
+    )
     train.add_argument("--batch-size", type=int, default=8, help="samples per device per step")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--lr-scheduler", default="cosine", help="any transformers scheduler name (cosine)")

@@ -283,6 +283,23 @@ class ConsistencyTrainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
+# The default learning rate, log-linear in the parameter count between two anchors: 1e-2 at 1e5
+# parameters (measured: python/examples/tune_defaults.py, fresh toy models through the CLI) and
+# 2e-5 at 7e9 (the CLLM paper's 7B runs). In between it gives 1.7e-3 at 2.4M parameters, near
+# the 1e-3 of the shipped GSM8K CLLM; nothing between 3M and 7B parameters was measured here.
+LR_ANCHORS = ((1e5, 1e-2), (7e9, 2e-5))
+
+
+def default_learning_rate(num_parameters: int) -> float:
+    """Learning rate for a model of ``num_parameters`` parameters when none is given (see LR_ANCHORS)."""
+    if num_parameters < 1:
+        raise ValueError(f"num_parameters must be positive, got {num_parameters}")
+    (small, small_lr), (large, large_lr) = LR_ANCHORS
+    fraction = (math.log(num_parameters) - math.log(small)) / (math.log(large) - math.log(small))
+    fraction = min(1.0, max(0.0, fraction))
+    return math.exp(math.log(small_lr) + fraction * (math.log(large_lr) - math.log(small_lr)))
+
+
 def _load_dataset(data_dir: str | Path, use_labels: bool):
     from datasets import load_from_disk
 
@@ -337,7 +354,7 @@ def train_consistency(
     use_labels: bool = False,
     ar_data: str | Path | None = None,
     max_steps: int = 1000,
-    learning_rate: float = 2e-5,
+    learning_rate: float | None = None,
     batch_size: int = 8,
     grad_accum: int = 1,
     lr_scheduler: str = "cosine",
@@ -373,6 +390,7 @@ def train_consistency(
     collected prompts, the first two repeat each answer once per chunk and the AR term then
     memorises them, while a large corpus keeps the model's general quality.
 
+    ``learning_rate``: None picks :func:`default_learning_rate` of the model's parameter count.
     ``packing`` (default): one row per prompt holding all its chunks, with the noise-aware mask of
     :mod:`jacobi_engine.training.packing` (same losses, several times fewer tokens); then
     ``batch_size`` counts prompts, so a step trains on all chunks of ``batch_size`` prompts.
@@ -401,6 +419,8 @@ def train_consistency(
     except (OSError, ValueError):
         tokenizer = None
     pad_id = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
+    if learning_rate is None:
+        learning_rate = default_learning_rate(sum(parameter.numel() for parameter in model.parameters()))
     if lora:
         model = _apply_lora(model, lora_r, lora_alpha, lora_dropout)
     use_cpu = not torch.cuda.is_available()

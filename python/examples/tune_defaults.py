@@ -50,10 +50,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[2e-5, 1e-3])
+    parser.add_argument(
+        "--learning-rates", nargs="+", default=["default"], help="values, or 'default' (the CLI's: by model size)"
+    )
     parser.add_argument("--schedules", nargs="+", default=["random", "progressive"])
     parser.add_argument("--packing", nargs="+", default=["packed"], choices=("packed", "unpacked"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[None], help="default: the CLI's")
+    parser.add_argument("--lr-schedulers", nargs="+", default=[None], help="default: the CLI's")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and steady on a shared machine
@@ -79,40 +83,46 @@ def main(argv=None) -> int:
         collect = ["collect", "--model", setup["model"], "--prompts", setup["prompts"], "--out", str(root / "data")]
         collect += ["--block-size", str(BLOCK), "--max-new-tokens", str(MAX_NEW), "--no-eos", "--batch-size", "16"]
         assert cli.main([*collect, "--no-progress"]) == 0
-        for learning_rate in args.learning_rates:
-            for schedule in args.schedules:
-                for packing in args.packing:
-                    name = f"lr{learning_rate:g}-{schedule}-{packing}"
-                    train = [
-                        "train",
-                        "--model",
-                        setup["model"],
-                        "--data",
-                        str(root / "data"),
-                        "--out",
-                        str(root / name),
-                    ]
-                    train += ["--max-steps", str(args.steps), "--learning-rate", str(learning_rate)]
-                    train += ["--noise-schedule", schedule, "--packing" if packing == "packed" else "--no-packing"]
-                    train += ["--save-steps", str(args.steps), "--logging-steps", str(args.steps)]
-                    started = time.perf_counter()
-                    assert cli.main(train) == 0
-                    seconds = time.perf_counter() - started
-                    trained = AutoModelForCausalLM.from_pretrained(str(root / name)).eval()
-                    after = tokens_per_forward(trained, input_ids, attention_mask)
-                    agreement = (greedy(trained, input_ids, attention_mask) == greedy_before).float().mean().item()
-                    row = dict(
-                        seed=seed, learning_rate=learning_rate, schedule=schedule, packing=packing,
-                        before=before, after=after, gain=after / before, greedy_unchanged=agreement,
-                        train_seconds=seconds,
-                    )  # fmt: skip
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-    print("\n| seed | lr | schedule | packing | tokens/forward before | after | gain | greedy unchanged | train s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        grid = [
+            (lr, schedule, packing, batch, scheduler)
+            for lr in args.learning_rates
+            for schedule in args.schedules
+            for packing in args.packing
+            for batch in args.batch_sizes
+            for scheduler in args.lr_schedulers
+        ]
+        for learning_rate, schedule, packing, batch, scheduler in grid:
+            name = f"lr{learning_rate}-{schedule}-{packing}-b{batch}-{scheduler}"
+            train = ["train", "--model", setup["model"], "--data", str(root / "data")]
+            train += ["--out", str(root / name), "--max-steps", str(args.steps)]
+            train += ["--noise-schedule", schedule]
+            train += ["--learning-rate", learning_rate] if learning_rate != "default" else []
+            train += ["--packing" if packing == "packed" else "--no-packing"]
+            train += ["--batch-size", str(batch)] if batch else []
+            train += ["--lr-scheduler", scheduler] if scheduler else []
+            train += ["--save-steps", str(args.steps), "--logging-steps", str(args.steps)]
+            started = time.perf_counter()
+            assert cli.main(train) == 0
+            seconds = time.perf_counter() - started
+            trained = AutoModelForCausalLM.from_pretrained(str(root / name)).eval()
+            after = tokens_per_forward(trained, input_ids, attention_mask)
+            agreement = (greedy(trained, input_ids, attention_mask) == greedy_before).float().mean().item()
+            row = dict(
+                seed=seed, learning_rate=learning_rate, schedule=schedule, packing=packing,
+                batch_size=batch or "default", lr_scheduler=scheduler or "default",
+                before=before, after=after, gain=after / before, greedy_unchanged=agreement,
+                train_seconds=seconds,
+            )  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        "\n| seed | lr | scheduler | batch | schedule | packing | tokens/forward before | after | gain | greedy same | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['seed']} | {row['learning_rate']:g} | {row['schedule']} | {row['packing']} | {row['before']:.2f} | "
+            f"| {row['seed']} | {row['learning_rate']} | {row['lr_scheduler']} | {row['batch_size']} | "
+            f"{row['schedule']} | {row['packing']} | {row['before']:.2f} | "
             f"{row['after']:.2f} | {row['gain']:.2f}x | {row['greedy_unchanged']:.1%} | {row['train_seconds']:.0f} |"
         )
     if args.json:
