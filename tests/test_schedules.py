@@ -13,12 +13,13 @@ from jacobi_engine.training.collect import collect_trajectories
 from jacobi_engine.training.schedules import draw_state_index, wrong_tokens
 from jacobi_engine.training.trainer import train_consistency
 
-# Noise (wrong tokens vs the fixed point [1, 2, 3, 4]) of the intermediate states: 3, 2, 3, 1.
-STATES = [[1, 9, 9, 9], [1, 2, 9, 9], [1, 9, 9, 8], [1, 2, 3, 9], [1, 2, 3, 4]]
+# Noise (wrong tokens vs the fixed point [1, 2, 3, 4]) of the intermediate states: 3, 2, 3, 1, 1;
+# state 4 is wrong in its last slot only, which the consistency loss never covers.
+STATES = [[1, 9, 9, 9], [1, 2, 9, 9], [1, 9, 9, 8], [1, 9, 3, 4], [1, 2, 3, 9], [1, 2, 3, 4]]
 
 
 def test_wrong_tokens():
-    assert [wrong_tokens(state, STATES[-1]) for state in STATES] == [3, 2, 3, 1, 0]
+    assert [wrong_tokens(state, STATES[-1]) for state in STATES] == [3, 2, 3, 1, 1, 0]
     with pytest.raises(ValueError):
         wrong_tokens([1, 2], [1, 2, 3])
 
@@ -29,11 +30,14 @@ def _drawn(progress, draws=200):
 
 
 def test_progressive_eligible_states_grow_with_progress():
-    assert _drawn(0.0) == {3}  # the least noisy state only (1 wrong token)
+    assert _drawn(0.0) == {3}  # the least noisy state only (1 wrong token); state 4 has nothing to learn
     assert _drawn(0.5) == {1, 3}  # cap 1 + 0.5 * (3 - 1) = 2 wrong tokens
-    assert _drawn(1.0) == {0, 1, 2, 3}  # everything: the random schedule's support
+    assert _drawn(1.0) == {0, 1, 2, 3}  # every state with a covered position
     rng = random.Random(0)
-    assert {draw_state_index(STATES, rng, "random", 0.0) for _ in range(200)} == {0, 1, 2, 3}
+    assert {draw_state_index(STATES, rng, "random", 0.0) for _ in range(200)} == {0, 1, 2, 3, 4}
+    only_last_slot = [[1, 2, 3, 9], [1, 2, 3, 8], [1, 2, 3, 4]]
+    rng = random.Random(0)
+    assert {draw_state_index(only_last_slot, rng, "progressive", 0.0) for _ in range(50)} == {0, 1}
 
 
 def test_random_schedule_draws_what_the_trainer_drew_before_schedules():

@@ -10,6 +10,10 @@ wrong tokens) to the state one Jacobi step before the fixed point (few).
   ``w_min + p * (w_max - w_min)`` wrong tokens (``w_min``/``w_max``: the least and most noisy
   intermediate state of this trajectory), and one of them is drawn uniformly. At ``p = 0`` only
   the least noisy states are eligible; at ``p = 1`` every state is, which is ``random``.
+  States whose only wrong token is the last slot are left out when the trajectory has others:
+  the consistency loss covers the logits from the first wrong slot to slot n-2, so such a state
+  has nothing to learn from, and they are exactly the least noisy ones (measured: keeping them
+  made the early, easy part of the schedule a no-op).
 
 The draw takes an ``rng`` so that the trainer can key it on (seed, epoch, sample) and a resumed
 run draws exactly what an uninterrupted one would; ``progress`` must then be a function of the
@@ -44,8 +48,11 @@ def draw_state_index(states: list[list[int]], rng, schedule: str = "random", pro
         raise ValueError(f"progress must be in [0, 1], got {progress}")
     if schedule == "random":
         return rng.randrange(len(states) - 1)
-    noise = [wrong_tokens(state, states[-1]) for state in states[:-1]]
-    least, most = min(noise), max(noise)
+    fixed_point = states[-1]
+    candidates = [j for j, state in enumerate(states[:-1]) if any(a != b for a, b in zip(state[:-1], fixed_point[:-1]))]
+    candidates = candidates or list(range(len(states) - 1))
+    noise = {j: wrong_tokens(states[j], fixed_point) for j in candidates}
+    least, most = min(noise.values()), max(noise.values())
     cap = least + progress * (most - least)
-    eligible = [index for index, wrong in enumerate(noise) if wrong <= cap + 1e-9]
+    eligible = [j for j in candidates if noise[j] <= cap + 1e-9]
     return eligible[rng.randrange(len(eligible))]
