@@ -97,7 +97,7 @@ __device__ void commit_row(const VerifyLaunch& args, int64_t b, const int64_t* p
                 args.done + b,
                 args.eos_ids,
                 args.n_eos};
-  args.n_accepted[b] = verify_commit_row(row, args.n, args.max_new_tokens, args.chunked);
+  args.n_accepted[b] = verify_commit_row(row, args.n, args.max_new_tokens[b], args.chunked);
 }
 
 // Grid (B, n): block (b, i) takes the argmax of logits[b, i]; the last block of row b to
@@ -124,7 +124,6 @@ __global__ void __launch_bounds__(kThreads) verify_commit_logits_kernel(VerifyLa
   __syncthreads();
   if (threadIdx.x == 0) {
     commit_row(args, b, row_preds);
-    args.counters[b] = 0;
   }
 }
 

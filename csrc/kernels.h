@@ -17,7 +17,7 @@ struct VerifyLaunch {
   int64_t score_stride_b;    // element strides of scores
   int64_t score_stride_i;
   int64_t* preds_scratch;    // [B * n] argmax results (logits only)
-  int32_t* counters;         // [B] zero-initialised arrival counters; left zeroed on exit
+  int32_t* counters;         // [B] zero-initialised arrival counters (per call)
   int64_t* block;            // [B, n] contiguous
   const int64_t* fill;       // [B, n] contiguous
   int32_t* cache_seqlens;    // [B]
@@ -31,7 +31,7 @@ struct VerifyLaunch {
   int32_t* n_accepted;       // [B] result
   int64_t batch;
   int64_t n;
-  int64_t max_new_tokens;
+  const int32_t* max_new_tokens;  // [B] per-row limits
   bool chunked;
 };
 

@@ -13,7 +13,7 @@ namespace jacobi_engine {
 void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const at::Tensor& fill,
                        const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
                        const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
-                       int64_t max_new_tokens) {
+                       const at::Tensor& max_new_tokens) {
   TORCH_CHECK_VALUE(block.dim() == 2, "block must be [B, n], got ", block.sizes());
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
@@ -37,9 +37,8 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch && cache_seqlens.is_contiguous(),
                     "cache_seqlens must be a contiguous [B=", batch, "] tensor");
   TORCH_CHECK_TYPE(out_tokens.scalar_type() == at::kLong, "out_tokens must be int64");
-  TORCH_CHECK_VALUE(out_tokens.dim() == 2 && out_tokens.size(0) == batch && out_tokens.size(1) >= max_new_tokens,
-                    "out_tokens must be [B=", batch, ", >=max_new_tokens=", max_new_tokens, "], got ",
-                    out_tokens.sizes());
+  TORCH_CHECK_VALUE(out_tokens.dim() == 2 && out_tokens.size(0) == batch && out_tokens.size(1) >= 1,
+                    "out_tokens must be [B=", batch, ", >= max(max_new_tokens)], got ", out_tokens.sizes());
   TORCH_CHECK_TYPE(n_generated.scalar_type() == at::kInt, "n_generated must be int32");
   TORCH_CHECK_VALUE(n_generated.dim() == 1 && n_generated.size(0) == batch && n_generated.is_contiguous(),
                     "n_generated must be a contiguous [B=", batch, "] tensor");
@@ -48,9 +47,15 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
                     "done must be a contiguous [B=", batch, "] tensor");
   TORCH_CHECK_TYPE(eos_ids.scalar_type() == at::kLong, "eos_ids must be int64");
   TORCH_CHECK_VALUE(eos_ids.dim() == 1, "eos_ids must be 1-D");
-  TORCH_CHECK_VALUE(max_new_tokens >= 0, "max_new_tokens must be >= 0, got ", max_new_tokens);
+  // Per-row limits live on the device so that one captured CUDA graph serves every request; the
+  // caller guarantees 0 <= max_new_tokens[b] <= out_tokens.size(1) (checking the values here
+  // would need a host sync); only emitted tokens are written, so no slack columns are needed.
+  TORCH_CHECK_TYPE(max_new_tokens.scalar_type() == at::kInt, "max_new_tokens must be an int32 tensor");
+  TORCH_CHECK_VALUE(max_new_tokens.dim() == 1 && max_new_tokens.size(0) == batch && max_new_tokens.is_contiguous(),
+                    "max_new_tokens must be a contiguous [B=", batch, "] tensor");
   const auto device = block.device();
-  for (const at::Tensor* t : {&scores, &fill, &cache_seqlens, &out_tokens, &n_generated, &done, &eos_ids}) {
+  for (const at::Tensor* t :
+       {&scores, &fill, &cache_seqlens, &out_tokens, &n_generated, &done, &eos_ids, &max_new_tokens}) {
     TORCH_CHECK_VALUE(t->device() == device, "all verify_and_commit inputs must be on ", device, ", got one on ",
                       t->device());
   }
@@ -60,7 +65,8 @@ namespace {
 
 at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
                                  at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
-                                 at::Tensor& done, const at::Tensor& eos_ids, int64_t max_new_tokens, bool chunked) {
+                                 at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
+                                 bool chunked) {
   check_verify_args(scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
@@ -69,6 +75,7 @@ at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, co
   const at::Tensor eos_c = eos_ids.contiguous();
   at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
 
+  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
   const int64_t* preds_ptr = preds.data_ptr<int64_t>();
   int64_t* block_ptr = block.data_ptr<int64_t>();
   const int64_t* fill_ptr = fill_c.data_ptr<int64_t>();
@@ -82,7 +89,7 @@ at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, co
                   seqlens_ptr + b,         out_ptr + b * out_tokens.stride(0),
                   out_tokens.stride(1),    generated_ptr + b,      done_ptr + b,
                   eos_c.data_ptr<int64_t>(), eos_c.numel()};
-    accepted_ptr[b] = verify_commit_row(row, n, max_new_tokens, chunked);
+    accepted_ptr[b] = verify_commit_row(row, n, limits_ptr[b], chunked);
   }
   return n_accepted;
 }
@@ -93,7 +100,7 @@ at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, co
 TORCH_LIBRARY(jacobi_engine, m) {
   m.def(
       "verify_and_commit(Tensor scores, Tensor(a!) block, Tensor fill, Tensor(b!) cache_seqlens, "
-      "Tensor(c!) out_tokens, Tensor(d!) n_generated, Tensor(e!) done, Tensor eos_ids, int max_new_tokens, "
+      "Tensor(c!) out_tokens, Tensor(d!) n_generated, Tensor(e!) done, Tensor eos_ids, Tensor max_new_tokens, "
       "bool chunked) -> Tensor");
 }
 

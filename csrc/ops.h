@@ -9,6 +9,6 @@ namespace jacobi_engine {
 void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const at::Tensor& fill,
                        const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
                        const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
-                       int64_t max_new_tokens);
+                       const at::Tensor& max_new_tokens);
 
 }  // namespace jacobi_engine

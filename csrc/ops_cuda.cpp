@@ -5,31 +5,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <mutex>
-#include <unordered_map>
-
 #include "kernels.h"
 #include "ops.h"
 
 namespace jacobi_engine {
 namespace {
 
-// Arrival counters of the threadfence reduction, one per sequence. The kernel leaves them
-// zeroed, so one zero-initialised buffer per device serves every launch (and CUDA graphs).
-at::Tensor arrival_counters(const at::Device& device, int64_t batch) {
-  static std::mutex mutex;
-  static std::unordered_map<int, at::Tensor> buffers;
-  std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buffer = buffers[device.index()];
-  if (!buffer.defined() || buffer.numel() < batch) {
-    buffer = at::zeros({std::max<int64_t>(batch, 64)}, at::TensorOptions().device(device).dtype(at::kInt));
-  }
-  return buffer;
-}
-
 at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
                                   at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
-                                  at::Tensor& done, const at::Tensor& eos_ids, int64_t max_new_tokens,
+                                  at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
                                   bool chunked) {
   check_verify_args(scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
   const c10::cuda::CUDAGuard guard(block.device());
@@ -56,7 +40,10 @@ at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, c
     args.score_stride_b = scores.stride(0);
     args.score_stride_i = scores.stride(1);
     scratch = at::empty({batch * n}, block.options());
-    counters = arrival_counters(block.device(), batch);
+    // Arrival counters of the threadfence reduction belong to this call: a process-wide buffer
+    // would be shared by engines and streams (and could be freed under a captured graph). The
+    // memset is one tiny node of the step, captured with it in a CUDA graph.
+    counters = at::zeros({batch}, block.options().dtype(at::kInt));
     args.preds_scratch = scratch.data_ptr<int64_t>();
     args.counters = counters.data_ptr<int32_t>();
   } else {
@@ -79,7 +66,7 @@ at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, c
   args.n_accepted = n_accepted.data_ptr<int32_t>();
   args.batch = batch;
   args.n = n;
-  args.max_new_tokens = max_new_tokens;
+  args.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
   args.chunked = chunked;
 
   const cudaError_t status = launch_verify_and_commit(args, c10::cuda::getCurrentCUDAStream().stream());

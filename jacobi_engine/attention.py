@@ -25,6 +25,53 @@ ATTN_IMPLEMENTATION = "jacobi_engine"
 _active = threading.local()
 
 
+def _layer_type(module: torch.nn.Module) -> str | None:
+    config, layer_idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_idx, int) and isinstance(layer_types, (list, tuple)) and 0 <= layer_idx < len(layer_types):
+        return layer_types[layer_idx]
+    return None
+
+
+def _layer_masks(module: torch.nn.Module, sliding_window: int | None) -> tuple[int | None, int | None]:
+    """(sliding_window, chunk_size) of this layer.
+
+    transformers builds the mask of each layer from its config's ``layer_types``; we build no mask,
+    so the same config fields decide here: a sliding layer whose module does not pass its window
+    gets ``config.sliding_window``, a chunked layer (Llama 4) ``config.attention_chunk_size``.
+    """
+    layer_type = _layer_type(module)
+    config = getattr(module, "config", None)
+    chunk_size = None
+    if layer_type == "sliding_attention" and sliding_window is None:
+        sliding_window = getattr(config, "sliding_window", None)
+    elif layer_type == "chunked_attention":
+        chunk_size = getattr(config, "attention_chunk_size", None)
+    return sliding_window, chunk_size
+
+
+def _temperature_scale(module: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    # Llama 4's attention temperature tuning of its NoPE layers, as the module computes it.
+    return torch.log1p(torch.floor((positions.float() + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
+
+
+def _retune_query_temperature(module: torch.nn.Module, query: torch.Tensor, cache: JacobiCache) -> torch.Tensor:
+    """Redo Llama 4's position-dependent query scaling with each row's own positions.
+
+    The module scales the queries of its NoPE layers by a function of ``cache.get_seq_length() + i``,
+    one length for the whole batch; under the engine that is only a bound. Each row's block starts
+    at ``cache_seqlens[b]``, so the scale is divided out and the right one multiplied in.
+    ``query`` [B, Hq, n, D] -> same shape.
+    """
+    n = query.shape[2]
+    offsets = torch.arange(n, device=query.device)
+    applied = _temperature_scale(module, offsets + cache.get_seq_length(getattr(module, "layer_idx", 0)))
+    if cache.tree_depth is not None:  # a token tree: each token's position is its depth
+        offsets = cache.tree_depth.to(torch.long)
+    true = _temperature_scale(module, cache.cache_seqlens.to(torch.long)[:, None] + offsets)  # [B, n]
+    return (query * (true / applied)[:, None, :, None]).to(query.dtype)
+
+
 def _block_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -35,9 +82,14 @@ def _block_attention(
     dropout: float = 0.0,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """AttentionInterface entry: q [B, Hq, n, D], new k/v [B, Hkv, n, D] -> ([B, n, Hq, D], None)."""
+    """AttentionInterface entry: q [B, Hq, n, D_k], new k [B, Hkv, n, D_k], v [B, Hkv, n, D_v] -> ([B, n, Hq, D_v], None).
+
+    ``s_aux`` [Hq] are per-head attention-sink logits (gpt-oss, Granite SWA): one extra softmax
+    logit per head that attends to nothing.
+    """
     state = getattr(_active, "state", None)
     if state is None:
         raise RuntimeError(
@@ -45,11 +97,22 @@ def _block_attention(
             "set the model back to 'sdpa' or 'eager' to use it on its own"
         )
     cache, backend = state
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by jacobi_engine yet")
-    if cache.current_layer is None:
-        raise RuntimeError("the model called attention without updating the cache first")
-    k_cache, v_cache = cache.layer(cache.current_layer)
+    # A shared-KV layer (Gemma-3n) calls attention with the very K/V an earlier layer attended with,
+    # and no update() of its own: it attends to that layer's buffers, and re-appending the same
+    # rows changes nothing. Otherwise the K/V belong to the layer whose update() just ran; they may
+    # have been transformed per token since (MLA expands a latent): the cache stores them as given.
+    layer = cache.producer_of(key, value)
+    if layer is None:
+        layer = cache.current_layer
+    if layer is None:
+        raise RuntimeError(
+            "the model's attention received K/V other than those of its own cache.update() (for example "
+            "two attention calls with different values per layer); the engine caches one K/V per layer"
+        )
+    sliding_window, chunk_size = _layer_masks(module, sliding_window)
+    if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
+        query = _retune_query_temperature(module, query, cache)
+    k_cache, v_cache = cache.buffers(layer, key, value)
     out = ops.jacobi_attention(
         query.transpose(1, 2),
         k_cache,
@@ -62,8 +125,13 @@ def _block_attention(
         softcap=softcap,
         kv_len=cache.kv_len_bound,
         backend=backend,
+        sinks=s_aux,
+        chunk_size=chunk_size,
+        tree_mask=cache.tree_mask,
+        tree_depth=cache.tree_depth,
     )
     cache.current_layer = None
+    cache.block_keys[layer], cache.block_values[layer] = key, value
     return out, None
 
 

@@ -1,7 +1,7 @@
 """The engine's KV cache: static per-layer buffers and per-sequence lengths.
 
-Layout follows ``flash_attn_with_kvcache``: each layer holds ``keys``/``values`` of shape
-[B, S, Hkv, D] and the whole cache shares ``cache_seqlens`` int32 [B], the number of
+Layout follows ``flash_attn_with_kvcache``: each layer holds ``keys`` [B, S, Hkv, D_k] and
+``values`` [B, S, Hkv, D_v] (D_k != D_v for multi-head latent attention) and the whole cache shares ``cache_seqlens`` int32 [B], the number of
 committed tokens of each sequence. A Jacobi block is written in place at rows
 ``cache_seqlens[b] ..`` by the attention op itself; committing accepted tokens is just
 ``cache_seqlens += n_accepted``. Rejected guesses are never cropped: the next block
@@ -28,8 +28,8 @@ class JacobiCache(Cache):
         max_seq_len: rows per sequence (S); must cover prompt + generated tokens + one block.
         device: where the buffers live.
 
-    Buffers are allocated lazily at the first ``update()`` of each layer, from the dtype,
-    head count and head size of the K/V the model produces, so any attention geometry works.
+    Buffers are allocated lazily at the first attention call of each layer, from the dtype, head
+    count and head sizes of the K/V it receives, so any attention geometry works (D_k != D_v too).
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, device: torch.device):
@@ -46,11 +46,20 @@ class JacobiCache(Cache):
         # Host-side bound on cache_seqlens.max() + block, set by the engine when it knows it
         # without a sync. The torch attention path reads only that many rows.
         self.kv_len_bound: int | None = None
+        # The decode step's token-tree layout (block + candidate branches), read by the attention
+        # dispatch; None for a plain causal block (prefill, or no candidates).
+        self.tree_mask: torch.Tensor | None = None  # bool [T, T]
+        self.tree_depth: torch.Tensor | None = None  # int32 [T]
         self.current_layer: int | None = None
+        # The block K/V each layer's update() returned in the running forward. A layer that reuses
+        # another layer's K/V (Gemma-3n's shared-KV layers) calls attention with those very
+        # tensors and no update() of its own; identity tells the dispatch whose buffers they are.
+        self.block_keys: dict[int, torch.Tensor] = {}
+        self.block_values: dict[int, torch.Tensor] = {}
 
     # -- our interface ---------------------------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The [B, S, Hkv, D] key and value buffers of one layer."""
+        """The [B, S, Hkv, D_k] key and [B, S, Hkv, D_v] value buffers of one layer."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or values is None:
             raise RuntimeError(f"layer {layer_idx} of the Jacobi cache was never written")
@@ -60,6 +69,12 @@ class JacobiCache(Cache):
         """Forget all sequences (buffers are kept and simply overwritten later)."""
         self.cache_seqlens.zero_()
         self.kv_len_bound = None
+        self.block_keys.clear()
+        self.block_values.clear()
+
+    def key_value_buffers(self) -> list[torch.Tensor]:
+        """Every allocated [B, S, Hkv, D] key and value buffer, once each."""
+        return [t for t in self.keys + self.values if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -67,19 +82,42 @@ class JacobiCache(Cache):
 
     # -- transformers.Cache interface -----------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Called by the model with this layer's new K/V ([B, Hkv, n, D]); returns them unchanged."""
+        """Called by the model with this layer's new K/V; returns them unchanged and copies nothing.
+
+        The buffers are allocated by :meth:`buffers` from the K/V the attention receives, which
+        may differ from these: MLA models cache a latent here and expand it into per-head keys
+        ([B, H, n, D_k]) and values ([B, H, n, D_v], D_v != D_k) before attention. Any per-token
+        transform is exact, because the engine stores the transformed rows themselves.
+        """
         if layer_idx >= self.num_layers:
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {self.num_layers} layers")
-        if self.keys[layer_idx] is None:
-            batch, n_kv_heads, _, head_dim = key_states.shape
-            shape = (self.batch, self.capacity, n_kv_heads, head_dim)
-            # Zero-filled so that rows never written are finite (see reference.jacobi_attention).
-            self.keys[layer_idx] = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
-            self.values[layer_idx] = torch.zeros(
-                (*shape[:3], value_states.shape[-1]), dtype=value_states.dtype, device=self.device
-            )
         self.current_layer = layer_idx
+        self.block_keys[layer_idx] = key_states
+        self.block_values[layer_idx] = value_states
         return key_states, value_states
+
+    def buffers(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """This layer's buffers for block K/V ``[B, Hkv, n, D_k]`` / ``[B, Hkv, n, D_v]``, allocated at first use."""
+        n_kv_heads, head_dim, value_dim = key_states.shape[1], key_states.shape[3], value_states.shape[3]
+        if self.keys[layer_idx] is None:
+            # Zero-filled so that rows never written are finite (see reference.jacobi_attention).
+            shape = (self.batch, self.capacity, n_kv_heads)
+            self.keys[layer_idx] = torch.zeros((*shape, head_dim), dtype=key_states.dtype, device=self.device)
+            self.values[layer_idx] = torch.zeros((*shape, value_dim), dtype=value_states.dtype, device=self.device)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if keys.shape[2:] != (n_kv_heads, head_dim) or values.shape[2:] != (value_states.shape[1], value_dim):
+            raise ValueError(
+                f"layer {layer_idx} attended with K/V of head shapes {tuple(key_states.shape[1::2])} / "
+                f"{tuple(value_states.shape[1::2])}, but its cache holds {tuple(keys.shape[2:])} / {tuple(values.shape[2:])}"
+            )
+        return keys, values
+
+    def producer_of(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int | None:
+        """The layer whose update() returned exactly these K/V tensors in this forward, if any."""
+        for layer_idx, block_key in self.block_keys.items():
+            if block_key is key_states and self.block_values[layer_idx] is value_states:
+                return layer_idx
+        return None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Models only use this to infer positions when none are given; the engine always gives

@@ -39,13 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         missing = str(error)
 
         def _missing(args: argparse.Namespace) -> int:
-            print(f"jacobi-engine {args.command} needs the training extras: {missing}", file=sys.stderr)
+            print(
+                f"jacobi-engine {args.command} needs the training extras (pip install 'jacobi-engine[train]'): "
+                f"{missing}",
+                file=sys.stderr,
+            )
             return 2
 
+        _missing.accepts_any = True
+
         for name in ("collect", "train"):
-            subparsers.add_parser(name, help="(needs: pip install 'jacobi-engine[train]')").set_defaults(
-                handler=_missing
-            )
+            subparsers.add_parser(
+                name, help="(needs: pip install 'jacobi-engine[train]')", add_help=False
+            ).set_defaults(handler=_missing)
     else:
         training_commands.register(subparsers)
     return parser
@@ -53,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # A stand-in subcommand (training extras missing) accepts whatever arguments follow it, so the
+    # install hint is printed instead of an argparse error about options it does not know.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "handler", None) is not None and getattr(args.handler, "accepts_any", False):
+        return int(args.handler(args) or 0)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.handler(args) or 0)
 
 

@@ -1,20 +1,21 @@
-"""The Jacobi decoding loop.
+"""The Jacobi decoding loop: validate, resolve the generation settings, prefill, run steps, build
+the output.
 
-Per step, for a batch of sequences each with an n-token block ``[t0, g1, ..., g_{n-1}]``
-(``t0`` known-correct, the rest guesses):
+The step itself (model forward over the n-token block, processors, ``ops.verify_and_commit``,
+guesses, statistics) is :func:`jacobi_engine.step.decode_step`, a function of device state only.
+The engine keeps that state per (batch, capacity bucket, block size, mode, processors) key and
+reuses it across calls, so on CUDA each key's step is captured in a graph once and replayed by
+every later ``generate`` with the same key (gpt-fast's pattern).
 
-1. one model forward over the block, on top of the committed KV cache (the block's K/V are
-   appended in place by the attention op);
-2. ``ops.verify_and_commit``: argmax, the accepted count, appending verified tokens, EOS and
-   length handling, advancing ``cache_seqlens`` and shifting in the next guesses, in one op;
-3. the guess strategy may rewrite the unverified tail (n-gram lookup).
-
-The fixed point of this iteration is exactly greedy autoregressive decoding.
+The fixed point of the iteration is exactly greedy autoregressive decoding, with the
+generation_config processors HF applies (:mod:`jacobi_engine.processors`).
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,10 @@ from jacobi_engine import ops
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
-from jacobi_engine.hf_compat import eos_ids_from, inspect_model, model_device
+from jacobi_engine.hf_compat import has_windowed_attention, inspect_model, length_dependent_rope, model_device
+from jacobi_engine.pool import CandidatePool, ngrams_of, tree_layout
+from jacobi_engine.processors import GenerationSettings, LogitsProcessing, resolve_generation
+from jacobi_engine.step import StepConfig, StepState, decode_step
 from jacobi_engine.trajectory import SequenceTrajectory, build_trajectories, count_stationary
 
 MODES = ("sliding", "chunked")
@@ -33,12 +37,16 @@ MODES = ("sliding", "chunked")
 class JacobiStats:
     """What one ``generate`` call did.
 
-    ``forward_passes`` counts model calls, prefill included. ``tokens_per_forward`` is new tokens
-    divided by per-sequence forwards (each sequence's prefill plus every decode forward it was
-    still running in), so plain autoregressive decoding scores exactly 1.0.
-    ``accepted_histogram[k]`` counts (sequence, decode forward) pairs that verified ``k`` tokens.
-    ``stationary_tokens`` counts tokens that were already correct while an earlier slot was
-    still wrong and kept their value until verified (CLLM's term).
+    ``forward_passes`` counts model calls, prefill included (what a forward hook counts).
+    ``tokens_per_forward`` is new tokens divided by per-sequence forwards (each sequence's
+    prefill plus every decode forward it was still running in), so plain autoregressive
+    decoding scores exactly 1.0. ``accepted_histogram[k]`` counts (sequence, decode forward)
+    pairs that newly verified ``k`` tokens (kept in the output), in both modes, so
+    ``sum(k * count) + batch == tokens_generated``. ``stationary_tokens`` counts tokens that were
+    already correct while an earlier slot was still wrong and kept their value until verified
+    (CLLM's term). ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
+    per step-cache key), kept out of ``decode_seconds``. ``candidate_wins`` counts the (sequence,
+    decode forward) pairs where a pooled candidate branch verified more tokens than the block.
     """
 
     block_size: int
@@ -50,6 +58,8 @@ class JacobiStats:
     stationary_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    candidate_wins: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -69,27 +79,6 @@ class JacobiOutput:
     trajectories: list[SequenceTrajectory] | None = None
 
 
-@dataclass
-class _DecodeState:
-    """Everything a decode step reads and writes: device tensors with fixed addresses and shapes."""
-
-    cache: JacobiCache
-    guesses: GuessStrategy
-    block: torch.Tensor  # [B, n] int64, slot 0 known-correct
-    out_tokens: torch.Tensor  # [B, max_new_tokens + n] int64 view into the sequences buffer
-    n_generated: torch.Tensor  # [B] int32
-    done: torch.Tensor  # [B] bool
-    eos_ids: torch.Tensor  # [E] int64
-    max_new_tokens: int
-    max_steps: int
-    histogram: torch.Tensor  # [n + 1] int64, accepted count per (sequence, forward)
-    forwards: torch.Tensor  # () int64, decode forwards while any sequence was running
-    step: torch.Tensor  # [1] int64, decode steps taken
-    log_blocks: torch.Tensor | None  # [max_steps, B, n] blocks fed, when logging
-    log_starts: torch.Tensor | None  # [max_steps, B] index of slot 0 in the generated tokens
-    log_accepted: torch.Tensor | None  # [max_steps, B] accepted counts (0: finished)
-
-
 def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -97,6 +86,26 @@ def _check_int(name: str, value, minimum: int | None = None, allow_none: bool = 
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+# Step-cache entries kept per engine (each holds a KV cache and, on CUDA, a captured graph).
+MAX_CACHED_STEPS = 4
+_MIN_CAPACITY = 64
+
+
+def _capacity_bucket(needed: int) -> int:
+    """Cache rows for a request needing ``needed``: the next power of two, so that requests of
+    similar length share one step-cache entry (and one captured graph)."""
+    return max(_MIN_CAPACITY, 1 << (needed - 1).bit_length())
+
+
+@dataclass
+class _StepCacheEntry:
+    """One step-cache entry: the device state of a (batch, capacity, block, mode, ...) key."""
+
+    state: StepState
+    config: StepConfig
+    graph: object | None = None  # torch.cuda.CUDAGraph once captured
 
 
 class JacobiEngine:
@@ -112,14 +121,19 @@ class JacobiEngine:
         init: initial guesses: ``"random_prompt"`` (random prompt tokens, CLLM), ``"ngram"``
             (lookup in the prompt and output so far) or a :class:`GuessStrategy`.
         max_seq_len: if set, the cache is allocated once for prompts + new tokens up to this
-            length and longer requests are refused; by default it is sized per request.
+            length and longer requests are refused; by default it is sized per request, rounded
+            up to a power of two so that similar requests share one step-cache entry.
         seed: seeds the random initial guesses, so every call is reproducible.
         attention_backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :mod:`jacobi_engine.ops`).
         verify_backend: ``"auto"``, ``"native"`` (compiled op) or ``"torch"``.
-        cuda_graph: capture the whole Jacobi step (model forward + verify/commit + guesses) in a
-            CUDA graph once per ``generate`` and replay it (CUDA models only).
+        cuda_graph: capture the whole Jacobi step (model forward + processors + verify/commit +
+            guesses) in a CUDA graph once per step-cache key and replay it (CUDA models only).
         sync_every: decode steps between host checks of the done flags (default 1, or 8 with
             ``cuda_graph``). Steps past the end are harmless no-ops for finished sequences.
+        candidates: k, pooled n-gram candidates verified beside the block in the same forward
+            (:mod:`jacobi_engine.pool`); 0 is plain Jacobi.
+        candidate_len: g, tokens per candidate (in chunked mode at most ``block_size - 1``).
+        pool_buckets, pool_slots: the pool's hash buckets per sequence and entries per bucket.
     """
 
     def __init__(
@@ -134,15 +148,28 @@ class JacobiEngine:
         verify_backend: str = "auto",
         cuda_graph: bool = False,
         sync_every: int | None = None,
+        candidates: int = 0,
+        candidate_len: int = 4,
+        pool_buckets: int = 4096,
+        pool_slots: int = 8,
     ):
         self.info = inspect_model(model)
         _check_int("block_size", block_size, minimum=1)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         _check_int("max_seq_len", max_seq_len, minimum=1, allow_none=True)
-        if max_seq_len is not None and self.info.max_positions is not None and max_seq_len > self.info.max_positions:
+        self.rope_switches = length_dependent_rope(model)
+        self.windowed_attention = has_windowed_attention(model)
+        if (
+            max_seq_len is not None
+            and not self.rope_switches
+            and self.info.max_positions is not None
+            and max_seq_len > self.info.max_positions
+        ):
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's {self.info.max_positions} positions")
         _check_int("seed", seed)
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits (torch.Generator), got {seed}")
         if attention_backend not in ops.ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ops.ATTENTION_BACKENDS}, got {attention_backend!r}")
         if verify_backend not in ops.VERIFY_BACKENDS:
@@ -152,6 +179,21 @@ class JacobiEngine:
         if cuda_graph and model_device(model).type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model_device(model)}")
         _check_int("sync_every", sync_every, minimum=1, allow_none=True)
+        _check_int("candidates", candidates, minimum=0)
+        _check_int("candidate_len", candidate_len, minimum=1)
+        _check_int("pool_buckets", pool_buckets, minimum=1)
+        _check_int("pool_slots", pool_slots, minimum=1)
+        if candidates > pool_slots:
+            raise ValueError(f"candidates={candidates} exceeds pool_slots={pool_slots} (entries looked up per key)")
+        if candidates and mode == "chunked" and candidate_len > block_size - 1:
+            raise ValueError(
+                f"candidate_len={candidate_len} must be <= block_size - 1 = {block_size - 1} in chunked mode "
+                "(a branch verifies part of the current chunk)"
+            )
+        self.candidates = candidates
+        self.candidate_len = candidate_len
+        self.pool_buckets = pool_buckets
+        self.pool_slots = pool_slots
         self.cuda_graph = cuda_graph
         self.sync_every = sync_every if sync_every is not None else (8 if cuda_graph else 1)
         self.model = model
@@ -162,11 +204,10 @@ class JacobiEngine:
         self.seed = seed
         self.attention_backend = attention_backend
         self.verify_backend = verify_backend
-        self._cache: JacobiCache | None = None
+        self._step_cache: OrderedDict[tuple, _StepCacheEntry] = OrderedDict()
 
     # -- input validation ------------------------------------------------------------------
-    def _validate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, streamer):
-        device = model_device(self.model)
+    def _check_input_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -177,19 +218,30 @@ class JacobiEngine:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        device = model_device(self.model)
         if input_ids.device != device:
             raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
-        _check_int("max_new_tokens", max_new_tokens, minimum=0)
-        _check_int("pad_token_id", pad_token_id, minimum=0, allow_none=True)
         input_ids = input_ids.to(torch.long)
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.info.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"input_ids contains id {bad}, outside the vocabulary [0, {self.info.vocab_size})")
+        return input_ids
 
+    def _attention_mask(self, input_ids, attention_mask, settings: GenerationSettings, mask_pad_id) -> torch.Tensor:
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            # HF's inference: masked where input_ids == pad_token_id, if that id occurs and is no EOS.
+            if (
+                mask_pad_id is not None
+                and mask_pad_id not in settings.eos_ids
+                and bool((input_ids == mask_pad_id).any())
+            ):
+                attention_mask = (input_ids != mask_pad_id).to(torch.long)
+                source = f"attention_mask (inferred from pad_token_id={mask_pad_id}, as model.generate does)"
+            else:
+                return torch.ones_like(input_ids)
         else:
+            source = "attention_mask"
             if not isinstance(attention_mask, torch.Tensor):
                 raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
             if attention_mask.dim() == 1:
@@ -199,46 +251,52 @@ class JacobiEngine:
                     f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
                     f"shape {tuple(input_ids.shape)}"
                 )
-            if attention_mask.device != device:
-                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            if attention_mask.device != input_ids.device:
+                raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {input_ids.device}")
+            if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask must contain only 0 and 1")
             attention_mask = attention_mask.to(torch.long)
-            # Left padding only: each row is zeros then ones (what HF generate expects).
-            if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-                raise ValueError("attention_mask must be left-padded: each row zeros, then ones")
-        prompt_lengths = attention_mask.sum(dim=1)
-        if bool((prompt_lengths == 0).any()):
-            raise ValueError("attention_mask has a row with no tokens: every prompt needs at least one")
-        longest = int(prompt_lengths.max())
+        if bool((attention_mask.sum(dim=1) == 0).any()):
+            raise ValueError(f"{source} has a row with no tokens: every prompt needs at least one")
+        # Masked tokens inside a prompt are left out (HF never attends to them and skips their
+        # positions); a masked last token would make HF predict from a padding position.
+        holes = (attention_mask[:, 1:] < attention_mask[:, :-1]).any()
+        if self.windowed_attention and bool(holes):
+            raise ValueError(
+                f"{source} masks tokens inside a prompt, and this model has sliding-window or chunked attention: "
+                "HF counts masked positions inside the window, which jacobi_engine (which leaves masked tokens "
+                "out) does not reproduce; left-pad the prompts instead"
+            )
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError(
+                f"{source} masks the last token of a prompt (right padding): decoder-only generation "
+                "needs left-padded prompts"
+            )
+        return attention_mask
+
+    def _check_lengths(self, longest: int, width: int, max_new_tokens: int) -> None:
         needed = longest + max_new_tokens
+        for rope_type, switch in self.rope_switches:
+            # HF's last forward sees positions up to longest + max_new_tokens - 2.
+            if longest + max_new_tokens - 1 > switch:
+                raise ValueError(
+                    f"prompt length {longest} + max_new_tokens {max_new_tokens} passes {switch} tokens, where this "
+                    f"model's rope_type {rope_type!r} switches to other frequencies mid-generation; jacobi_engine "
+                    f"serves {rope_type!r} RoPE models up to {switch + 1} tokens (prompt + new)"
+                )
         limit = self.info.max_positions
-        if limit is not None and needed > limit:
+        if not self.rope_switches and limit is not None and needed > limit:
             raise ValueError(
                 f"prompt length {longest} + max_new_tokens {max_new_tokens} = {needed} exceeds the model's "
                 f"{limit} positions"
             )
-        if self.max_seq_len is not None and needed > self.max_seq_len:
+        if self.max_seq_len is not None and max(needed, width + max_new_tokens) > self.max_seq_len:
             raise ValueError(
-                f"prompt length {longest} + max_new_tokens {max_new_tokens} = {needed} exceeds "
+                f"prompt length {width} + max_new_tokens {max_new_tokens} = {width + max_new_tokens} exceeds "
                 f"max_seq_len={self.max_seq_len}"
             )
-        if streamer is not None:
-            if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
-                raise TypeError("streamer must have put() and end() methods (transformers' streamer protocol)")
-            if input_ids.shape[0] != 1:
-                raise ValueError("streamer only supports batch size 1")
-        return input_ids, attention_mask, prompt_lengths
 
     # -- model plumbing ----------------------------------------------------------------------
-    def _get_cache(self, batch: int, capacity: int, device: torch.device) -> JacobiCache:
-        cache = self._cache
-        if cache is None or cache.batch != batch or cache.capacity < capacity or cache.device != device:
-            cache = JacobiCache(self.info.num_layers, batch, capacity, device)
-            self._cache = cache
-        cache.reset()
-        return cache
-
     def _forward(self, cache: JacobiCache, input_ids, position_ids, logits_to_keep=None) -> tuple[torch.Tensor, bool]:
         """Model forward over ``input_ids`` on top of ``cache``; returns (logits, whether logits_to_keep applied)."""
         # The all-ones mask is never read by our attention (masking comes from cache_seqlens) and
@@ -257,20 +315,16 @@ class JacobiEngine:
         output = self.model(input_ids=input_ids, **kwargs)
         return output.logits, logits_to_keep is not None
 
-    def _positions(self, cache_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-        positions = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=cache_seqlens.device)
-        if self.info.max_positions is not None:
-            # Slots past the model's last position can only hold tokens beyond max_new_tokens
-            # (validated), which are never emitted; clamp so learned position tables don't overflow.
-            positions = positions.clamp(max=self.info.max_positions - 1)
-        return positions
+    def _block_forward(self, cache: JacobiCache, block, positions) -> torch.Tensor:
+        return self._forward(cache, block, positions)[0]
 
-    def _prefill(self, cache: JacobiCache, input_ids, prompt_lengths) -> torch.Tensor:
-        """Runs the prompts right-aligned into the cache; returns each prompt's next-token logits."""
-        batch, width = input_ids.shape
+    def _prefill(self, cache: JacobiCache, input_ids, attention_mask, prompt_lengths) -> torch.Tensor:
+        """Runs each prompt's unmasked tokens, in order, into the cache; returns their next-token logits."""
+        batch = input_ids.shape[0]
         longest = int(prompt_lengths.max())
-        columns = (width - prompt_lengths)[:, None] + torch.arange(longest, device=input_ids.device)
-        prompt_tokens = input_ids.gather(1, columns.clamp(max=width - 1))  # [B, longest], right-padded
+        # A stable sort puts each row's unmasked columns first, in their order.
+        columns = torch.sort((attention_mask == 0).to(torch.int8), dim=1, stable=True).indices[:, :longest]
+        prompt_tokens = input_ids.gather(1, columns)  # [B, longest], real tokens first
         positions = torch.arange(longest, device=input_ids.device)[None].expand(batch, -1)
         last = prompt_lengths - 1
         keep = torch.unique(last)
@@ -281,91 +335,139 @@ class JacobiEngine:
             return logits[rows, torch.searchsorted(keep, last)]
         return logits[rows, last]
 
-    # -- generation ----------------------------------------------------------------------------
-    def _decode_step(self, state: _DecodeState) -> None:
-        """One Jacobi step on device tensors only: no host sync, no data-dependent shape.
+    def _entry(self, batch: int, capacity: int, eos_slots: int, settings: GenerationSettings, logging: bool, device):
+        """The step-cache entry of this key, created (and the oldest evicted) when missing."""
+        spec = settings.processors if settings.processors.active else None
+        dtype = next(self.model.parameters()).dtype
+        key = (batch, capacity, self.block_size, self.mode, self.candidates, eos_slots, spec, logging, device, dtype)
+        entry = self._step_cache.get(key)
+        if entry is not None:
+            self._step_cache.move_to_end(key)
+            return entry
+        n, k, g = self.block_size, self.candidates, self.candidate_len
+        tree_tokens = n + k * g  # tokens per decode forward (and cache rows it appends)
+        width = capacity + max(n, g + 1)  # token columns: prompt + new tokens + one verified row of slack
+        max_steps = capacity + n  # Jacobi verifies >= 1 token per forward: a bound on the steps
 
-        That is what lets the whole step (model forward included) be captured in a CUDA graph;
-        tests/test_graph_safety.py checks it op by op on CPU.
-        """
-        if state.log_blocks is not None:
-            state.log_blocks.index_copy_(0, state.step, state.block[None])
-            state.log_starts.index_copy_(0, state.step, (state.n_generated - 1)[None])
-        state.forwards += (~state.done).any()
-        before = state.n_generated.clone()
-        positions = self._positions(state.cache.cache_seqlens, self.block_size)
-        logits, _ = self._forward(state.cache, state.block, positions)
-        n_accepted = ops.verify_and_commit(
-            logits,
-            state.block,
-            state.guesses.fill(),
-            state.cache.cache_seqlens,
-            state.out_tokens,
-            state.n_generated,
-            state.done,
-            state.eos_ids,
-            state.max_new_tokens,
-            self.mode == "chunked",
-            backend=self.verify_backend,
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        state = StepState(
+            cache=JacobiCache(self.info.num_layers, batch, capacity + tree_tokens, device),
+            guesses=copy.copy(self.guess_strategy),
+            tokens=zeros(batch, width),
+            block=zeros(batch, n),
+            lengths=zeros(batch, dtype=torch.int32),
+            limits=zeros(batch, dtype=torch.int32),
+            done=zeros(batch, dtype=torch.bool),
+            eos_ids=zeros(eos_slots),
+            position_limit=zeros(batch),
+            pad_lengths=zeros(batch),
+            histogram=zeros(max(n, g + 1) + 1 if k else n + 1),
+            verified_in_chunk=zeros(batch, dtype=torch.int32),
+            lengths_before=zeros(batch, dtype=torch.int32),
+            step=zeros(1),
+            slot_offsets=torch.arange(n, device=device),
+            pool=CandidatePool(batch, g, self.pool_buckets, self.pool_slots, device) if k else None,
+            candidate_wins=zeros(),
+            log_blocks=zeros(max_steps, batch, n) if logging else None,
+            log_lengths=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
+            log_accepted=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
         )
-        state.guesses.refine(state.block, state.n_generated, (state.n_generated > before) & ~state.done)
-        state.histogram.scatter_add_(0, n_accepted.to(torch.long), torch.ones_like(n_accepted, dtype=torch.long))
-        if state.log_accepted is not None:
-            state.log_accepted.index_copy_(0, state.step, n_accepted[None])
-        state.step += 1
+        processing = LogitsProcessing(spec, self.info.vocab_size, device) if spec is not None else None
+        tree_mask, tree_depth = tree_layout(n, k, g, device) if k else (None, None)
+        config = StepConfig(n, self.mode == "chunked", self.verify_backend, processing, k, g, tree_mask, tree_depth)
+        entry = _StepCacheEntry(state, config)
+        self._step_cache[key] = entry
+        while len(self._step_cache) > MAX_CACHED_STEPS:
+            self._step_cache.popitem(last=False)
+        return entry
 
-    def _run_eager(self, state: _DecodeState, streamer) -> None:
+    def _seed_pool(self, state: StepState, width: int) -> None:
+        """Empties the pool and fills it with the prompts' n-grams (once per call, before decoding)."""
+        pool = state.pool
+        pool.reset()
+        g = self.candidate_len
+        chunk = 64  # n-grams per insert: insert() compares every pair of one call
+        for first in range(0, max(width - g, 0), chunk):
+            columns = torch.arange(first, min(first + chunk, width - g), device=state.tokens.device)
+            key_columns = columns[None, :].expand(state.tokens.shape[0], -1)
+            keys, ngrams = ngrams_of(state.tokens, key_columns, g)
+            pool.insert(keys, ngrams, key_columns >= state.pad_lengths[:, None])
+
+    def _step(self, entry: _StepCacheEntry) -> None:
+        decode_step(self._block_forward, entry.config, entry.state)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _run_eager(self, entry: _StepCacheEntry, max_steps: int, streamer, streamed: int, width: int) -> None:
         """Steps until every sequence is done, syncing with the host once per ``sync_every`` steps."""
+        state = entry.state
         sync_every = 1 if streamer is not None else self.sync_every
-        longest = int(state.cache.cache_seqlens.max())
-        streamed = 1
-        for first_step in range(0, state.max_steps, sync_every):
-            steps = min(sync_every, state.max_steps - first_step)
-            # The torch attention path reads only rows below this bound (it must hold until the next sync).
-            state.cache.kv_len_bound = longest + self.block_size * steps
+        finished, longest = torch.stack(
+            [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long()]
+        ).tolist()
+        taken = 0
+        while not finished:
+            if taken >= max_steps:  # pragma: no cover
+                raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
+            steps = min(sync_every, max_steps - taken)
+            # The torch attention path reads only rows below this bound (it must hold until the next
+            # sync): each step commits at most one verified row and appends the whole token tree.
+            advance = max(self.block_size, self.candidate_len + 1) if self.candidates else self.block_size
+            tree_tokens = self.block_size + self.candidates * self.candidate_len
+            state.cache.kv_len_bound = longest + advance * (steps - 1) + tree_tokens
             for _ in range(steps):
-                self._decode_step(state)
-            finished, longest, generated = torch.stack(
-                [
-                    state.done.all().to(torch.long),
-                    state.cache.cache_seqlens.max().to(torch.long),
-                    state.n_generated[0].long(),
-                ]
+                self._step(entry)
+            taken += steps
+            finished, longest, known = torch.stack(
+                [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths[0].long()]
             ).tolist()
-            if streamer is not None and generated > streamed:
-                streamer.put(state.out_tokens[0, streamed:generated].cpu())
-                streamed = generated
-            if finished:
-                return
-        raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")  # pragma: no cover
+            if streamer is not None and known > streamed:
+                streamer.put(state.tokens[0, streamed:known].cpu())
+                streamed = known
 
-    def _run_cuda_graph(self, state: _DecodeState, streamer) -> None:
-        """Captures one step (forward + verify/commit + guesses) in a CUDA graph and replays it,
-        checking the done flags on the host every ``sync_every`` replays."""
+    def _capture(self, entry: _StepCacheEntry) -> float:
+        """Captures the entry's step in a CUDA graph (once per entry); returns the seconds it took.
+
+        The warm-up steps (they also JIT-compile Triton kernels) run on a snapshot of the state,
+        which is then restored, so set-up never advances decoding; the K/V they wrote lie past the
+        committed lengths and are overwritten like any rejected guess.
+        """
+        if entry.graph is not None:
+            return 0.0
+        state = entry.state
+        started = time.perf_counter()
+        snapshot = _snapshot(state)
         state.cache.kv_len_bound = None  # the graph must not depend on a host-side bound
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up steps are real steps: they also JIT-compile Triton kernels
-                self._decode_step(state)
+            for _ in range(2):
+                self._step(entry)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._decode_step(state)
-        streamed, taken = 1, 2
+            self._step(entry)
+        _restore(snapshot)
+        torch.cuda.synchronize()
+        entry.graph = graph
+        return time.perf_counter() - started
+
+    def _run_graph(self, entry: _StepCacheEntry, max_steps: int, streamer, streamed: int) -> None:
+        """Replays the entry's graph, checking the done flags on the host every ``sync_every`` replays."""
+        state = entry.state
+        taken = 0
         while True:
-            finished, generated = torch.stack([state.done.all().to(torch.long), state.n_generated[0].long()]).tolist()
-            if streamer is not None and generated > streamed:
-                streamer.put(state.out_tokens[0, streamed:generated].cpu())
-                streamed = generated
+            finished, known = torch.stack([state.done.all().to(torch.long), state.lengths[0].long()]).tolist()
+            if streamer is not None and known > streamed:
+                streamer.put(state.tokens[0, streamed:known].cpu())
+                streamed = known
             if finished:
                 return
-            if taken >= state.max_steps:
-                raise RuntimeError(
-                    "Jacobi decoding did not finish within its step bound; this is a bug"
-                )  # pragma: no cover
-            for _ in range(min(self.sync_every, state.max_steps - taken)):
-                graph.replay()
+            if taken >= max_steps:  # pragma: no cover
+                raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
+            for _ in range(min(self.sync_every, max_steps - taken)):
+                entry.graph.replay()
                 taken += 1
 
     @torch.inference_mode()
@@ -373,30 +475,70 @@ class JacobiEngine:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         streamer=None,
         return_stats: bool = True,
         record_trajectory: bool = False,
+        generation_config=None,
+        do_sample: bool | None = None,
+        **generation_kwargs,
     ) -> JacobiOutput:
-        """Greedy generation by Jacobi iteration; token-identical to ``model.generate(do_sample=False)``.
+        """Greedy generation by Jacobi iteration; token-identical to ``model.generate(do_sample=False)``
+        with the same settings.
 
-        ``input_ids`` [B, P] (or [P]) int, left-padded when ``attention_mask`` [B, P] marks padding.
-        ``eos_token_id``/``pad_token_id`` default to the model's ``generation_config``; generation
-        of a sequence stops after any id of the EOS list, or after ``max_new_tokens``.
+        ``input_ids`` [B, P] (or [P]) int, left-padded when ``attention_mask`` [B, P] marks padding
+        (without a mask, one is inferred from ``pad_token_id`` as HF does). Settings default to the
+        model's ``generation_config`` (``generation_config=`` replaces it, keyword arguments such as
+        ``repetition_penalty=`` override single fields), as in ``model.generate``: ``max_new_tokens=None``
+        follows ``max_new_tokens``/``max_length`` there; ``eos_token_id`` may be a list and ``[]`` means
+        "no EOS". The processors that change greedy output (``repetition_penalty``,
+        ``no_repeat_ngram_size``, ``bad_words_ids``, ``min_length``/``min_new_tokens``,
+        ``suppress_tokens``, ``begin_suppress_tokens``, ``forced_bos/eos_token_id``, ...) are applied to
+        every block slot with its own prefix; any other setting that would change the output is refused.
         """
-        input_ids, attention_mask, prompt_lengths = self._validate(
-            input_ids, attention_mask, max_new_tokens, pad_token_id, streamer
-        )
-        generation_config = getattr(self.model, "generation_config", None)
-        eos_list = eos_ids_from(eos_token_id, generation_config)
-        if pad_token_id is None:
-            pad_token_id = getattr(generation_config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos_list[0] if eos_list else 0
-        device = input_ids.device
+        input_ids = self._check_input_ids(input_ids)
         batch, width = input_ids.shape
+        if not isinstance(return_stats, bool) or not isinstance(record_trajectory, bool):
+            raise TypeError("return_stats and record_trajectory must be bools")
+        if do_sample is not None and not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be a bool or None, got {type(do_sample).__name__}")
+        for name, value in (("max_new_tokens", max_new_tokens), ("pad_token_id", pad_token_id)):
+            _check_int(name, value, minimum=0, allow_none=True)
+        overrides = dict(
+            generation_kwargs,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            do_sample=do_sample,
+        )
+        settings = resolve_generation(
+            self.model,
+            generation_config,
+            overrides,
+            prompt_width=width,
+            vocab_size=self.info.vocab_size,
+            max_positions=self.info.max_positions,
+        )
+        max_new_tokens = settings.max_new_tokens
+        explicit_pad = pad_token_id
+        if explicit_pad is None:
+            source = (
+                generation_config if generation_config is not None else getattr(self.model, "generation_config", None)
+            )
+            explicit_pad = getattr(source, "pad_token_id", None)
+        attention_mask = self._attention_mask(input_ids, attention_mask, settings, explicit_pad)
+        prompt_lengths = attention_mask.sum(dim=1)
+        longest = int(prompt_lengths.max())
+        self._check_lengths(longest, width, max_new_tokens)
+        if streamer is not None:
+            if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+                raise TypeError("streamer must have put() and end() methods (transformers' streamer protocol)")
+            if batch != 1:
+                raise ValueError("streamer only supports batch size 1")
+
+        device = input_ids.device
         n = self.block_size
         stats = JacobiStats(block_size=n, mode=self.mode) if return_stats else None
         if stats is not None:
@@ -408,72 +550,86 @@ class JacobiEngine:
                 streamer.end()
             return JacobiOutput(input_ids.clone(), stats, [] if record_trajectory else None)
 
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        capacity = int(prompt_lengths.max()) + max_new_tokens + n
-        if self.max_seq_len is not None:
-            capacity = max(capacity, self.max_seq_len + n)
-        cache = self._get_cache(batch, capacity, device)
-        # Prompt (left-padded) then generated tokens; n slack columns let the verify op write a
-        # whole block past max_new_tokens without clamping (the output is cut to size anyway).
-        sequences = torch.full((batch, width + max_new_tokens + n), pad_token_id, dtype=torch.long, device=device)
-        sequences[:, :width] = input_ids
-        guesses = self.guess_strategy
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed)
-        guesses.start(sequences, width, prompt_lengths, n, generator)
-        # Jacobi verifies at least one new token per forward, so a chunk converges within n
-        # iterations: this bounds the number of steps in both modes (and sizes the step logs).
-        max_steps = max_new_tokens + n
+        pad_id = settings.pad_token_id
+        needed = max(longest, width) + max_new_tokens
+        capacity = self.max_seq_len if self.max_seq_len is not None else _capacity_bucket(needed)
         logging = return_stats or record_trajectory
+        eos_slots = max(4, len(settings.eos_ids))
+        entry = self._entry(batch, capacity, eos_slots, settings, logging, device)
+        state = entry.state
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         started = time.perf_counter()
-        with jacobi_attention_enabled(self.model, cache, self.attention_backend):
-            first_logits = self._prefill(cache, input_ids, prompt_lengths)
-            cache.cache_seqlens.copy_(prompt_lengths.to(torch.int32))
+        with jacobi_attention_enabled(self.model, state.cache, self.attention_backend):
+            state.cache.reset()
+            first_logits = self._prefill(state.cache, input_ids, attention_mask, prompt_lengths)
+            state.cache.cache_seqlens.copy_(prompt_lengths.to(torch.int32))
+            state.tokens.fill_(pad_id)
+            state.tokens[:, :width] = input_ids
+            pad_lengths = (attention_mask != 0).to(torch.int8).argmax(dim=1)
+            state.pad_lengths.copy_(pad_lengths)
+            if entry.config.processing is not None:
+                cur_len = torch.full((batch, 1), width, dtype=torch.long, device=device)
+                first_logits = entry.config.processing.apply(first_logits[:, None], state.tokens, cur_len, pad_lengths)
+                first_logits = first_logits[:, 0]
             first = first_logits.argmax(dim=-1)
-            sequences[:, width] = first
-            eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device)
-            state = _DecodeState(
-                cache=cache,
-                guesses=guesses,
-                block=guesses.fill().clone(),
-                out_tokens=sequences[:, width:],
-                n_generated=torch.ones(batch, dtype=torch.int32, device=device),
-                done=torch.isin(first, eos_ids) | (max_new_tokens <= 1),
-                eos_ids=eos_ids,
-                max_new_tokens=max_new_tokens,
-                max_steps=max_steps,
-                histogram=torch.zeros(n + 1, dtype=torch.long, device=device),
-                forwards=torch.zeros((), dtype=torch.long, device=device),
-                step=torch.zeros(1, dtype=torch.long, device=device),
-                log_blocks=torch.zeros((max_steps, batch, n), dtype=torch.long, device=device) if logging else None,
-                log_starts=torch.zeros((max_steps, batch), dtype=torch.int32, device=device) if logging else None,
-                log_accepted=torch.zeros((max_steps, batch), dtype=torch.int32, device=device) if logging else None,
-            )
+            state.tokens[:, width] = first
+            state.lengths.fill_(width + 1)
+            state.limits.fill_(width + max_new_tokens)
+            state.eos_ids.fill_(-1)
+            if settings.eos_ids:
+                state.eos_ids[: len(settings.eos_ids)] = torch.tensor(settings.eos_ids, device=device)
+            state.done.copy_(torch.isin(first, state.eos_ids) | (max_new_tokens <= 1))
+            # Slots past max_new_tokens are never emitted; with length-dependent RoPE they must not
+            # push the forward's largest position past what HF's own decoding reaches.
+            position_limit = torch.full_like(prompt_lengths, 2**62)
+            if self.rope_switches:
+                position_limit = (prompt_lengths + max_new_tokens - 2).clamp(min=0)
+            if self.info.max_positions is not None:
+                position_limit = position_limit.clamp(max=self.info.max_positions - 1)
+            state.position_limit.copy_(position_limit)
+            for buffer in (state.histogram, state.verified_in_chunk, state.step, state.candidate_wins):
+                buffer.zero_()
+            if state.pool is not None:
+                self._seed_pool(state, width)
+            prompt_starts = pad_lengths.to(torch.long)
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            state.guesses.start(state.tokens, prompt_starts, torch.full_like(prompt_starts, width), n, generator)
+            state.block.copy_(state.guesses.fill())
             state.block[:, 0] = first
-            guesses.refine(state.block, state.n_generated, ~state.done)
+            state.guesses.refine(state.block, state.lengths, ~state.done)
             sync()
             prefill_done = time.perf_counter()
             if streamer is not None:
                 streamer.put(first.cpu())
+            max_steps = max_new_tokens + n
+            capture_seconds = 0.0
             if self.cuda_graph:
-                self._run_cuda_graph(state, streamer)
+                capture_seconds = self._capture(entry)
+                capture_done = time.perf_counter()
+                self._run_graph(entry, max_steps, streamer, width + 1)
             else:
-                self._run_eager(state, streamer)
+                capture_done = prefill_done
+                self._run_eager(entry, max_steps, streamer, width + 1, width)
             sync()
             decode_done = time.perf_counter()
         if streamer is not None:
             streamer.end()
 
-        lengths = state.n_generated.tolist()
-        result = sequences[:, : width + max(lengths)].clone()
+        lengths = state.lengths.tolist()
+        generated = [length - width for length in lengths]
+        columns = torch.arange(width + max(generated), device=device)
+        result = state.tokens[:, : width + max(generated)]
+        result = torch.where(columns[None, :] < state.lengths[:, None], result, pad_id)
         trajectories = None
         if logging:
             steps_taken = int(state.step)
-            final_tokens = [state.out_tokens[row, : lengths[row]].tolist() for row in range(batch)]
+            final_tokens = [state.tokens[row, width : lengths[row]].tolist() for row in range(batch)]
+            starts = state.log_lengths[:steps_taken] - (width + 1)
             trajectories = build_trajectories(
                 state.log_blocks[:steps_taken],
-                state.log_starts[:steps_taken],
+                starts,
                 state.log_accepted[:steps_taken],
                 final_tokens,
                 prompt_lengths.tolist(),
@@ -481,14 +637,37 @@ class JacobiEngine:
         if stats is not None:
             histogram = state.histogram.tolist()
             histogram[0] = 0  # zeros are rows that had already finished, not forwards
-            stats.forward_passes = 1 + int(state.forwards)
-            stats.tokens_generated = sum(lengths)
+            stats.forward_passes = 1 + int(state.step)
+            stats.tokens_generated = sum(generated)
             stats.tokens_per_forward = stats.tokens_generated / (batch + sum(histogram))
             stats.accepted_histogram = histogram
             stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
             stats.prefill_seconds = prefill_done - started
-            stats.decode_seconds = decode_done - prefill_done
+            stats.capture_seconds = capture_seconds
+            stats.candidate_wins = int(state.candidate_wins)
+            stats.decode_seconds = decode_done - capture_done
         return JacobiOutput(result, stats, trajectories if record_trajectory else None)
+
+
+def _snapshot(state: StepState) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, copy) of every small piece of mutable step state, the guess strategy's included."""
+    tensors = [
+        state.tokens,
+        state.block,
+        state.lengths,
+        state.done,
+        state.histogram,
+        state.verified_in_chunk,
+        state.step,
+        state.cache.cache_seqlens,
+    ]
+    tensors += [value for value in vars(state.guesses).values() if isinstance(value, torch.Tensor)]
+    return [(tensor, tensor.clone()) for tensor in tensors]
+
+
+def _restore(snapshot) -> None:
+    for tensor, saved in snapshot:
+        tensor.copy_(saved)
 
 
 def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
@@ -503,6 +682,10 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
         "verify_backend",
         "cuda_graph",
         "sync_every",
+        "candidates",
+        "candidate_len",
+        "pool_buckets",
+        "pool_slots",
     )
     engine_kwargs = {key: kwargs.pop(key) for key in engine_keys if key in kwargs}
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **kwargs)

@@ -1,8 +1,8 @@
 """GSM8K: prompt format, final-answer extraction and the repo's data splits.
 
-The splits live in the checkout as ``data/gsm8k/{train,eval}.jsonl.gz`` (made by
-``python/examples/prepare_gsm8k.py``): ``eval`` is the last 500 problems of GSM8K's training
-split, held out from tokenizer and model training. Each line is ``{"question", "answer"}``;
+The splits (made by ``python/examples/prepare_gsm8k.py``): ``train`` lives in the checkout as
+``data/gsm8k/train.jsonl.gz``; ``eval``, the last 500 problems of GSM8K's training split, held out
+from tokenizer and model training, ships in the package (``assets/gsm8k/eval.jsonl.gz``). Each line is ``{"question", "answer"}``;
 an answer is a short chain of thought ending in ``#### <final number>``.
 """
 
@@ -54,18 +54,22 @@ def load_jsonl_gz(path: str | Path) -> list[dict]:
 
 
 def repo_data_path(split: str) -> Path:
-    """``data/gsm8k/<split>.jsonl.gz`` of the checkout this package was imported from.
+    """The path of a GSM8K split.
 
-    The data ships with the repository, not with the installed package, so this only works
-    from a checkout (including an editable install)."""
+    ``eval`` (500 held-out problems, 90 kB) ships inside the package
+    (``jacobi_engine/assets/gsm8k/eval.jsonl.gz``), so the benchmark and the examples run from
+    any install. ``train`` (1.2 MB) ships with the repository only: ``data/gsm8k/train.jsonl.gz``
+    of the checkout this package was imported from (an editable install works)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "eval":
+        return Path(__file__).resolve().parent / "assets" / "gsm8k" / "eval.jsonl.gz"
     repo_root = Path(__file__).resolve().parent.parent
     path = repo_root / "data" / "gsm8k" / f"{split}.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: the GSM8K splits ship with the repository, not the installed package. "
-            "Run from a checkout of jacobi-engine (an editable install works), or recreate them with "
-            "`python python/examples/prepare_gsm8k.py`."
+            f"{path} not found: the GSM8K training split ships with the repository, not the installed "
+            "package. Run from a checkout of jacobi-engine (an editable install works), or recreate it with "
+            "`python python/examples/prepare_gsm8k.py --out DIR`."
         )
     return path

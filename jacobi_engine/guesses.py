@@ -18,28 +18,33 @@ import torch
 
 
 class GuessStrategy:
-    """Base class. Subclasses override :meth:`fill` and, optionally, :meth:`refine`."""
+    """Base class. Subclasses override :meth:`fill` and, optionally, :meth:`refine`.
+
+    State a strategy keeps between steps must live in tensors that :meth:`start` refills in
+    place (:meth:`_keep`): the engine reuses one strategy object per step cache entry, and a
+    captured CUDA graph replays on the addresses it saw at capture.
+    """
 
     name = "custom"
 
     def start(
         self,
-        sequences: torch.Tensor,
-        prompt_width: int,
-        prompt_lengths: torch.Tensor,
+        tokens: torch.Tensor,
+        prompt_starts: torch.Tensor,
+        prompt_ends: torch.Tensor,
         block_size: int,
         generator: torch.Generator,
     ) -> None:
         """Called once per ``generate``.
 
-        ``sequences`` int64 [B, P + max_new_tokens] is the engine's token buffer: the prompt,
-        left-padded, in ``[:, :P]`` (P = ``prompt_width``) and the generated tokens after it, so
-        each row's known tokens are contiguous in ``[P - prompt_lengths[b], P + n_generated[b])``.
-        The buffer is updated in place as tokens are generated.
+        ``tokens`` int64 [B, W] is the engine's token buffer, updated in place as tokens are
+        generated: row ``b``'s prompt is ``tokens[b, prompt_starts[b]:prompt_ends[b]]`` (int64
+        [B] each) and its generated tokens follow, so the known tokens of a row are contiguous
+        in ``[prompt_starts[b], lengths[b])`` (``lengths`` as given to :meth:`refine`).
         """
-        self.sequences = sequences
-        self.prompt_width = prompt_width
-        self.prompt_lengths = prompt_lengths.to(torch.long)
+        self.tokens = tokens
+        self.prompt_starts = self._keep("prompt_starts", prompt_starts.to(torch.long))
+        self.prompt_ends = self._keep("prompt_ends", prompt_ends.to(torch.long))
         self.block_size = block_size
         self.generator = generator
 
@@ -47,8 +52,23 @@ class GuessStrategy:
         """Guesses int64 [B, n] for freed slots (slot ``j`` of the next block takes column ``j``)."""
         raise NotImplementedError
 
-    def refine(self, block: torch.Tensor, n_generated: torch.Tensor, rows: torch.Tensor) -> None:
-        """Optionally rewrite ``block[rows, 1:]`` in place after a commit. Default: keep it."""
+    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:
+        """Optionally rewrite ``block[rows, 1:]`` in place after a commit. ``lengths`` int32 [B]
+        is one past each row's last known token. Default: keep the block."""
+
+    def _keep(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` stored as attribute ``name``, copied into the existing tensor when shapes match."""
+        current = getattr(self, name, None)
+        if (
+            isinstance(current, torch.Tensor)
+            and current.shape == value.shape
+            and current.dtype == value.dtype
+            and current.device == value.device
+        ):
+            current.copy_(value)
+            return current
+        setattr(self, name, value)
+        return value
 
 
 class RandomPromptGuess(GuessStrategy):
@@ -61,16 +81,16 @@ class RandomPromptGuess(GuessStrategy):
     name = "random_prompt"
     pool_steps = 64  # blocks' worth of random tokens in the pool
 
-    def start(self, sequences, prompt_width, prompt_lengths, block_size, generator) -> None:
-        super().start(sequences, prompt_width, prompt_lengths, block_size, generator)
-        batch = sequences.shape[0]
+    def start(self, tokens, prompt_starts, prompt_ends, block_size, generator) -> None:
+        super().start(tokens, prompt_starts, prompt_ends, block_size, generator)
+        batch = tokens.shape[0]
         pool_size = block_size * self.pool_steps
-        uniform = torch.rand((batch, pool_size), generator=generator, device=generator.device).to(sequences.device)
-        offsets = (uniform * self.prompt_lengths[:, None]).long().clamp(max=prompt_width - 1)
-        columns = prompt_width - self.prompt_lengths[:, None] + offsets
-        self.pool = sequences.gather(1, columns)  # [B, pool_size]
-        self.pool_columns = torch.arange(block_size, device=sequences.device)
-        self.draws = torch.zeros((), dtype=torch.long, device=sequences.device)
+        uniform = torch.rand((batch, pool_size), generator=generator, device=generator.device).to(tokens.device)
+        spans = self.prompt_ends - self.prompt_starts
+        columns = self.prompt_starts[:, None] + (uniform * spans[:, None]).long().clamp(max=spans[:, None] - 1)
+        self.pool = self._keep("pool", tokens.gather(1, columns))  # [B, pool_size]
+        self.pool_columns = self._keep("pool_columns", torch.arange(block_size, device=tokens.device))
+        self.draws = self._keep("draws", torch.zeros((), dtype=torch.long, device=tokens.device))
 
     def fill(self) -> torch.Tensor:
         columns = (self.draws * self.block_size + self.pool_columns) % self.pool.shape[1]
@@ -96,22 +116,22 @@ class NgramGuess(RandomPromptGuess):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def refine(self, block: torch.Tensor, n_generated: torch.Tensor, rows: torch.Tensor) -> None:
+    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:
         n = self.block_size
         if n < 2:
             return
-        sequences = self.sequences
-        batch, width = sequences.shape
-        end = self.prompt_width + n_generated.to(torch.long)  # one past the last known token
-        begin = self.prompt_width - self.prompt_lengths
-        positions = torch.arange(width, device=sequences.device)
-        best_start = torch.full((batch,), -1, dtype=torch.long, device=sequences.device)
+        tokens = self.tokens
+        batch, width = tokens.shape
+        end = lengths.to(torch.long)  # one past the last known token
+        begin = self.prompt_starts
+        positions = torch.arange(width, device=tokens.device)
+        best_start = torch.full((batch,), -1, dtype=torch.long, device=tokens.device)
         for k in range(self.max_ngram, self.min_ngram - 1, -1):
             if width <= k:
                 continue
-            suffix_cols = (end[:, None] - k + torch.arange(k, device=sequences.device)).clamp(min=0)
-            suffix = sequences.gather(1, suffix_cols)  # [B, k]
-            windows = sequences.unfold(1, k, 1)  # [B, width-k+1, k]
+            suffix_cols = (end[:, None] - k + torch.arange(k, device=tokens.device)).clamp(min=0)
+            suffix = tokens.gather(1, suffix_cols)  # [B, k]
+            windows = tokens.unfold(1, k, 1)  # [B, width-k+1, k]
             starts = positions[: width - k + 1]
             # An earlier occurrence: inside the known tokens and ending before the suffix itself.
             valid = (starts[None, :] >= begin[:, None]) & (starts[None, :] + k < end[:, None])
@@ -121,10 +141,10 @@ class NgramGuess(RandomPromptGuess):
             found = (latest >= 0) & (best_start < 0)
             best_start = torch.where(found, latest + k, best_start)  # first continuation token
         use = (best_start >= 0) & rows
-        slots = torch.arange(1, n, device=sequences.device)
+        slots = torch.arange(1, n, device=tokens.device)
         source = best_start[:, None] + slots[None, :] - 1  # [B, n-1]
         in_range = use[:, None] & (source < end[:, None])
-        proposal = sequences.gather(1, source.clamp(min=0, max=width - 1))
+        proposal = tokens.gather(1, source.clamp(min=0, max=width - 1))
         block[:, 1:] = torch.where(in_range, proposal, block[:, 1:])
 
 

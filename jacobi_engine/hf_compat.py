@@ -27,6 +27,38 @@ class ModelInfo:
     num_layers: int
 
 
+def check_single_device(model: torch.nn.Module) -> None:
+    """Refuse a model that accelerate split across devices (``device_map`` pipeline placement).
+
+    The engine keeps one KV cache and runs its verify op on one device; a model whose layers sit
+    on different devices would need both on every one of them. Offloading to ``"cpu"``/``"disk"``
+    is fine: accelerate's hooks bring those weights to the one execution device for each forward.
+    Tensor parallelism (``tp_plan``) shards within every layer and is supported.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return
+    offload = {"cpu", "disk", "meta"}
+    devices = {_device_name(device) for device in device_map.values()}
+    compute = devices - offload or devices & {"cpu"}
+    if len(compute) > 1:
+        entries = [f"{name or '<root>'}: {device}" for name, device in device_map.items()]
+        placement = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise ValueError(
+            f"model is split across devices {sorted(compute)} by device_map ({placement}); JacobiEngine needs "
+            "the whole model on one device: load it with device_map='cuda:0' (or one device), or use tensor "
+            "parallelism (from_pretrained(..., tp_plan='auto') under torchrun) to spread a large model over GPUs"
+        )
+
+
+def _device_name(device) -> str:
+    """accelerate's device_map values (0, "cuda:1", "cpu", "disk", torch.device) as one spelling."""
+    if isinstance(device, str) and device in ("cpu", "disk", "meta"):
+        return device
+    device = torch.device(device)  # an int is an accelerator index, as torch.device(0) reads it
+    return f"{device.type}:{device.index or 0}" if device.type != "cpu" else "cpu"
+
+
 def _forward_parameters(model: torch.nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
@@ -50,6 +82,7 @@ def inspect_model(model: object) -> ModelInfo:
             f"model {type(model).__name__} does not route attention through transformers' AttentionInterface, "
             "which jacobi_engine plugs into; use a model class that does (Llama, Qwen2, Mistral, GPT-2, ...)"
         )
+    check_single_device(model)
     parameters = _forward_parameters(model)
     if "position_ids" not in parameters:
         raise ValueError(f"model {type(model).__name__}.forward does not accept position_ids")
@@ -66,13 +99,15 @@ def inspect_model(model: object) -> ModelInfo:
     embeddings = model.get_input_embeddings()
     vocab_size = getattr(embeddings, "num_embeddings", None) or text_config.vocab_size
     num_layers = text_config.num_hidden_layers
-    return ModelInfo(
+    info = ModelInfo(
         cache_keyword=cache_keyword,
         accepts_logits_to_keep="logits_to_keep" in parameters,
         max_positions=max_positions,
         vocab_size=int(vocab_size),
         num_layers=int(num_layers),
     )
+    __import__("jacobi_engine.support").support.check_supported(model, info)  # stateful layers, probe forward
+    return info
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -94,3 +129,60 @@ def eos_ids_from(value, generation_config) -> list[int]:
         if isinstance(token, bool) or not isinstance(token, int) or token < 0:
             raise ValueError(f"eos_token_id must hold non-negative ints, got {value!r}")
     return ids
+
+
+# RoPE types whose frequencies are picked from the largest position of each forward.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def length_dependent_rope(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """(rope type, switch length) of every rotary module whose frequencies depend on the sequence length.
+
+    Such a module changes its frequencies once ``max(position_ids) + 1`` passes the switch length:
+    ``dynamic`` (NTK scaling) past ``original_max_seq_len``, ``longrope`` (Phi-3) past
+    ``original_max_position_embeddings``. In HF's token-by-token decoding that maximum is the
+    current length, so a request that never passes the switch length never switches.
+    """
+    found = []
+    for module in model.modules():
+        rope_types = getattr(module, "rope_type", None)
+        if rope_types is None or not hasattr(module, "inv_freq") and not hasattr(module, "original_inv_freq"):
+            continue
+        if isinstance(rope_types, str):
+            rope_types = {None: rope_types}
+        if not isinstance(rope_types, dict):
+            continue
+        for layer_type, rope_type in rope_types.items():
+            if rope_type not in LENGTH_DEPENDENT_ROPE:
+                continue
+            switch = None
+            parameters = getattr(getattr(module, "config", None), "rope_parameters", None) or {}
+            if layer_type is not None and isinstance(parameters.get(layer_type), dict):
+                parameters = parameters[layer_type]
+            if rope_type == "longrope":
+                switch = parameters.get("original_max_position_embeddings")
+            if switch is None:
+                switch = getattr(module, "original_max_seq_len", None)
+            if isinstance(switch, int) and switch > 0:
+                found.append((rope_type, switch))
+    return found
+
+
+def has_windowed_attention(model: torch.nn.Module) -> bool:
+    """Whether any layer attends through a sliding window or in chunks (masks counted in token slots)."""
+    for module in model.modules():
+        if getattr(module, "sliding_window", None):
+            return True
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for config in configs:
+        layer_types = getattr(config, "layer_types", None)
+        if getattr(config, "attention_chunk_size", None):
+            return True
+        if layer_types:
+            if any("sliding" in str(kind) or "chunk" in str(kind) for kind in layer_types):
+                return True
+        elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            return True  # models without layer_types pass config.sliding_window to every layer (Mistral)
+    return False

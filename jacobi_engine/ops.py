@@ -39,7 +39,7 @@ def resolve_attention_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
+def _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks=None, chunk_size=None) -> None:
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -49,23 +49,52 @@ def _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens) -> N
         raise TypeError("cache_seqlens must be an int32 torch.Tensor")
     batch, n, n_heads, head_dim = q.shape
     _, capacity, n_kv_heads, _ = k_cache.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+    value_dim = v_cache.shape[3]
+    if (
+        k_cache.shape[0] != batch
+        or k_cache.shape[3] != head_dim
+        or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3])
+    ):
         raise ValueError(
-            f"k_cache/v_cache must both be [B={batch}, S, Hkv, D={head_dim}], got {tuple(k_cache.shape)} "
-            f"and {tuple(v_cache.shape)}"
+            f"k_cache must be [B={batch}, S, Hkv, D_k={head_dim}] and v_cache [B, S, Hkv, D_v] with the same B, S "
+            f"and Hkv, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    expected_new = (batch, n, n_kv_heads, head_dim)
-    if tuple(k_new.shape) != expected_new or tuple(v_new.shape) != expected_new:
-        raise ValueError(f"k_new/v_new must be {expected_new}, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if tuple(k_new.shape) != (batch, n, n_kv_heads, head_dim):
+        raise ValueError(f"k_new must be {(batch, n, n_kv_heads, head_dim)}, got {tuple(k_new.shape)}")
+    if tuple(v_new.shape) != (batch, n, n_kv_heads, value_dim):
+        raise ValueError(f"v_new must be {(batch, n, n_kv_heads, value_dim)}, got {tuple(v_new.shape)}")
     if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
         raise ValueError(f"q heads ({n_heads}) must be a multiple of the cache's kv heads ({n_kv_heads})")
     if tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"cache_seqlens must have shape [{batch}], got {tuple(cache_seqlens.shape)}")
-    devices = {t.device for t in (q, k_cache, v_cache, k_new, v_new, cache_seqlens)}
+    tensors = [q, k_cache, v_cache, k_new, v_new, cache_seqlens]
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating-point torch.Tensor, got {type(sinks).__name__}")
+        if tuple(sinks.shape) != (n_heads,):
+            raise ValueError(f"sinks must have shape [Hq={n_heads}], got {tuple(sinks.shape)}")
+        tensors.append(sinks)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all attention inputs must be on one device, got {sorted(map(str, devices))}")
     if n > capacity:
         raise ValueError(f"block of {n} tokens does not fit a cache of {capacity} rows")
+
+
+def _check_tree(q, tree_mask, tree_depth) -> None:
+    if (tree_mask is None) != (tree_depth is None):
+        raise ValueError("tree_mask and tree_depth go together: pass both or neither")
+    if tree_mask is None:
+        return
+    n = q.shape[1]
+    if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.bool or tuple(tree_mask.shape) != (n, n):
+        raise ValueError(f"tree_mask must be a bool tensor of shape [n={n}, n={n}]")
+    if not isinstance(tree_depth, torch.Tensor) or tree_depth.dtype != torch.int32 or tuple(tree_depth.shape) != (n,):
+        raise ValueError(f"tree_depth must be an int32 tensor of shape [n={n}]")
+    if tree_mask.device != q.device or tree_depth.device != q.device:
+        raise ValueError("tree_mask and tree_depth must be on the device of q")
 
 
 def jacobi_attention(
@@ -82,50 +111,51 @@ def jacobi_attention(
     softcap: float | None = None,
     kv_len: int | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of an n-token block over each sequence's cached prefix, appending the block's K/V.
 
-    ``q`` [B, n, Hq, D]; ``k_cache``/``v_cache`` [B, S, Hkv, D]; ``k_new``/``v_new`` [B, n, Hkv, D];
-    ``cache_seqlens`` int32 [B]. Returns ``out`` [B, n, Hq, D].
+    ``q`` [B, n, Hq, D_k]; ``k_cache`` [B, S, Hkv, D_k], ``v_cache`` [B, S, Hkv, D_v];
+    ``k_new`` [B, n, Hkv, D_k], ``v_new`` [B, n, Hkv, D_v]; ``cache_seqlens`` int32 [B].
+    Returns ``out`` [B, n, Hq, D_v] (the value head size comes from ``v_cache``; D_k != D_v is MLA).
 
     Writes ``k_new``/``v_new`` at cache rows ``cache_seqlens[b] .. cache_seqlens[b]+n-1``; query ``i``
     of sequence ``b`` attends to rows ``0 .. cache_seqlens[b]+i``. ``cache_seqlens`` is not advanced.
     The caller guarantees ``cache_seqlens[b] + n <= S`` (checking it here would need a host sync).
-    ``sliding_window`` keeps only the last that-many rows visible to each query, ``softcap`` applies
-    ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma 2), ``kv_len`` is an optional
+    ``sliding_window`` keeps only the last that-many rows visible to each query, ``chunk_size`` only
+    the rows of the query's own chunk (``row // chunk_size`` equal; Llama 4), ``softcap`` applies
+    ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma 2), ``sinks`` [Hq] adds one logit per
+    head to every softmax denominator (attention sinks: gpt-oss), ``kv_len`` is an optional
     host-side bound on ``max(cache_seqlens) + n`` and ``out`` an optional output buffer.
+    ``tree_mask`` bool [n, n] and ``tree_depth`` int32 [n] (both or neither) lay the block out as a
+    token tree, the Jacobi block followed by candidate branches: token ``i`` sees the prefix and the
+    block tokens ``j`` with ``tree_mask[i, j]``, at position ``cache_seqlens[b] + tree_depth[i]``.
     """
-    _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens)
+    _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks, chunk_size)
+    _check_tree(q, tree_mask, tree_depth)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    features = dict(
+        sliding_window=sliding_window,
+        softcap=softcap,
+        sinks=sinks,
+        chunk_size=chunk_size,
+        out=out,
+        tree_mask=tree_mask,
+        tree_depth=tree_depth,
+    )
     resolved = resolve_attention_backend(backend, q.device)
     if resolved == "triton":
         from jacobi_engine import triton_attention
 
         return triton_attention.jacobi_attention(
-            q,
-            k_cache,
-            v_cache,
-            k_new,
-            v_new,
-            cache_seqlens,
-            softmax_scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            out=out,
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, **features
         )
     return reference.jacobi_attention(
-        q,
-        k_cache,
-        v_cache,
-        k_new,
-        v_new,
-        cache_seqlens,
-        softmax_scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        kv_len=kv_len,
-        out=out,
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, kv_len=kv_len, **features
     )
 
 
@@ -138,15 +168,27 @@ def verify_and_commit(
     n_generated: torch.Tensor,
     done: torch.Tensor,
     eos_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: torch.Tensor | int,
     chunked: bool,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Fused Jacobi fixed-point check + commit; see :func:`jacobi_engine.reference.verify_and_commit`.
 
+    ``max_new_tokens`` is int32 [B] (one limit per sequence, on the device so a captured CUDA graph
+    serves any request); a Python int is broadcast to every sequence for convenience.
     One launch, no host synchronisation. Returns ``n_accepted`` int32 [B] (0 for finished rows).
     """
     _check_choice("backend", backend, VERIFY_BACKENDS)
+    if not isinstance(max_new_tokens, torch.Tensor):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int or an int32 tensor, got {type(max_new_tokens).__name__}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(out_tokens, torch.Tensor) and out_tokens.dim() == 2 and out_tokens.shape[1] < max_new_tokens:
+            raise ValueError(
+                f"out_tokens has {out_tokens.shape[1]} columns, fewer than max_new_tokens={max_new_tokens}"
+            )
+        max_new_tokens = torch.full((block.shape[0],), max_new_tokens, dtype=torch.int32, device=block.device)
     if backend == "torch":
         return reference.verify_and_commit(
             scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
@@ -161,3 +203,8 @@ def _verify_and_commit_fake(
     scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
 ):
     return block.new_empty((block.shape[0],), dtype=torch.int32)
+
+
+def move_cache_rows(buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int) -> None:
+    """KV commit of a winning candidate branch; see :func:`jacobi_engine.reference.move_cache_rows`."""
+    reference.move_cache_rows(buffers, src, dst, rows)

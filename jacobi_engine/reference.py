@@ -26,16 +26,30 @@ def jacobi_attention(
     softcap: float | None = None,
     kv_len: int | None = None,
     out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
 
-    Shapes: ``q`` [B, n, Hq, D]; ``k_cache``/``v_cache`` [B, S, Hkv, D]; ``k_new``/``v_new``
-    [B, n, Hkv, D]; ``cache_seqlens`` int32 [B]. Returns ``out`` [B, n, Hq, D] in ``q``'s dtype.
+    Shapes: ``q`` [B, n, Hq, D_k]; ``k_cache`` [B, S, Hkv, D_k], ``v_cache`` [B, S, Hkv, D_v];
+    ``k_new`` [B, n, Hkv, D_k], ``v_new`` [B, n, Hkv, D_v]; ``cache_seqlens`` int32 [B]; ``sinks``
+    [Hq] or None. Returns ``out`` [B, n, Hq, D_v] in ``q``'s dtype.
 
     ``k_new``/``v_new`` are written to cache rows ``cache_seqlens[b] .. cache_seqlens[b]+n-1``.
-    Query ``i`` of sequence ``b`` attends to rows ``0 .. cache_seqlens[b]+i`` (bottom-right
-    aligned causal mask, as ``flash_attn_with_kvcache``), restricted to the last
-    ``sliding_window`` rows when that is set. ``cache_seqlens`` is not advanced.
+    Query ``i`` of sequence ``b`` (at row ``r = cache_seqlens[b]+i``) attends to rows ``0 .. r``
+    (bottom-right aligned causal mask, as ``flash_attn_with_kvcache``), restricted to the last
+    ``sliding_window`` rows when that is set and to the rows ``j`` with ``j // chunk_size == r //
+    chunk_size`` when ``chunk_size`` is set. ``softcap`` maps scaled scores ``s`` to
+    ``softcap * tanh(s / softcap)``; ``sinks[h]`` is an extra logit in head ``h``'s softmax
+    denominator that attends to nothing. ``cache_seqlens`` is not advanced.
+
+    A token tree (a Jacobi block followed by candidate branches) replaces the causal in-block
+    mask: ``tree_mask`` bool [n, n] says which block tokens token ``i`` sees (itself included) and
+    ``tree_depth`` int [n] is each token's position offset, so token ``i`` sits at position
+    ``cache_seqlens[b] + tree_depth[i]`` for the window and chunk masks. The prefix rows stay visible
+    to every token. ``tree_mask = tril(ones)`` with ``tree_depth = arange(n)`` is the plain block.
 
     ``kv_len`` is an optional host-side upper bound on ``cache_seqlens.max() + n``; it only
     limits how many cache rows are read. Rows past ``cache_seqlens[b] + n`` must be finite
@@ -43,6 +57,7 @@ def jacobi_attention(
     """
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
+    value_dim = v_cache.shape[3]
     seq_capacity = k_cache.shape[1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
@@ -52,18 +67,33 @@ def jacobi_attention(
     k_cache.view(-1, n_kv_heads, head_dim).index_copy_(
         0, flat_rows, k_new.reshape(-1, n_kv_heads, head_dim).to(k_cache.dtype)
     )
-    v_cache.view(-1, n_kv_heads, v_cache.shape[-1]).index_copy_(
-        0, flat_rows, v_new.reshape(-1, n_kv_heads, v_new.shape[-1]).to(v_cache.dtype)
+    v_cache.view(-1, n_kv_heads, value_dim).index_copy_(
+        0, flat_rows, v_new.reshape(-1, n_kv_heads, value_dim).to(v_cache.dtype)
     )
 
     kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
-    key_pos = torch.arange(kv_len, device=q.device)
-    visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
+    key_rows = torch.arange(kv_len, device=q.device)
+    if tree_mask is None:
+        key_pos = key_rows[None, None, :]  # a cache row's position is its index
+        query_pos = rows[:, :, None]
+        visible = key_pos <= query_pos  # [B, n, kv_len]
+    else:
+        starts = cache_seqlens.to(torch.long)[:, None, None]
+        depth = tree_depth.to(torch.long)
+        in_block = key_rows[None, None, :] - starts  # [B, 1, kv_len]: index of the key in the block
+        inside = (in_block >= 0) & (in_block < n)
+        block_index = in_block.clamp(0, n - 1)
+        visible = (in_block < 0) | (inside & tree_mask[torch.arange(n, device=q.device)[None, :, None], block_index])
+        key_pos = torch.where(inside, starts + depth[block_index], key_rows[None, None, :])
+        query_pos = starts + depth[None, :, None]
     if sliding_window is not None and sliding_window > 0:
-        visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
-    keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D] views, no copies
+        visible = visible & (key_pos > query_pos - sliding_window)
+    if chunk_size is not None:
+        visible = visible & (key_pos // chunk_size == query_pos // chunk_size)
+    keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D_k] views, no copies
     values = v_cache[:, :kv_len].transpose(1, 2)
-    if softcap is None or softcap <= 0:
+    has_softcap = softcap is not None and softcap > 0
+    if not has_softcap and sinks is None:
         result = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             keys.to(q.dtype),
@@ -73,17 +103,23 @@ def jacobi_attention(
             enable_gqa=n_heads != n_kv_heads,
         ).transpose(1, 2)
     else:
-        # Soft-capping (Gemma 2) has no SDPA equivalent: spell the attention out, GQA grouped
-        # as [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D] so K/V are never repeated.
+        # Soft-capping (Gemma 2) and sinks have no SDPA equivalent: spell the attention out, GQA
+        # grouped as [B, Hkv, group, n, D] x [B, Hkv, 1, kv_len, D] so K/V are never repeated.
         group = n_heads // n_kv_heads
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_grouped = q.reshape(batch, n, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
         scores = torch.matmul(q_grouped.to(compute_dtype), keys[:, :, None].to(compute_dtype).transpose(-1, -2))
-        scores = torch.tanh(scores * (softmax_scale / softcap)) * softcap
+        scores = scores * softmax_scale
+        if has_softcap:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        result = torch.matmul(probs, values[:, :, None].to(compute_dtype))  # [B, Hkv, group, n, D]
-        result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, -1)
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            sink_logits = sinks.to(compute_dtype).reshape(1, n_kv_heads, group, 1, 1).expand(batch, -1, -1, n, 1)
+            probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1)[..., :-1]
+        result = torch.matmul(probs, values[:, :, None].to(compute_dtype))  # [B, Hkv, group, n, D_v]
+        result = result.permute(0, 3, 1, 2, 4).reshape(batch, n, n_heads, value_dim)
     result = result.to(q.dtype)
     if out is None:
         return result
@@ -100,7 +136,7 @@ def verify_and_commit(
     n_generated: torch.Tensor,
     done: torch.Tensor,
     eos_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: torch.Tensor,
     chunked: bool,
 ) -> torch.Tensor:
     """One Jacobi fixed-point check and commit, for every sequence of the batch.
@@ -108,9 +144,9 @@ def verify_and_commit(
     ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
     ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
     rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees.
-    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >=max_new_tokens] (any row stride; with ``max_new_tokens + n`` columns
-    the reference runs without data-dependent shapes),
-    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E].
+    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >= max(max_new_tokens)] (any row stride),
+    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E]
+    (ids < 0 never match: padding), ``max_new_tokens`` int32 [B] is each sequence's own limit.
 
     Per active sequence, with ``p = argmax(scores)``: the accepted count ``a`` is 1 plus the length
     of the longest prefix with ``block[j+1] == p[j]``. The verified tokens are ``p[:a]``. They are
@@ -137,22 +173,20 @@ def verify_and_commit(
     else:
         has_eos = torch.zeros_like(done)
         first_eos = torch.full_like(n_accepted, n)
-    remaining = max_new_tokens - n_generated.to(torch.long)
+    remaining = max_new_tokens.to(torch.long) - n_generated.to(torch.long)
     n_emit = torch.minimum(torch.minimum(n_accepted, first_eos + 1), remaining)
     finished = has_eos | (n_emit >= remaining)
     commit = active & (finished | (n_accepted == n) | (not chunked))
 
-    # Scatter the verified tokens to columns n_generated + j; slots not emitted rewrite what is
-    # there. No data-dependent shapes (CUDA-graph safe); needs n slack columns past
-    # max_new_tokens so the columns never collide.
+    # Scatter the verified tokens to columns n_generated + j, and the slots not emitted to n spare
+    # columns past the buffer, so every index is distinct and no shape depends on data
+    # (CUDA-graph safe) whatever the buffer's width.
     emit_rows = commit[:, None] & (slots[None, :] < n_emit[:, None])
-    columns = n_generated.to(torch.long)[:, None] + slots[None, :]
-    if out_tokens.shape[1] >= max_new_tokens + n:
-        current = out_tokens.gather(1, columns)
-        out_tokens.scatter_(1, columns, torch.where(emit_rows, preds, current))
-    else:  # a narrow output buffer: fall back to indexing only the emitted slots
-        batch_index, slot_index = emit_rows.nonzero(as_tuple=True)
-        out_tokens[batch_index, columns[batch_index, slot_index]] = preds[batch_index, slot_index]
+    width = out_tokens.shape[1]
+    columns = torch.where(emit_rows, n_generated.to(torch.long)[:, None] + slots[None, :], width + slots[None, :])
+    extended = torch.cat([out_tokens, out_tokens.new_zeros((batch, n))], dim=1)
+    extended.scatter_(1, columns, preds)
+    out_tokens.copy_(extended[:, :width])
 
     shift_src = n_accepted[:, None] - 1 + slots[None, :]
     shifted = torch.where(shift_src < n, preds.gather(1, shift_src.clamp(max=n - 1)), fill)
@@ -165,3 +199,22 @@ def verify_and_commit(
     cache_seqlens.add_(torch.where(commit, advance, 0).to(cache_seqlens.dtype))
     done.logical_or_(commit & finished)
     return torch.where(active, n_accepted, 0).to(torch.int32)
+
+
+def move_cache_rows(buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int) -> None:
+    """KV commit of a winning candidate branch: copies cache rows ``src[b] .. src[b]+rows-1`` to
+    ``dst[b] .. dst[b]+rows-1`` in every buffer ``[B, S, H, D]`` of ``buffers``.
+
+    ``src``/``dst`` int64 [B]. A sequence with ``src[b] == dst[b]`` is left as it is. Ranges may
+    overlap (the rows are read before any is written). The caller keeps every row inside ``S``.
+    """
+    if not buffers or rows == 0:
+        return
+    batch, capacity = buffers[0].shape[:2]
+    offsets = torch.arange(rows, device=src.device)
+    base = torch.arange(batch, device=src.device)[:, None] * capacity
+    from_rows = (base + src[:, None] + offsets).reshape(-1)
+    to_rows = (base + dst[:, None] + offsets).reshape(-1)
+    for buffer in buffers:
+        flat = buffer.view(batch * capacity, *buffer.shape[2:])
+        flat.index_copy_(0, to_rows, flat.index_select(0, from_rows))

@@ -82,6 +82,32 @@ def _scores_log2(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _first_visible(rows, window, chunk, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
+    """First cache row a query at row ``rows`` may see: the sliding window's and the chunk's start."""
+    first = tl.zeros_like(rows)
+    if HAS_WINDOW:
+        first = tl.maximum(first, rows - window + 1)
+    if HAS_CHUNK:
+        first = tl.maximum(first, (rows // chunk) * chunk)
+    return first
+
+
+@triton.jit
+def _visible(key_rows, key_ok, query_rows, first_visible, CAUSAL: tl.constexpr, HAS_FLOOR: tl.constexpr):
+    """The one place the kernel decides which key a tile row sees: [BLOCK_M, BLOCK_N] bool.
+
+    ``key_rows``/``key_ok`` [BLOCK_N] are the keys' cache rows and whether they exist,
+    ``query_rows``/``first_visible`` [BLOCK_M] each tile row's own cache row and first visible row.
+    """
+    visible = key_ok[None, :] & (query_rows[:, None] >= 0)
+    if CAUSAL:
+        visible = visible & (key_rows[None, :] <= query_rows[:, None])
+    if HAS_FLOOR:
+        visible = visible & (key_rows[None, :] >= first_visible[:, None])
+    return visible
+
+
+@triton.jit
 def _attend_tile(
     acc,
     m_i,
@@ -123,6 +149,9 @@ def _jacobi_attention_kernel(
     O_part,
     Lse_part,
     cache_seqlens,
+    Sinks,
+    Tree,
+    Depth,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -154,15 +183,22 @@ def _jacobi_attention_kernel(
     sm_scale,
     softcap,
     window,
+    chunk,
     GROUP: tl.constexpr,
     QUERIES_PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VALUE_DIM: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr,
+    HAS_FLOOR: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TREE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -183,6 +219,7 @@ def _jacobi_attention_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     k_cache_base = K_cache + b64 * stride_kcb + kv_head64 * stride_kch
     v_cache_base = V_cache + b64 * stride_vcb + kv_head64 * stride_vch
@@ -195,11 +232,12 @@ def _jacobi_attention_kernel(
         new_rows = q_start + offs_m
         write_ok = (offs_m < QUERIES_PER_TILE) & (new_rows < n) & (prefix_len + new_rows < capacity)
         write_mask = _tile_mask(write_ok, offs_d, HEAD_DIM, BLOCK_D)
+        write_mask_v = _tile_mask(write_ok, offs_dv, VALUE_DIM, BLOCK_DV)
         k_rows = tl.load(
             k_new_base + new_rows[:, None] * stride_knn + offs_d[None, :] * stride_knd, mask=write_mask, other=0.0
         )
         v_rows = tl.load(
-            v_new_base + new_rows[:, None] * stride_vnn + offs_d[None, :] * stride_vnd, mask=write_mask, other=0.0
+            v_new_base + new_rows[:, None] * stride_vnn + offs_dv[None, :] * stride_vnd, mask=write_mask_v, other=0.0
         )
         cache_rows = prefix_len + new_rows
         tl.store(
@@ -208,9 +246,9 @@ def _jacobi_attention_kernel(
             mask=write_mask,
         )
         tl.store(
-            v_cache_base + cache_rows[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
+            v_cache_base + cache_rows[:, None] * stride_vcs + offs_dv[None, :] * stride_vcd,
             v_rows.to(V_cache.dtype.element_ty),
-            mask=write_mask,
+            mask=write_mask_v,
         )
 
     # Tile row m is query q_start + m // GROUP of q head kv_head * GROUP + m % GROUP.
@@ -225,39 +263,60 @@ def _jacobi_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # Phase 1: the cached prefix [lo, prefix_len). With a window, rows the tile's first query
-    # cannot see are skipped altogether.
-    if HAS_WINDOW:
-        lo = tl.maximum(prefix_len + q_start - window + 1, 0)
-        # Key position p is visible to query i iff p > prefix_len + i - window.
-        window_floor = prefix_len + query_idx - window
+    # Each tile row's own cache row and the first row it may see (window / chunk start). Both
+    # grow with the query index, so the tile's first query bounds the rows any of them sees.
+    if HAS_TREE:
+        # A token tree: each query's position is its depth, not its index in the block.
+        query_rows = prefix_len + tl.load(Depth + query_idx, mask=row_ok, other=0)
+    else:
+        query_rows = prefix_len + query_idx
+    first_visible = _first_visible(query_rows, window, chunk, HAS_WINDOW, HAS_CHUNK)
+    tile_first = tl.min(first_visible, 0)  # the first row's: first_visible never decreases
+
+    # Phase 1: the cached prefix [lo, prefix_len); rows no query of the tile sees are skipped.
+    if HAS_FLOOR:
+        lo = tile_first
     else:
         lo = 0
     hi = prefix_len
     if NUM_SPLITS > 1:
         span = tl.maximum(hi - lo, 0)
-        chunk = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        lo = lo + split * chunk
-        hi = tl.minimum(hi, lo + chunk)
+        split_rows = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * split_rows
+        hi = tl.minimum(hi, lo + split_rows)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
-        kv_mask = _tile_mask(pos < hi, offs_d, HEAD_DIM, BLOCK_D)
-        k = _load_rows(k_cache_base, pos, stride_kcs, stride_kcd, offs_d, kv_mask, COMPUTE_DTYPE)
-        v = _load_rows(v_cache_base, pos, stride_vcs, stride_vcd, offs_d, kv_mask, COMPUTE_DTYPE)
-        visible = (pos < hi)[None, :]
-        if HAS_WINDOW:
-            visible = visible & (pos[None, :] > window_floor[:, None])
+        k_mask = _tile_mask(pos < hi, offs_d, HEAD_DIM, BLOCK_D)
+        v_mask = _tile_mask(pos < hi, offs_dv, VALUE_DIM, BLOCK_DV)
+        k = _load_rows(k_cache_base, pos, stride_kcs, stride_kcd, offs_d, k_mask, COMPUTE_DTYPE)
+        v = _load_rows(v_cache_base, pos, stride_vcs, stride_vcd, offs_dv, v_mask, COMPUTE_DTYPE)
+        # Prefix rows precede every query: only their existence and the floor matter.
+        visible = _visible(pos, pos < hi, query_rows, first_visible, False, HAS_FLOOR)
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, True, HAS_SOFTCAP, DOT_PRECISION
         )
 
     # Phase 2: the block's own keys, read from k_new/v_new (never from the rows being written).
-    if split == 0:
-        if HAS_WINDOW:
-            j_lo = tl.maximum(q_start - window + 1, 0)
-            new_floor = query_idx - window
+    if split == 0 and HAS_TREE:
+        # Token tree: every block key may be visible (n is small); the tree says which are.
+        for start in range(0, n, BLOCK_N):
+            j = start + offs_n
+            j_ok = j < n
+            k_mask = _tile_mask(j_ok, offs_d, HEAD_DIM, BLOCK_D)
+            v_mask = _tile_mask(j_ok, offs_dv, VALUE_DIM, BLOCK_DV)
+            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, k_mask, COMPUTE_DTYPE)
+            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_dv, v_mask, COMPUTE_DTYPE)
+            key_pos = prefix_len + tl.load(Depth + j, mask=j_ok, other=0)
+            in_tree = tl.load(Tree + query_idx[:, None] * n + j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0)
+            visible = _visible(key_pos, j_ok, query_rows, first_visible, False, HAS_FLOOR) & (in_tree != 0)
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, True, HAS_SOFTCAP, DOT_PRECISION
+            )
+    elif split == 0:
+        if HAS_FLOOR:
+            j_lo = tl.maximum(tile_first - prefix_len, 0)
         else:
             j_lo = 0
         # Keys before the tile's first query are causally visible to every row of the tile, so
@@ -265,28 +324,35 @@ def _jacobi_attention_kernel(
         diag_start = j_lo + ((q_start - j_lo) // BLOCK_N) * BLOCK_N
         for start in range(j_lo, diag_start, BLOCK_N):
             j = start + offs_n
-            kv_mask = _tile_mask(j < diag_start, offs_d, HEAD_DIM, BLOCK_D)
-            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, kv_mask, COMPUTE_DTYPE)
-            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_d, kv_mask, COMPUTE_DTYPE)
-            if HAS_WINDOW:
-                visible = j[None, :] > new_floor[:, None]
-            else:
-                visible = None
+            k_mask = _tile_mask(j < diag_start, offs_d, HEAD_DIM, BLOCK_D)
+            v_mask = _tile_mask(j < diag_start, offs_dv, VALUE_DIM, BLOCK_DV)
+            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, k_mask, COMPUTE_DTYPE)
+            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_dv, v_mask, COMPUTE_DTYPE)
+            visible = _visible(prefix_len + j, j < diag_start, query_rows, first_visible, False, HAS_FLOOR)
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION
+                acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, HAS_FLOOR, HAS_SOFTCAP, DOT_PRECISION
             )
         for start in range(diag_start, q_end, BLOCK_N):
             j = start + offs_n
-            kv_mask = _tile_mask(j < q_end, offs_d, HEAD_DIM, BLOCK_D)
-            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, kv_mask, COMPUTE_DTYPE)
-            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_d, kv_mask, COMPUTE_DTYPE)
-            visible = (j[None, :] <= query_idx[:, None]) & (j < q_end)[None, :]
-            if HAS_WINDOW:
-                visible = visible & (j[None, :] > new_floor[:, None])
+            k_mask = _tile_mask(j < q_end, offs_d, HEAD_DIM, BLOCK_D)
+            v_mask = _tile_mask(j < q_end, offs_dv, VALUE_DIM, BLOCK_DV)
+            k = _load_rows(k_new_base, j, stride_knn, stride_knd, offs_d, k_mask, COMPUTE_DTYPE)
+            v = _load_rows(v_new_base, j, stride_vnn, stride_vnd, offs_dv, v_mask, COMPUTE_DTYPE)
+            visible = _visible(prefix_len + j, j < q_end, query_rows, first_visible, True, HAS_FLOOR)
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, k, v, visible, sm_scale, softcap, True, HAS_SOFTCAP, DOT_PRECISION
             )
+    if HAS_SINKS and split == 0:
+        # A sink is one more logit in the softmax denominator that adds nothing to the output.
+        # Split 0 alone adds it; the merge then weighs every split against it.
+        sink = tl.load(Sinks + q_head, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
+    row_mask_v = _tile_mask(row_ok, offs_dv, VALUE_DIM, BLOCK_DV)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     result = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
@@ -295,17 +361,17 @@ def _jacobi_attention_kernel(
             + b64 * stride_ob
             + query_idx[:, None] * stride_on
             + q_head[:, None] * stride_oh
-            + offs_d[None, :] * stride_od
+            + offs_dv[None, :] * stride_od
         )
-        tl.store(out_ptrs, result.to(Out.dtype.element_ty), mask=row_mask)
+        tl.store(out_ptrs, result.to(Out.dtype.element_ty), mask=row_mask_v)
     else:
-        # Partials are [NUM_SPLITS, B, n, Hq] rows of HEAD_DIM floats; a split that saw no key
+        # Partials are [NUM_SPLITS, B, n, Hq] rows of VALUE_DIM floats; a split that saw no key
         # for a row stores lse = -inf and a zero output, which the merge weights by 0.
         n_q_heads = n_kv_heads * GROUP
         part_row = split.to(tl.int64) * part_rows + (b64 * n + query_idx) * n_q_heads + q_head
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(Lse_part + part_row, lse, mask=row_ok)
-        tl.store(O_part + part_row[:, None] * HEAD_DIM + offs_d[None, :], result, mask=row_mask)
+        tl.store(O_part + part_row[:, None] * VALUE_DIM + offs_dv[None, :], result, mask=row_mask_v)
 
 
 @triton.jit
@@ -399,17 +465,25 @@ def jacobi_attention(
     softcap: float | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block attention over each sequence's cached prefix, appending the block's K/V in place.
 
-    ``q`` [B, n, Hq, D]; ``k_cache``/``v_cache`` [B, S, Hkv, D]; ``k_new``/``v_new`` [B, n, Hkv, D];
-    ``cache_seqlens`` int32 [B]; float16, bfloat16 or float32 (fp32 accumulation); any strides.
-    Returns ``out`` [B, n, Hq, D] (allocated in ``q``'s dtype when not given).
+    ``q`` [B, n, Hq, D_k]; ``k_cache`` [B, S, Hkv, D_k], ``v_cache`` [B, S, Hkv, D_v]; ``k_new``
+    [B, n, Hkv, D_k], ``v_new`` [B, n, Hkv, D_v]; ``cache_seqlens`` int32 [B]; ``sinks`` [Hq] or None;
+    float16, bfloat16 or float32 (fp32 accumulation); any strides.
+    Returns ``out`` [B, n, Hq, D_v] (allocated in ``q``'s dtype when not given).
 
     Semantics of :func:`jacobi_engine.reference.jacobi_attention` (arguments are validated by
     :func:`jacobi_engine.ops.jacobi_attention`): rows ``cache_seqlens[b] + i`` of the caches
     receive ``k_new``/``v_new[b, i]``, query ``i`` attends to rows ``0 .. cache_seqlens[b] + i``
-    (the last ``sliding_window`` of them when set), scores are soft-capped when ``softcap`` is set.
+    (the last ``sliding_window`` of them when set, those of its own ``chunk_size`` chunk when set),
+    scores are soft-capped when ``softcap`` is set and ``sinks[h]`` joins head h's softmax denominator.
+    With ``tree_mask`` [n, n] bool and ``tree_depth`` [n] int32 the block is a token tree: query ``i``
+    sees the prefix and the block keys ``j`` with ``tree_mask[i, j]``, at position offset ``tree_depth[i]``.
     Cache rows ``>= cache_seqlens[b]`` are never read. ``cache_seqlens`` is not advanced.
 
     ``num_splits`` forces the number of split-K chunks of the prefix (1 = no split); by default
@@ -417,15 +491,17 @@ def jacobi_attention(
     """
     batch, n, n_q_heads, head_dim = q.shape
     capacity, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"triton jacobi_attention supports head_dim 1..{MAX_HEAD_DIM}, got {head_dim}")
+    value_dim = v_cache.shape[3]
+    for name, size in (("head_dim", head_dim), ("value head_dim", value_dim)):
+        if size < 1 or size > MAX_HEAD_DIM:
+            raise ValueError(f"triton jacobi_attention supports {name} 1..{MAX_HEAD_DIM}, got {size}")
     for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         if tensor.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(f"triton jacobi_attention supports {_SUPPORTED_DTYPES}, got {name} in {tensor.dtype}")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty((batch, n, n_q_heads, value_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     group = n_q_heads // n_kv_heads
@@ -441,7 +517,8 @@ def jacobi_attention(
     dot_precision = _FP32_DOT_PRECISION if compute_dtype == torch.float32 else "tf32"
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _launch_config(n, group, block_d, compute_dtype)
+    block_dv = max(16, triton.next_power_of_2(value_dim))
+    block_m, block_n, num_warps, num_stages = _launch_config(n, group, max(block_d, block_dv), compute_dtype)
     queries_per_tile = block_m // group
     n_q_tiles = triton.cdiv(n, queries_per_tile)
     if num_splits is None:
@@ -451,9 +528,10 @@ def jacobi_attention(
 
     has_window = sliding_window is not None and sliding_window > 0
     has_softcap = softcap is not None and softcap > 0
+    has_chunk = chunk_size is not None
     part_rows = batch * n * n_q_heads
     if num_splits > 1:
-        o_part = torch.empty((num_splits, part_rows, head_dim), dtype=torch.float32, device=q.device)
+        o_part = torch.empty((num_splits, part_rows, value_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, part_rows), dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out  # unused by the kernel when NUM_SPLITS == 1
@@ -473,6 +551,9 @@ def jacobi_attention(
             o_part,
             lse_part,
             cache_seqlens,
+            sinks.contiguous() if sinks is not None else cache_seqlens,  # unused without sinks
+            tree_mask.to(torch.int8).contiguous() if tree_mask is not None else cache_seqlens,  # unused without a tree
+            tree_depth.contiguous() if tree_depth is not None else cache_seqlens,
             *q.stride(),
             *k_cache.stride(),
             *v_cache.stride(),
@@ -486,15 +567,22 @@ def jacobi_attention(
             float(softmax_scale),
             float(softcap) if has_softcap else 1.0,
             int(sliding_window) if has_window else 0,
+            int(chunk_size) if has_chunk else 1,
             GROUP=group,
             QUERIES_PER_TILE=queries_per_tile,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
+            VALUE_DIM=value_dim,
+            BLOCK_DV=block_dv,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
             HAS_WINDOW=has_window,
+            HAS_CHUNK=has_chunk,
+            HAS_FLOOR=has_window or has_chunk,
+            HAS_SINKS=sinks is not None,
             HAS_SOFTCAP=has_softcap,
+            HAS_TREE=tree_mask is not None,
             COMPUTE_DTYPE=tl_compute_dtype,
             DOT_PRECISION=dot_precision,
             num_warps=num_warps,
@@ -509,10 +597,10 @@ def jacobi_attention(
                 n,
                 n_q_heads,
                 part_rows,
-                HEAD_DIM=head_dim,
-                BLOCK_D=block_d,
+                HEAD_DIM=value_dim,
+                BLOCK_D=block_dv,
                 NUM_SPLITS=num_splits,
                 SPLITS_P2=triton.next_power_of_2(num_splits),
-                num_warps=1 if block_d <= 64 else 2,
+                num_warps=1 if block_dv <= 64 else 2,
             )
     return out

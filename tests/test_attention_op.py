@@ -33,6 +33,14 @@ class Case:
     dtype: torch.dtype = torch.float32
     out_strided: bool = False  # out as a transposed view of a [B, Hq, n, D] buffer
     zero_prefix: bool = False  # every cache_seqlens[b] = 0 (prefill)
+    value_dim: int | None = None  # D_v when it differs from D_k (MLA)
+    chunk: int | None = None  # chunked attention (Llama 4)
+    sinks: bool = False  # per-head attention-sink logits (gpt-oss)
+    tree: tuple[int, int, int] | None = None  # (block, branches, branch length): a token tree, n = b + k*g
+
+    @property
+    def v_dim(self) -> int:
+        return self.value_dim or self.head_dim
 
     @property
     def id(self) -> str:
@@ -42,6 +50,14 @@ class Case:
             parts.append(f"w{self.window}")
         if self.softcap:
             parts.append(f"cap{self.softcap:g}")
+        if self.value_dim:
+            parts.append(f"dv{self.value_dim}")
+        if self.chunk:
+            parts.append(f"chunk{self.chunk}")
+        if self.sinks:
+            parts.append("sinks")
+        if self.tree:
+            parts.append("tree{}x{}x{}".format(*self.tree))
         if self.zero_prefix:
             parts.append("prefill")
         if self.out_strided:
@@ -79,6 +95,35 @@ BF16_CASES = [
     Case(2, 100, 2, 1, 64, 300, dtype=torch.bfloat16),
     Case(2, 16, 4, 2, 80, 50, window=9, softcap=5.0, dtype=torch.bfloat16),
 ]
+# The features models bring: D_k != D_v (MLA), chunked attention (Llama 4), attention sinks (gpt-oss,
+# Granite SWA), alone and combined with windows, GQA, softcap and ragged prefixes.
+FEATURE_CASES = [
+    Case(2, 3, 4, 2, 24, 40, value_dim=16),
+    Case(3, 16, 4, 4, 192, 50, value_dim=128),  # DeepSeek-V3 head sizes
+    Case(1, 100, 2, 1, 16, 100, value_dim=40, zero_prefix=True),
+    Case(3, 7, 4, 2, 16, 60, chunk=8),
+    Case(2, 64, 4, 2, 32, 150, chunk=16, out_strided=True),
+    Case(3, 5, 4, 1, 16, 40, chunk=1),  # each query sees only itself
+    Case(2, 4, 4, 2, 16, 70, chunk=12, window=5),
+    Case(3, 4, 8, 2, 64, 60, sinks=True),
+    Case(2, 16, 4, 2, 32, 50, sinks=True, window=8),  # gpt-oss: sinks on sliding layers
+    Case(2, 3, 4, 4, 24, 30, sinks=True, softcap=4.0, value_dim=8, zero_prefix=True),
+    Case(3, 7, 6, 2, 32, 45, sinks=True, chunk=8, value_dim=48),
+    Case(2, 16, 4, 2, 48, 50, value_dim=32, chunk=8, sinks=True, dtype=torch.float16),
+    Case(2, 16, 4, 2, 48, 50, value_dim=32, chunk=8, sinks=True, dtype=torch.bfloat16),
+]
+# Token trees (a Jacobi block + candidate branches, issue 11), alone and with the other features.
+TREE_CASES = [
+    Case(2, 4 + 3 * 3, 4, 2, 32, 60, tree=(4, 3, 3)),
+    Case(3, 16 + 4 * 4, 4, 1, 64, 90, tree=(16, 4, 4), out_strided=True),
+    Case(2, 1 + 4 * 5, 4, 2, 16, 50, tree=(1, 4, 5)),  # autoregressive + candidates
+    Case(3, 8 + 8 * 6, 8, 2, 64, 120, tree=(8, 8, 6)),  # 56 tokens: several query tiles
+    Case(2, 6 + 2 * 4, 4, 2, 16, 40, tree=(6, 2, 4), window=5),
+    Case(3, 5 + 3 * 2, 4, 2, 16, 40, tree=(5, 3, 2), chunk=8, sinks=True),
+    Case(2, 4 + 2 * 3, 4, 2, 24, 40, tree=(4, 2, 3), softcap=4.0, value_dim=16),
+    Case(2, 8 + 4 * 4, 4, 2, 64, 70, tree=(8, 4, 4), dtype=torch.float16),
+    Case(2, 8 + 4 * 4, 4, 2, 64, 70, tree=(8, 4, 4), dtype=torch.bfloat16),
+]
 # Long caches with few (sequence, kv head) programs: on a GPU the default heuristic splits these.
 LONG_CASES = [
     Case(1, 1, 8, 2, 128, 2048),
@@ -86,25 +131,62 @@ LONG_CASES = [
 ]
 
 
-def naive_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, window, softcap):
-    """float64 loop over (sequence, q head); keys are the prefix rows followed by the block's own."""
+def tree_of(block: int, branches: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask [T, T], depth [T]) written out token by token: block slot j sees slots <= j at depth j;
+    branch token m sees slot 0 and its branch's tokens <= m, at depth m + 1."""
+    total = block + branches * length
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    depth = torch.zeros(total, dtype=torch.int32)
+    for i in range(block):
+        depth[i] = i
+        for j in range(i + 1):
+            mask[i, j] = True
+    for b in range(branches):
+        for m in range(length):
+            i = block + b * length + m
+            depth[i] = m + 1
+            mask[i, 0] = True
+            for m2 in range(m + 1):
+                mask[i, block + b * length + m2] = True
+    return mask, depth
+
+
+def naive_attention(
+    q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, window, softcap, chunk=None, sinks=None, tree=None
+):
+    """float64 loop over (sequence, q head); keys are the prefix rows followed by the block's own.
+
+    A sink is an extra score column of value ``sinks[h]`` whose probability multiplies nothing.
+    ``tree`` = (mask, depth) lays the block out as a token tree (block tokens at their depths).
+    """
     batch, n, n_heads, _ = q.shape
     group = n_heads // k_cache.shape[2]
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty((batch, n, n_heads, v_cache.shape[3]), dtype=torch.float64)
     for b in range(batch):
         prefix = int(cache_seqlens[b])
         keys = torch.cat([k_cache[b, :prefix], k_new[b]]).double().cpu()
         values = torch.cat([v_cache[b, :prefix], v_new[b]]).double().cpu()
-        query_pos = prefix + torch.arange(n)[:, None]
-        key_pos = torch.arange(prefix + n)[None, :]
-        visible = key_pos <= query_pos
+        if tree is None:
+            query_pos = prefix + torch.arange(n)[:, None]
+            key_pos = torch.arange(prefix + n)[None, :]
+            visible = key_pos <= query_pos
+        else:
+            mask, depth = tree
+            query_pos = prefix + depth.long()[:, None]
+            key_pos = torch.cat([torch.arange(prefix), prefix + depth.long()])[None, :]
+            visible = torch.cat([torch.ones(n, prefix, dtype=torch.bool), mask], dim=1)
         if window:
             visible &= key_pos > query_pos - window
+        if chunk:
+            visible &= key_pos // chunk == query_pos // chunk
         for h in range(n_heads):
             scores = q[b, :, h].double().cpu() @ keys[:, h // group].T * scale
             if softcap:
                 scores = softcap * torch.tanh(scores / softcap)
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            if sinks is not None:
+                scores = torch.cat([scores, torch.full((n, 1), float(sinks[h]), dtype=torch.float64)], dim=1)
+            probs = torch.softmax(scores, dim=-1)[:, : prefix + n]
             out[b, :, h] = probs @ values[:, h // group]
     return out
 
@@ -134,9 +216,9 @@ def _make_inputs(case: Case, device: torch.device, seed: int):
     # HF hands the op transposed views of [B, H, n, D] tensors.
     q = randn(batch, n_heads, n, dim).to(device).transpose(1, 2)
     k_new = randn(batch, n_kv, n, dim).to(device).transpose(1, 2)
-    v_new = randn(batch, n_kv, n, dim).to(device).transpose(1, 2)
+    v_new = randn(batch, n_kv, n, case.v_dim).to(device).transpose(1, 2)
     k_cache = randn(batch, capacity, n_kv, dim).to(device)
-    v_cache = randn(batch, capacity, n_kv, dim).to(device)
+    v_cache = randn(batch, capacity, n_kv, case.v_dim).to(device)
     if case.zero_prefix:
         seqlens = torch.zeros(batch, dtype=torch.int32)
     else:
@@ -146,6 +228,14 @@ def _make_inputs(case: Case, device: torch.device, seed: int):
         if batch >= 3:
             seqlens[2] = capacity - n  # the block fills the cache to the last row
     return q, k_new, v_new, k_cache, v_cache, seqlens.to(device)
+
+
+def _make_sinks(case: Case, device: torch.device, seed: int):
+    # Sinks of the scores' magnitude, so that they take a real share of each softmax.
+    if not case.sinks:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (2 * torch.randn(case.n_heads, generator=gen)).to(device)
 
 
 def _poison_cache_tail(k_cache, v_cache, seqlens, backend: str) -> None:
@@ -175,15 +265,22 @@ def _check_cache(before, after, new, seqlens, n) -> None:
 def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_splits: int | None = None) -> None:
     q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, device, seed)
     scale = case.head_dim**-0.5
-    expected = naive_attention(q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, case.softcap)
+    sinks = _make_sinks(case, device, seed)
+    tree = tree_of(*case.tree) if case.tree else None
+    expected = naive_attention(
+        q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, case.softcap, case.chunk, sinks, tree
+    )
     _poison_cache_tail(k_cache, v_cache, seqlens, backend)
     k_before, v_before, seqlens_before = k_cache.clone(), v_cache.clone(), seqlens.clone()
     if case.out_strided:
         out = torch.full(
-            (case.batch, case.n_heads, case.n, case.head_dim), float("nan"), dtype=case.dtype, device=device
+            (case.batch, case.n_heads, case.n, case.v_dim), float("nan"), dtype=case.dtype, device=device
         ).transpose(1, 2)
     else:
-        out = torch.full(q.shape, float("nan"), dtype=case.dtype, device=device)
+        out = torch.full((*q.shape[:3], case.v_dim), float("nan"), dtype=case.dtype, device=device)
+    features = dict(sliding_window=case.window, softcap=case.softcap, chunk_size=case.chunk, sinks=sinks, out=out)
+    if tree is not None:
+        features.update(tree_mask=tree[0].to(device), tree_depth=tree[1].to(device))
 
     if num_splits is None:
         result = ops.jacobi_attention(
@@ -195,9 +292,7 @@ def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_spl
             seqlens,
             scale,
             backend=backend,
-            sliding_window=case.window,
-            softcap=case.softcap,
-            out=out,
+            **features,
         )
     else:
         result = triton_attention.jacobi_attention(
@@ -208,9 +303,7 @@ def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_spl
             v_new,
             seqlens,
             scale,
-            sliding_window=case.window,
-            softcap=case.softcap,
-            out=out,
+            **features,
             num_splits=num_splits,
         )
 
@@ -223,7 +316,9 @@ def _run_case(case: Case, backend: str, device: torch.device, seed: int, num_spl
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("case", FP32_CASES + FP16_CASES + BF16_CASES + LONG_CASES, ids=lambda case: case.id)
+@pytest.mark.parametrize(
+    "case", FP32_CASES + FP16_CASES + BF16_CASES + FEATURE_CASES + TREE_CASES + LONG_CASES, ids=lambda case: case.id
+)
 def test_matches_float64_reference(case, backend, device):
     _skip_unless_runnable(backend, device, case.dtype)
     _run_case(case, backend, device, seed=zlib.crc32(case.id.encode()))
@@ -236,6 +331,9 @@ SPLIT_CASES = [
     (Case(2, 3, 2, 1, 32, 40), 16),  # more splits than prefix tiles
     (Case(2, 4, 8, 2, 128, 300, dtype=torch.float16), 5),
     (Case(2, 4, 8, 2, 128, 300, dtype=torch.bfloat16), 5),
+    (Case(2, 1, 8, 2, 64, 300, value_dim=32, sinks=True), 4),  # the sink joins split 0 only
+    (Case(3, 4, 4, 1, 32, 260, chunk=100, value_dim=48), 3),  # splits wholly outside the chunk
+    (Case(2, 4 + 2 * 3, 4, 2, 32, 300, tree=(4, 2, 3)), 4),  # a token tree over a split prefix
 ]
 
 
@@ -260,3 +358,65 @@ def test_rejects_unsupported_head_dim():
     cache = torch.zeros(1, 4, 1, 320)
     with pytest.raises(ValueError, match="head_dim"):
         triton_attention.jacobi_attention(q, cache, cache, q, q, torch.zeros(1, dtype=torch.int32), 1.0)
+
+
+def test_rejects_bad_feature_arguments():
+    case = Case(2, 3, 4, 2, 16, 20, value_dim=8)
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, torch.device("cpu"), seed=3)
+    args = (q, k_cache, v_cache, k_new, v_new, seqlens, 0.25)
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        ops.jacobi_attention(*args, backend="torch", sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks must be a floating-point"):
+        ops.jacobi_attention(*args, backend="torch", sinks=torch.zeros(4, dtype=torch.long))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            ops.jacobi_attention(*args, backend="torch", chunk_size=bad)
+    with pytest.raises(ValueError, match="v_new must be"):
+        ops.jacobi_attention(q, k_cache, v_cache, k_new, k_new, seqlens, 0.25, backend="torch")
+    with pytest.raises(ValueError, match="v_cache"):
+        ops.jacobi_attention(q, k_cache, v_cache[:, :10], k_new, v_new, seqlens, 0.25, backend="torch")
+
+
+def test_pool_tree_layout_is_the_written_out_tree():
+    """The engine's tree (jacobi_engine.pool.tree_layout) is the one the oracle above spells out."""
+    from jacobi_engine.pool import tree_layout
+
+    for shape in ((4, 3, 3), (1, 4, 5), (16, 2, 6)):
+        mask, depth = tree_layout(*shape, "cpu")
+        expected_mask, expected_depth = tree_of(*shape)
+        assert torch.equal(mask, expected_mask) and torch.equal(depth, expected_depth)
+
+
+def test_causal_tree_equals_the_plain_block():
+    case = Case(3, 9, 4, 2, 32, 40, window=6)
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, torch.device("cpu"), seed=11)
+    plain = ops.jacobi_attention(q, k_cache.clone(), v_cache.clone(), k_new, v_new, seqlens, 0.2, backend="torch")
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    tree = ops.jacobi_attention(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        seqlens,
+        0.2,
+        backend="torch",
+        tree_mask=causal,
+        tree_depth=torch.arange(9, dtype=torch.int32),
+    )
+    torch.testing.assert_close(tree, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tree_mask and tree_depth"):
+        ops.jacobi_attention(q, k_cache, v_cache, k_new, v_new, seqlens, 0.2, backend="torch", tree_mask=causal)
+    with pytest.raises(ValueError, match="tree_mask must be"):
+        ops.jacobi_attention(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            seqlens,
+            0.2,
+            backend="torch",
+            tree_mask=causal[:4, :4],
+            tree_depth=torch.arange(4, dtype=torch.int32),
+        )

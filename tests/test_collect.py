@@ -184,11 +184,11 @@ def test_resume_after_kill_between_shard_and_manifest(tmp_path, tokenizer, promp
     writes = []
     original = collect_module.write_manifest
 
-    def dies_before_recording_batch_1(out_dir, manifest):
+    def dies_before_recording_batch_1(out_dir, manifest, *args, **kwargs):
         writes.append(1)
         if "1" in manifest["batches"]:
             raise _Killed  # shard 1 is on disk, the manifest does not list it
-        original(out_dir, manifest)
+        original(out_dir, manifest, *args, **kwargs)
 
     monkeypatch.setattr(collect_module, "write_manifest", dies_before_recording_batch_1)
     out_dir = tmp_path / "resumed"

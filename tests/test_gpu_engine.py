@@ -74,3 +74,20 @@ def test_cuda_graph_streams_and_records():
     trajectory = out.trajectories[0]
     assert trajectory.tokens == streamed
     assert sum(step.n_accepted for step in trajectory.steps) >= 29
+
+
+def test_cuda_graph_is_captured_once_per_key_and_reused():
+    """A second call with the same (batch, capacity bucket, block, mode) key replays the graph
+    captured by the first (no capture time), and every call stays exact."""
+    model = tiny_model("llama", vocab_size=VOCAB).cuda()
+    engine = JacobiEngine(model, block_size=4, cuda_graph=True)
+    captures = []
+    for seed, max_new in ((1, 40), (2, 33), (3, 47)):
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(3, VOCAB, (2, 10), generator=generator).cuda()
+        expected = hf_greedy(model, input_ids, None, max_new, eos_token_id=[], pad_token_id=PAD)
+        out = engine.generate(input_ids, max_new_tokens=max_new, eos_token_id=[])
+        assert_matches_greedy(model, out.sequences, expected, input_ids, None, PAD)
+        captures.append(out.stats.capture_seconds)
+    assert captures[0] > 0 and captures[1:] == [0.0, 0.0]
+    assert len(engine._step_cache) == 1

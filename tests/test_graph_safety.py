@@ -54,17 +54,17 @@ class OpRecorder(TorchDispatchMode):
 
 def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor) -> list[str]:
     recorder = OpRecorder()
-    step = engine._decode_step
+    step = engine._step
 
-    def watched(state):
+    def watched(entry):
         with recorder:
-            step(state)
+            step(entry)
 
-    engine._decode_step = watched
+    engine._step = watched
     try:
         engine.generate(input_ids, max_new_tokens=12, eos_token_id=[5], record_trajectory=True)
     finally:
-        del engine._decode_step
+        del engine._step
     return recorder.ops
 
 
@@ -91,19 +91,19 @@ def test_recorder_catches_a_sync():
     """The check itself can fail: a step that calls .item() is reported."""
     model = tiny_model("llama")
     engine = JacobiEngine(model, block_size=4)
-    step = engine._decode_step
+    step = engine._step
 
-    def syncing_step(state):
-        step(state)
-        int(state.n_generated.sum())
+    def syncing_step(entry):
+        step(entry)
+        int(entry.state.lengths.sum())
 
-    engine._decode_step = syncing_step
+    engine._step = syncing_step
     input_ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
     assert set(record_decode_steps(engine, input_ids)) & FORBIDDEN == {"item"}
 
-    def masking_step(state):
-        step(state)
-        state.block[state.done] = 0
+    def masking_step(entry):
+        step(entry)
+        entry.state.block[entry.state.done] = 0
 
-    engine._decode_step = masking_step
+    engine._step = masking_step
     assert set(record_decode_steps(engine, input_ids)) & FORBIDDEN == {"index(bool mask)"}

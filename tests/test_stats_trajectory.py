@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from models import tiny_model
 
@@ -155,3 +156,85 @@ def test_text_streamer_works(capsys):
     )
     printed = capsys.readouterr().out.split()
     assert printed == tokenizer.convert_ids_to_tokens(out.sequences[0, 10:].tolist())
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("mode", ["sliding", "chunked"])
+@pytest.mark.parametrize("block_size", [1, 3, 8])
+def test_stats_against_forward_hooks_and_hf(mode, block_size):
+    """forward_passes is what a forward hook counts; the histogram sums to the new tokens after
+    prefill (HF's own output gives the token count), in both modes and with EOS inside blocks."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids = prompt(batch=3, seed=11)
+    mask = torch.ones_like(input_ids)
+    mask[1, :4] = 0
+    expected = model.generate(
+        input_ids, attention_mask=mask, do_sample=False, max_new_tokens=30, eos_token_id=[7, 9], pad_token_id=0
+    )
+    new_tokens = [row[input_ids.shape[1] :].tolist() for row in expected]
+    # Tokens HF generated per row: up to and including the first EOS.
+    counts = [next((i + 1 for i, t in enumerate(row) if t in (7, 9)), len(row)) for row in new_tokens]
+    engine = JacobiEngine(model, block_size=block_size, mode=mode)  # construction may probe the model
+    calls, handle = _count_forwards(model)
+    try:
+        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[7, 9])
+    finally:
+        handle.remove()
+    stats = out.stats
+    assert stats.forward_passes == len(calls)
+    assert stats.tokens_generated == sum(counts)
+    histogram = stats.accepted_histogram
+    assert sum(k * count for k, count in enumerate(histogram)) == sum(counts) - 3
+    assert histogram[0] == 0 and all(count >= 0 for count in histogram)
+    assert sum(histogram) <= 3 * (len(calls) - 1)  # at most every row in every decode forward
+
+
+def test_single_sequence_histogram_counts_every_decode_forward():
+    model = tiny_model("qwen2", vocab_size=VOCAB)
+    for mode in ("sliding", "chunked"):
+        engine = JacobiEngine(model, block_size=6, mode=mode)
+        calls, handle = _count_forwards(model)
+        try:
+            out = engine.generate(prompt(seed=4), max_new_tokens=33, eos_token_id=[])
+        finally:
+            handle.remove()
+        assert sum(out.stats.accepted_histogram) == len(calls) - 1  # one (sequence, forward) pair per decode forward
+        assert sum(k * c for k, c in enumerate(out.stats.accepted_histogram)) == 32
+
+
+def test_no_decode_forward_when_prefill_finishes_everything():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    engine = JacobiEngine(model, block_size=4)
+    calls, handle = _count_forwards(model)
+    try:
+        out = engine.generate(prompt(batch=2), max_new_tokens=1, eos_token_id=[])
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and out.stats.forward_passes == 1
+    assert out.stats.tokens_generated == 2 and sum(out.stats.accepted_histogram) == 0
+
+
+def test_step_cache_reuses_state_across_calls():
+    """Requests with the same (batch, capacity bucket, block, mode) key reuse one step-cache entry (its
+    buffers keep their addresses, as a captured CUDA graph needs), and stay exact; others get their own."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    engine = JacobiEngine(model, block_size=5)
+    outputs = []
+    for seed, width, max_new in ((0, 10, 20), (1, 13, 17), (2, 9, 30)):
+        input_ids = prompt(batch=2, width=width, seed=seed)
+        out = engine.generate(input_ids, max_new_tokens=max_new, eos_token_id=[])
+        expected = model.generate(input_ids, do_sample=False, max_new_tokens=max_new, eos_token_id=[], pad_token_id=0)
+        assert torch.equal(out.sequences, expected)
+        (entry,) = engine._step_cache.values()
+        outputs.append((entry, entry.state.tokens.data_ptr(), entry.state.cache.layer(0)[0].data_ptr()))
+    assert all(item == outputs[0] for item in outputs[1:])
+    engine.generate(prompt(batch=3), max_new_tokens=5, eos_token_id=[])  # another batch size: a new entry
+    assert len(engine._step_cache) == 2
+    for batch in range(4, 10):
+        engine.generate(prompt(batch=batch), max_new_tokens=3, eos_token_id=[])
+    assert len(engine._step_cache) <= 4  # bounded: old entries (and their caches) are released

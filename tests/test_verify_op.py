@@ -188,7 +188,7 @@ def test_opcheck():
     )
     for kind in ("float32", "argmax"):
         tensors = tensors_for({**case, "score_kind": kind}, "cpu")
-        args = (*tensors.values(), 8, False)
+        args = (*tensors.values(), torch.full((tensors["block"].shape[0],), 8, dtype=torch.int32), False)
         torch.library.opcheck(torch.ops.jacobi_engine.verify_and_commit.default, args)
 
 
@@ -210,7 +210,7 @@ def test_compiles_with_torch_compile():
     eager, compiled = tensors_for(case, "cpu"), tensors_for(case, "cpu")
 
     def step(t):
-        return torch.ops.jacobi_engine.verify_and_commit(*t.values(), 8, False)
+        return torch.ops.jacobi_engine.verify_and_commit(*t.values(), torch.full((1,), 8, dtype=torch.int32), False)
 
     expected = step(eager)
     result = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled)
@@ -233,9 +233,29 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize(
+    "limits, error",
+    [(torch.full((2,), 8, dtype=torch.long), TypeError), (torch.full((3,), 8, dtype=torch.int32), ValueError)],
+    ids=["dtype", "shape"],
+)
+def test_bad_max_new_tokens_tensor(limits, error):
+    tensors = (
+        torch.zeros(2, 4, 6),
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.zeros(2, dtype=torch.int32),
+        torch.zeros(2, 8, dtype=torch.long),
+        torch.zeros(2, dtype=torch.int32),
+        torch.zeros(2, dtype=torch.bool),
+        torch.zeros(1, dtype=torch.long),
+    )
+    with pytest.raises(error, match="max_new_tokens"):
+        ops.verify_and_commit(*tensors, limits, False, backend="native")
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_arguments(case):
-    _, override, error, message = case
+    name, override, error, message = case
     tensors = dict(
         scores=torch.zeros(2, 4, 6),
         block=torch.zeros(2, 4, dtype=torch.long),
@@ -249,5 +269,225 @@ def test_bad_arguments(case):
     tensors.update(override)
     with pytest.raises(error, match=message):
         ops.verify_and_commit(*tensors.values(), 8, False, backend="native")
+    if name != "out too short":  # only the int form of max_new_tokens can be checked without a sync
+        with pytest.raises(error, match=message):
+            ops.verify_and_commit(*tensors.values(), torch.full((2,), 8, dtype=torch.int32), False, backend="native")
     with pytest.raises(ValueError, match="backend"):
         ops.verify_and_commit(*tensors.values(), 8, False, backend="cuda")
+
+
+# -- realistic vocabularies: NaN, exact ties, infinities and misaligned rows ---------------------
+#
+# The expected argmax comes from how the logits are built (the planted winner) and is checked by
+# contract_argmax, a statement of torch.argmax's order that does not call argmax: the first NaN
+# wins, otherwise the lowest index holding the maximum. The op's outputs start poisoned.
+
+REALISTIC_VOCABS = (32000, 128256)
+DEVICE_PARAMS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+ROW_KINDS = ("plain", "tie", "edge_tie", "nan", "nan_last", "inf_tie", "all_neg_inf", "all_nan", "all_equal")
+LAYOUTS = ("contiguous", "row_offset", "batch_stride", "slot_stride")
+
+
+def contract_argmax(logits: torch.Tensor) -> list[int]:
+    """torch.argmax's order over the last dim, stated without argmax: first NaN, else first maximum."""
+    rows = logits.reshape(-1, logits.shape[-1]).float().cpu()
+    winners = []
+    for row in rows:
+        nan_at = torch.isnan(row).nonzero()
+        if len(nan_at):
+            winners.append(int(nan_at[0]))
+        else:
+            winners.append(int((row == row.max()).nonzero()[0]))
+    return winners
+
+
+def plant_row(row: torch.Tensor, kind: str, generator: torch.Generator) -> int:
+    """Writes a winner of the given kind into ``row`` (base values lie in [-10, 10)); returns its index."""
+    vocab = row.shape[0]
+
+    def index(low: int, high: int) -> int:
+        return int(torch.randint(low, high, (), generator=generator))
+
+    # Winners near the ends and around 16-byte vector boundaries, where a vectorised scan splits.
+    winner = [index(0, vocab), vocab - 1, vocab - 2, 7, 8, 9, index(vocab - 20, vocab)][index(0, 7)]
+    if kind == "plain":
+        row[winner] = 20.0
+    elif kind == "tie":
+        winner = index(0, vocab - 1)
+        row[winner] = 20.0
+        row[torch.randint(winner + 1, vocab, (4,), generator=generator)] = 20.0
+        row[vocab - 1] = 20.0
+    elif kind == "edge_tie":
+        winner = 0
+        row[0] = row[vocab - 1] = 20.0
+    elif kind == "nan":
+        winner = index(1, vocab)
+        row[index(0, winner)] = 20.0  # a larger finite value before the NaN does not win
+        row[winner] = float("nan")
+        if winner + 1 < vocab:
+            row[torch.randint(winner, vocab, (3,), generator=generator)] = float("nan")
+    elif kind == "nan_last":
+        winner = vocab - 1
+        row[0] = float("inf")
+        row[winner] = float("nan")
+    elif kind == "inf_tie":
+        winner = index(0, vocab - 1)
+        row[winner] = float("inf")
+        row[torch.randint(winner + 1, vocab, (2,), generator=generator)] = float("inf")
+    elif kind == "all_neg_inf":
+        winner = 0
+        row.fill_(float("-inf"))
+    elif kind == "all_nan":
+        winner = 0
+        row.fill_(float("nan"))
+    elif kind == "all_equal":
+        winner = 0
+        row.fill_(-3.0)
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    return winner
+
+
+def realistic_logits(batch, n, vocab, dtype, layout, device, seed):
+    """Logits [B, n, V] in the given memory layout, and the planted argmax [B, n] (list of lists)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = (torch.rand((batch, n, vocab), generator=generator) * 20 - 10).to(dtype)
+    preds = [[0] * n for _ in range(batch)]
+    for b in range(batch):
+        for j in range(n):
+            kind = ROW_KINDS[(b * n + j + seed) % len(ROW_KINDS)]
+            preds[b][j] = plant_row(values[b, j], kind, generator)
+    if layout == "contiguous":
+        logits = values.to(device)
+    elif layout == "row_offset":
+        # Every row starts one element past an odd-length stride: no row is 16-byte aligned.
+        buffer = torch.zeros((batch, n, vocab + 3), dtype=dtype)
+        buffer[..., 1 : vocab + 1] = values
+        logits = buffer.to(device)[..., 1 : vocab + 1]
+        assert logits.data_ptr() % 16 != 0
+    elif layout == "batch_stride":
+        buffer = torch.zeros((2 * batch + 1, n, vocab), dtype=dtype)
+        buffer[1::2] = values
+        logits = buffer.to(device)[1::2]
+    else:  # slot_stride: a slice of a longer block, as when logits are cut out of a prefill
+        buffer = torch.zeros((batch, n + 2, vocab), dtype=dtype)
+        buffer[:, 1 : n + 1] = values
+        logits = buffer.to(device)[:, 1 : n + 1]
+    assert logits.stride(-1) == 1
+    if layout != "contiguous":
+        assert not logits.is_contiguous()
+    assert contract_argmax(logits) == [p for row in preds for p in row], "test construction is wrong"
+    return logits, preds
+
+
+def realistic_case(preds, vocab, seed):
+    """Block, fill and row state around the planted predictions (guesses agree for a random prefix)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    batch, n = len(preds), len(preds[0])
+
+    def token() -> int:
+        return int(torch.randint(0, vocab, (), generator=generator))
+
+    max_new_tokens = 3 * n
+    block = []
+    for row in preds:
+        agree = int(torch.randint(0, n, (), generator=generator))
+        block.append([token()] + [row[j - 1] if j <= agree else token() for j in range(1, n)])
+    return dict(
+        preds=preds,
+        block=block,
+        fill=[[token() for _ in range(n)] for _ in range(batch)],
+        n_generated=[int(torch.randint(0, max_new_tokens, (), generator=generator)) for _ in range(batch)],
+        done=[b == batch - 1 and seed % 2 == 0 for b in range(batch)],
+        seqlens=[int(torch.randint(0, 4000, (), generator=generator)) for _ in range(batch)],
+        eos=[preds[0][n // 2], vocab - 1],  # one EOS inside a block, and the top id of the vocabulary
+        chunked=seed % 3 == 0,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", REALISTIC_VOCABS)
+def test_realistic_vocab_nan_ties_misaligned(vocab, dtype, layout, backend, device):
+    batch, n = 3, 5
+    seed = vocab + LAYOUTS.index(layout) * 7 + (dtype.itemsize * 3)
+    logits, preds = realistic_logits(batch, n, vocab, dtype, layout, device, seed)
+    case = realistic_case(preds, vocab, seed)
+    long = dict(dtype=torch.long, device=device)
+    width = case["max_new_tokens"] + n
+    out = torch.full((batch, width + 1), POISON, **long)[:, 1:]
+    block = torch.tensor(case["block"], **long)
+    seqlens = torch.tensor(case["seqlens"], dtype=torch.int32, device=device)
+    n_generated = torch.tensor(case["n_generated"], dtype=torch.int32, device=device)
+    done = torch.tensor(case["done"], dtype=torch.bool, device=device)
+    before = logits.clone()
+    accepted = ops.verify_and_commit(
+        logits,
+        block,
+        torch.tensor(case["fill"], **long),
+        seqlens,
+        out,
+        n_generated,
+        done,
+        torch.tensor(case["eos"], **long),
+        case["max_new_tokens"],
+        case["chunked"],
+        backend=backend,
+    )
+    expected = dict(
+        block=[list(r) for r in case["block"]],
+        seqlens=list(case["seqlens"]),
+        out=[[POISON] * width for _ in range(batch)],
+        n_generated=list(case["n_generated"]),
+        done=list(case["done"]),
+    )
+    expected_accepted = python_verify(
+        preds,
+        expected["block"],
+        case["fill"],
+        expected["seqlens"],
+        expected["out"],
+        expected["n_generated"],
+        expected["done"],
+        case["eos"],
+        case["max_new_tokens"],
+        case["chunked"],
+    )
+    assert accepted.tolist() == expected_accepted
+    assert block.tolist() == expected["block"]
+    assert seqlens.tolist() == expected["seqlens"]
+    assert out.tolist() == expected["out"]
+    assert n_generated.tolist() == expected["n_generated"]
+    assert done.tolist() == expected["done"]
+    assert torch.equal(logits.isnan(), before.isnan()) and torch.equal(logits.nan_to_num(), before.nan_to_num())
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_realistic_vocab_argmax_only(dtype, device):
+    """Every planted row kind at V=128256 through the op's argmax alone: with a block whose
+    guesses are exactly the predictions, all n slots verify and the committed tokens are the argmax."""
+    batch, n, vocab = 2, len(ROW_KINDS), 128256
+    logits, preds = realistic_logits(batch, n, vocab, dtype, "row_offset", device, seed=3)
+    long = dict(dtype=torch.long, device=device)
+    block = torch.tensor([[0] + row[:-1] for row in preds], **long)
+    out = torch.full((batch, 2 * n + 1), POISON, **long)[:, 1:]
+    n_generated = torch.zeros(batch, dtype=torch.int32, device=device)
+    accepted = ops.verify_and_commit(
+        logits,
+        block,
+        torch.zeros((batch, n), **long),
+        torch.zeros(batch, dtype=torch.int32, device=device),
+        out,
+        n_generated,
+        torch.zeros(batch, dtype=torch.bool, device=device),
+        torch.zeros(0, **long),
+        2 * n,
+        False,
+    )
+    assert accepted.tolist() == [n] * batch
+    assert out[:, :n].tolist() == preds
+    assert out[:, n:].tolist() == [[POISON] * n] * batch

@@ -25,6 +25,14 @@ yields the same rows. Each finished batch is written to ``out_dir/shards/batch-X
 the same atomic way). A rerun skips the batches the manifest lists and overwrites any shard it
 does not list; the dataset is assembled from the listed shards only, so no row is lost or
 duplicated whenever the process dies. The final dataset is saved with ``save_to_disk(out_dir)``.
+
+Several processes (torchrun, accelerate launch; torch.distributed initialised): rank r of W
+decodes the batches k with ``k % W == r`` that no manifest lists yet, and records them in its own
+``out_dir/manifest-rank-<r>.json``, so ranks never write the same file. Batch k holds the same
+prompts and guesses whichever rank decodes it, so the merged dataset equals a single-process
+collection. After a barrier, rank 0 folds the rank manifests into ``manifest.json`` (checking that
+every batch is there) and assembles the dataset. A rerun, with any number of processes, skips
+every batch any manifest lists.
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ from pathlib import Path
 import torch
 
 from jacobi_engine.engine import JacobiEngine
+from jacobi_engine.training.distributed import world
 
 MANIFEST = "manifest.json"
+RANK_MANIFEST_GLOB = "manifest-rank-*.json"
 SHARDS = "shards"
 MANIFEST_VERSION = 1
 LABEL_FIELDS = ("answer", "label")
@@ -214,15 +224,55 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    _atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+def write_manifest(out_dir: Path, manifest: dict, name: str = MANIFEST) -> None:
+    _atomic_write(out_dir / name, json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    path = Path(out_dir) / MANIFEST
+def read_manifest(out_dir: Path, name: str = MANIFEST) -> dict | None:
+    path = Path(out_dir) / name
     if not path.exists():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest-rank-{rank:05d}.json"
+
+
+def _all_manifests(out_dir: Path) -> dict[str, dict]:
+    """Every manifest in ``out_dir`` by file name: the merged one and those of ranks of any earlier run."""
+    names = [MANIFEST] + sorted(path.name for path in out_dir.glob(RANK_MANIFEST_GLOB))
+    manifests = {name: read_manifest(out_dir, name) for name in names}
+    return {name: manifest for name, manifest in manifests.items() if manifest is not None}
+
+
+def _check_config(out_dir: Path, manifests: dict[str, dict], config: dict) -> None:
+    for manifest in manifests.values():
+        if manifest["config"] != config:
+            changed = sorted(key for key in config if manifest["config"].get(key) != config[key])
+            raise ValueError(
+                f"{out_dir} holds a collection made with different settings ({', '.join(changed)}); "
+                "use a new --out directory or the original settings to resume"
+            )
+
+
+def merge_manifests(out_dir: str | Path, num_batches: int) -> dict:
+    """Fold the rank manifests into ``manifest.json`` and remove them; every batch must be listed."""
+    out_dir = Path(out_dir)
+    manifests = _all_manifests(out_dir)
+    if not manifests:
+        raise FileNotFoundError(f"no {MANIFEST} in {out_dir}")
+    merged = {"config": next(iter(manifests.values()))["config"], "batches": {}}
+    for manifest in manifests.values():
+        merged["batches"].update(manifest["batches"])
+    missing = sorted(set(range(num_batches)) - {int(key) for key in merged["batches"]})
+    if missing:
+        raise RuntimeError(f"batches {missing[:10]} of {out_dir} were decoded by no process")
+    write_manifest(out_dir, merged)
+    for name in manifests:  # only once the merged manifest is safely on disk
+        if name != MANIFEST:
+            (out_dir / name).unlink()
+    return merged
 
 
 def _shard_name(batch_index: int) -> str:
@@ -290,6 +340,9 @@ def collect_trajectories(
 
     Calling it again with the same arguments on the same ``out_dir`` resumes (or, when the
     collection is complete, just reassembles the dataset). Returns the ``datasets.Dataset``.
+    With torch.distributed initialised, every process of the group must call it with the same
+    arguments and its own model copy; each decodes its share of the batches (module docstring),
+    and all of them return the merged dataset.
     """
     from tqdm.auto import tqdm
 
@@ -317,29 +370,37 @@ def collect_trajectories(
         "num_prompts": len(records),
         "prompts_sha256": _fingerprint(prompt_ids, label_ids),
     }
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        manifest = {"config": config, "batches": {}}
-        write_manifest(out_dir, manifest)
-    elif manifest["config"] != config:
-        changed = sorted(key for key in config if manifest["config"].get(key) != config[key])
-        raise ValueError(
-            f"{out_dir} holds a collection made with different settings ({', '.join(changed)}); "
-            "use a new --out directory or the original settings to resume"
-        )
+    rank, world_size = world()
+    manifests = _all_manifests(out_dir)
+    _check_config(out_dir, manifests, config)
+    done = {int(key) for manifest in manifests.values() for key in manifest["batches"]}
+    # Each process writes only its own manifest; a single process writes the merged one.
+    own_name = MANIFEST if world_size == 1 else rank_manifest_name(rank)
+    manifest = {"config": config, "batches": dict(manifests.get(own_name, {}).get("batches", {}))}
+    if world_size == 1:
+        for other in manifests.values():  # an earlier multi-process run's batches count too
+            manifest["batches"].update(other["batches"])
+    write_manifest(out_dir, manifest, own_name)
 
     num_batches = (len(records) + batch_size - 1) // batch_size
-    done = {int(key) for key in manifest["batches"]}
-    done_prompts = sum(min(batch_size, len(records) - k * batch_size) for k in done)
+    # A fixed owner per batch (not a share of what is left), so that ranks agree on the split
+    # without talking to each other, even while another rank is already recording batches.
+    mine = [k for k in range(num_batches) if k % world_size == rank]
+    todo = [k for k in mine if k not in done]
+    prompts_of = {k: min(batch_size, len(records) - k * batch_size) for k in mine}
     engine = JacobiEngine(model, block_size=block_size, mode="chunked", init="random_prompt", seed=seed)
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(records), initial=done_prompts, unit="prompt", desc="collect", disable=not progress)
+    bar = tqdm(
+        total=sum(prompts_of.values()),
+        initial=sum(prompts_of[k] for k in mine if k in done),
+        unit="prompt",
+        desc="collect" if world_size == 1 else f"collect (rank {rank} of {world_size})",
+        disable=not progress or rank != 0,
+    )
     try:
-        for batch_index in range(num_batches):
-            if batch_index in done:
-                continue
+        for batch_index in todo:
             first = batch_index * batch_size
             indices = list(range(first, min(first + batch_size, len(records))))
             input_ids, attention_mask = left_pad([prompt_ids[i] for i in indices])
@@ -374,11 +435,36 @@ def collect_trajectories(
                 "samples": len(rows),
                 "dropped": dropped,
             }
-            write_manifest(out_dir, manifest)
+            write_manifest(out_dir, manifest, own_name)
             bar.update(len(indices))
             batches = manifest["batches"].values()
             bar.set_postfix(samples=sum(b["samples"] for b in batches), dropped=sum(b["dropped"] for b in batches))
     finally:
         bar.close()
         model.train(was_training)
-    return assemble_dataset(out_dir)
+    if world_size == 1:
+        merge_manifests(out_dir, num_batches)
+        return assemble_dataset(out_dir)
+    return _merge_across_ranks(out_dir, num_batches, rank)
+
+
+def _merge_across_ranks(out_dir: Path, num_batches: int, rank: int):
+    """Wait for every rank, let rank 0 merge the manifests and assemble; every rank returns the dataset."""
+    import torch.distributed as dist
+    from datasets import load_from_disk
+
+    dist.barrier()  # every rank's shards and manifest are on disk
+    error = None
+    if rank == 0:
+        try:
+            merge_manifests(out_dir, num_batches)
+            assemble_dataset(out_dir)
+        except Exception as caught:  # other ranks must not wait forever on the second barrier
+            error = caught
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise RuntimeError(f"rank 0 failed to merge the collection in {out_dir}")
+    return load_from_disk(str(out_dir))

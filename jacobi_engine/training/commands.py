@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 
 import torch
 
@@ -24,7 +25,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun / accelerate launch each process takes the GPU of its local rank.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -32,7 +36,10 @@ def _collect(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jacobi_engine.training.collect import collect_trajectories, read_prompts
+    from jacobi_engine.training.distributed import init_from_launcher, world
 
+    # Launched as several processes: each decodes its share of the prompts (see collect.py).
+    init_from_launcher()
     device = _resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -58,7 +65,8 @@ def _collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    print(f"{len(dataset)} samples saved to {args.out}")
+    if world()[0] == 0:
+        print(f"{len(dataset)} samples saved to {args.out}")
     return 0
 
 
@@ -92,6 +100,7 @@ def _train(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         bf16=args.bf16,
+        fsdp=args.fsdp,
         packing=args.packing,
         attention=args.attention,
         noise_schedule=args.noise_schedule,
@@ -177,6 +186,11 @@ def register(subparsers) -> None:
     train.add_argument("--lora-alpha", type=int, default=32)
     train.add_argument("--lora-dropout", type=float, default=0.0)
     train.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP",
+    )
     train.add_argument(
         "--packing",
         action=argparse.BooleanOptionalAction,

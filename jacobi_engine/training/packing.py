@@ -461,7 +461,9 @@ class PackedConsistencyTrainer(ConsistencyTrainer):
         dataset = self.train_dataset
         if not isinstance(dataset, PackedTrajectories):
             return super()._get_train_sampler(*args, **kwargs)
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        # The global batch: under DDP/FSDP every process then sees the slices of the same global
+        # order that one process with as many accumulation steps would see.
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return LengthGroupedSampler(batch, lengths=dataset.lengths)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from jacobi_engine.training.distributed import enable_fsdp_on_cpu
 from jacobi_engine.training.losses import IGNORE_INDEX, ar_loss, consistency_loss
 from jacobi_engine.training.schedules import NOISE_SCHEDULES, draw_state_index
 
@@ -240,6 +241,10 @@ class ConsistencyTrainer(transformers.Trainer):
         self._loss_sums = {"consistency_loss": 0.0, "ar_loss": 0.0}
         self._loss_count = 0
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # accelerate drops FSDP on CPU; see training/distributed.py
+
     def teacher_logits(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher block logits [B, n, V], computed without gradients (stop-gradient)."""
         n = inputs["teacher_block"].shape[1]
@@ -371,6 +376,7 @@ def train_consistency(
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
     bf16: bool = False,
+    fsdp: bool = False,
     callbacks: list | None = None,
     packing: bool = True,
     attention: str = "sdpa",
@@ -382,7 +388,9 @@ def train_consistency(
     latest one is continued (model, optimizer, scheduler, RNG and data order). The final model
     (LoRA merged into the weights) and the tokenizer are saved to ``out_dir`` with
     ``save_pretrained``. Works unchanged under ``torchrun`` / ``accelerate launch`` (DDP; gloo
-    on CPU). Returns the trainer.
+    on CPU); ``fsdp`` shards parameters, gradients and optimizer state across the processes
+    instead (FSDP2 ``fully_shard`` per decoder layer through accelerate, also on CPU), and
+    ``accelerate launch --use_fsdp`` does the same. Returns the trainer.
 
     The AR term trains on each sample's own chunk fixed point by default, on its ground-truth
     answer with ``use_labels``, or, with ``ar_data`` (a JSONL of ``{"prompt", "answer"}``, e.g.
@@ -410,6 +418,9 @@ def train_consistency(
         raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
     if attention == "flex" and not packing:
         raise ValueError("attention='flex' is the packed mask's; it needs packing=True")
+    fsdp_arguments = _fsdp_arguments(fsdp)
+    if fsdp and lora:
+        raise ValueError("fsdp and lora cannot be combined: the merged model is built from unsharded adapters")
     out_dir = Path(out_dir)
     dataset = _load_dataset(data_dir, use_labels)
     # float32 master weights; ``bf16`` turns on autocast (mixed precision), not bf16 weights.
@@ -447,6 +458,7 @@ def train_consistency(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         report_to=[],
+        **fsdp_arguments,
     )
     collator_options = dict(
         loss=loss,
@@ -490,14 +502,27 @@ def train_consistency(
     return trainer
 
 
+def _fsdp_arguments(fsdp: bool) -> dict:
+    if not isinstance(fsdp, bool):
+        raise TypeError(f"fsdp must be a bool, got {type(fsdp).__name__}")
+    if not fsdp:
+        return {}
+    return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+
+
 def save_final_model(trainer: ConsistencyTrainer, out_dir: str | Path) -> None:
     """Save a plain ``from_pretrained``-loadable model (LoRA merged) and the tokenizer to ``out_dir``."""
     trainer.accelerator.wait_for_everyone()
+    state_dict = None
+    if trainer.is_fsdp_enabled:
+        # Under FSDP each rank holds a shard of every parameter: gathering the full weights is a
+        # collective every rank must join, and only rank 0 receives them.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):  # peft: ship merged weights, not an adapter
         model = model.merge_and_unload()
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), state_dict=state_dict)
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(str(out_dir))
