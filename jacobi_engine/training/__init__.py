@@ -19,10 +19,14 @@ from jacobi_engine.training.losses import (
     local_consistency_loss,
     masked_kl,
 )
+from jacobi_engine.training.packing import PackedCollator, PackedConsistencyTrainer, group_by_prompt, packed_losses
+from jacobi_engine.training.rounds import run_rounds
 from jacobi_engine.training.trainer import ConsistencyTrainer, TrajectoryCollator, train_consistency
 
 __all__ = [
     "ConsistencyTrainer",
+    "PackedCollator",
+    "PackedConsistencyTrainer",
     "TrajectoryCollator",
     "ar_loss",
     "assemble_dataset",
@@ -31,8 +35,11 @@ __all__ = [
     "consistency_loss",
     "consistency_mask",
     "global_consistency_loss",
+    "group_by_prompt",
     "local_consistency_loss",
     "masked_kl",
+    "packed_losses",
     "read_prompts",
+    "run_rounds",
     "train_consistency",
 ]

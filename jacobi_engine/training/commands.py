@@ -101,6 +101,9 @@ def _train(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout,
         bf16=args.bf16,
         fsdp=args.fsdp,
+        packing=args.packing,
+        attention=args.attention,
+        noise_schedule=args.noise_schedule,
     )
     if trainer.is_world_process_zero():
         print(f"trained {trainer.state.global_step} steps; model saved to {args.out}")
@@ -161,7 +164,12 @@ def register(subparsers) -> None:
         "data) instead of the chunks' own outputs",
     )
     train.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    train.add_argument("--learning-rate", type=float, default=2e-5)
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="default: by model size, log-linear from 1e-2 at 1e5 parameters to 2e-5 at 7e9 (1.7e-3 at 2.4M)",
+    )
     train.add_argument("--batch-size", type=int, default=8, help="samples per device per step")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--lr-scheduler", default="cosine", help="any transformers scheduler name (cosine)")
@@ -182,5 +190,25 @@ def register(subparsers) -> None:
         "--fsdp",
         action="store_true",
         help="shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP",
+    )
+    train.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one row per prompt with all its chunks and a noise-aware mask (default); --batch-size then counts "
+        "prompts. --no-packing: one row per (prompt, chunk) sample",
+    )
+    train.add_argument(
+        "--attention",
+        choices=("sdpa", "flex"),
+        default="sdpa",
+        help="packed mask via SDPA + boolean mask (default) or FlexAttention (GPU only for training)",
+    )
+    train.add_argument(
+        "--noise-schedule",
+        choices=("random", "progressive"),
+        default="random",
+        help="which trajectory state a sample trains on: uniform (random), or few wrong tokens to many over "
+        "training (progressive)",
     )
     train.set_defaults(handler=_train)

@@ -34,6 +34,7 @@ import transformers
 
 from jacobi_engine.training.distributed import enable_fsdp_on_cpu
 from jacobi_engine.training.losses import IGNORE_INDEX, ar_loss, consistency_loss
+from jacobi_engine.training.schedules import NOISE_SCHEDULES, draw_state_index
 
 LOSSES = ("global", "local")
 REQUIRED_COLUMNS = ("prompt_index", "chunk_index", "prompt_length", "prompt_ids", "states", "fixed_point", "label_ids")
@@ -46,17 +47,21 @@ def _right_pad(sequences: list[list[int]], width: int, value: int) -> torch.Tens
     return padded
 
 
-def pick_states(states: list[list[int]], loss: str, rng) -> tuple[list[int], list[int]]:
+def pick_states(
+    states: list[list[int]], loss: str, rng, schedule: str = "random", progress: float = 0.0
+) -> tuple[list[int], list[int]]:
     """(student block, teacher block) for one trajectory; ``states[-1]`` is the fixed point.
 
-    ``global``: a uniformly drawn intermediate state and the fixed point. ``local``: a uniformly
-    drawn pair of adjacent states. A trajectory with a single state gives (y*, y*): loss 0.
+    ``global``: an intermediate state and the fixed point. ``local``: a state and the next one.
+    Which state: :func:`jacobi_engine.training.schedules.draw_state_index` (``schedule`` random:
+    uniform; progressive: the least noisy states at ``progress`` 0, all of them at 1). A
+    trajectory with a single state gives (y*, y*): loss 0.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if len(states) < 2:
         return states[-1], states[-1]
-    j = rng.randrange(len(states) - 1)
+    j = draw_state_index(states, rng, schedule, progress)
     if loss == "global":
         return states[j], states[-1]
     return states[j], states[j + 1]
@@ -74,7 +79,8 @@ class TrajectoryCollator:
     * ``student_block``, ``teacher_block`` int64 [B, n]; ``slot_mask`` bool [B, n] (real slots);
     * ``ar_input_ids``, ``ar_attention_mask``, ``ar_labels`` int64 [B, La]: ``[x; y*]`` (or
       ``[prompt; ground truth]`` with ``use_labels``, or a drawn ``ar_corpus`` pair); labels are
-      -100 except on the answer.
+      -100 except on the answer;
+    * ``noise_progress`` float scalar: the training progress the noise schedule used.
 
     Which state a row gets is a pure function of ``(seed, epoch, prompt_index, chunk_index)``
     (the trainer advances ``epoch``), or drawn from ``rng`` when one is given. Not a shared RNG:
@@ -91,17 +97,38 @@ class TrajectoryCollator:
     # (prompt ids, answer ids) pairs: when given, each sample's AR row is one of these, drawn
     # like its state, instead of its own chunk or label (see ``train_consistency(ar_data=...)``).
     ar_corpus: list[tuple[list[int], list[int]]] | None = None
+    # Noise schedule (see jacobi_engine.training.schedules). Progressive needs the optimizer step
+    # of each batch: the trainer's callback keeps ``batch_counter`` (batches collated, aligned
+    # to whole steps at each epoch start) and ``max_steps``/``grad_accum``.
+    noise_schedule: str = "random"
+    max_steps: int = 0
+    grad_accum: int = 1
+    batch_counter: int = 0
 
-    def _rng(self, row: dict):
+    def __post_init__(self):
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
+
+    def _rng(self, row: dict, chunk_index=None):
         if self.rng is not None:
             return self.rng
-        return random.Random(f"{self.seed}:{self.epoch}:{row.get('prompt_index')}:{row.get('chunk_index')}")
+        chunk_index = row.get("chunk_index") if chunk_index is None else chunk_index
+        return random.Random(f"{self.seed}:{self.epoch}:{row.get('prompt_index')}:{chunk_index}")
+
+    def next_progress(self) -> float:
+        """Training progress in [0, 1] of the batch being collated (step / (max_steps - 1)); counts it."""
+        step = self.batch_counter // max(1, self.grad_accum)
+        self.batch_counter += 1
+        if self.max_steps <= 1:
+            return 1.0 if self.max_steps == 1 else 0.0
+        return min(1.0, step / (self.max_steps - 1))
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         students, teachers, contexts, ar_rows, ar_starts = [], [], [], [], []
+        progress = self.next_progress()
         for row in rows:
             rng = self._rng(row)
-            student, teacher = pick_states(row["states"], self.loss, rng)
+            student, teacher = pick_states(row["states"], self.loss, rng, self.noise_schedule, progress)
             students.append(list(student))
             teachers.append(list(teacher))
             contexts.append(list(row["prompt_ids"]))
@@ -144,6 +171,7 @@ class TrajectoryCollator:
             "ar_input_ids": ar_input_ids,
             "ar_attention_mask": ar_attention_mask,
             "ar_labels": torch.where(answer, ar_input_ids, IGNORE_INDEX),
+            "noise_progress": torch.tensor(progress),
         }
 
 
@@ -159,13 +187,27 @@ def _pad_columns(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 
 class _CollatorEpoch(transformers.TrainerCallback):
-    """Tells the collator which epoch it is collating, so each epoch draws new states."""
+    """Tells the collator which epoch and which optimizer step it is collating, so each epoch
+    draws new states and the noise schedule follows the step, identically after a resume.
+
+    The data loader collates ahead of the step that uses a batch, so the step is not read from
+    the trainer's state at collation time; it is counted: ``global_step * grad_accum`` batches at
+    train begin (a resume skips the trained batches without collating them), one per collated
+    batch, rounded up to a whole step at each epoch start (the trainer ends an epoch with a
+    partial step when its batches do not divide by ``grad_accum``)."""
 
     def __init__(self, collator: TrajectoryCollator):
         self.collator = collator
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.collator.max_steps = state.max_steps
+        self.collator.grad_accum = args.gradient_accumulation_steps
+        self.collator.batch_counter = state.global_step * args.gradient_accumulation_steps
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.collator.epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        accum = max(1, args.gradient_accumulation_steps)
+        self.collator.batch_counter = -(-self.collator.batch_counter // accum) * accum
 
 
 class ConsistencyTrainer(transformers.Trainer):
@@ -246,6 +288,23 @@ class ConsistencyTrainer(transformers.Trainer):
         super().log(logs, *args, **kwargs)
 
 
+# The default learning rate, log-linear in the parameter count between two anchors: 1e-2 at 1e5
+# parameters (measured: python/examples/tune_defaults.py, fresh toy models through the CLI) and
+# 2e-5 at 7e9 (the CLLM paper's 7B runs). In between it gives 1.7e-3 at 2.4M parameters, near
+# the 1e-3 of the shipped GSM8K CLLM; nothing between 3M and 7B parameters was measured here.
+LR_ANCHORS = ((1e5, 1e-2), (7e9, 2e-5))
+
+
+def default_learning_rate(num_parameters: int) -> float:
+    """Learning rate for a model of ``num_parameters`` parameters when none is given (see LR_ANCHORS)."""
+    if num_parameters < 1:
+        raise ValueError(f"num_parameters must be positive, got {num_parameters}")
+    (small, small_lr), (large, large_lr) = LR_ANCHORS
+    fraction = (math.log(num_parameters) - math.log(small)) / (math.log(large) - math.log(small))
+    fraction = min(1.0, max(0.0, fraction))
+    return math.exp(math.log(small_lr) + fraction * (math.log(large_lr) - math.log(small_lr)))
+
+
 def _load_dataset(data_dir: str | Path, use_labels: bool):
     from datasets import load_from_disk
 
@@ -300,7 +359,7 @@ def train_consistency(
     use_labels: bool = False,
     ar_data: str | Path | None = None,
     max_steps: int = 1000,
-    learning_rate: float = 2e-5,
+    learning_rate: float | None = None,
     batch_size: int = 8,
     grad_accum: int = 1,
     lr_scheduler: str = "cosine",
@@ -319,6 +378,9 @@ def train_consistency(
     bf16: bool = False,
     fsdp: bool = False,
     callbacks: list | None = None,
+    packing: bool = True,
+    attention: str = "sdpa",
+    noise_schedule: str = "random",
 ) -> ConsistencyTrainer:
     """Fine-tune the model in ``model_dir`` into a CLLM on the trajectories in ``data_dir``.
 
@@ -335,6 +397,13 @@ def train_consistency(
     the model's original fine-tuning data), on examples drawn from that corpus: with few
     collected prompts, the first two repeat each answer once per chunk and the AR term then
     memorises them, while a large corpus keeps the model's general quality.
+
+    ``learning_rate``: None picks :func:`default_learning_rate` of the model's parameter count.
+    ``packing`` (default): one row per prompt holding all its chunks, with the noise-aware mask of
+    :mod:`jacobi_engine.training.packing` (same losses, several times fewer tokens); then
+    ``batch_size`` counts prompts, so a step trains on all chunks of ``batch_size`` prompts.
+    ``attention``: ``"sdpa"`` or ``"flex"`` for the packed mask (FlexAttention cannot train on CPU).
+    ``noise_schedule``: ``"random"`` or ``"progressive"`` (:mod:`jacobi_engine.training.schedules`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -343,6 +412,12 @@ def train_consistency(
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if use_labels and ar_data is not None:
         raise ValueError("use_labels and ar_data both choose the AR data: give one of them")
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}")
+    if attention not in ("sdpa", "flex"):
+        raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
+    if attention == "flex" and not packing:
+        raise ValueError("attention='flex' is the packed mask's; it needs packing=True")
     fsdp_arguments = _fsdp_arguments(fsdp)
     if fsdp and lora:
         raise ValueError("fsdp and lora cannot be combined: the merged model is built from unsharded adapters")
@@ -355,6 +430,8 @@ def train_consistency(
     except (OSError, ValueError):
         tokenizer = None
     pad_id = model.config.pad_token_id if isinstance(model.config.pad_token_id, int) else 0
+    if learning_rate is None:
+        learning_rate = default_learning_rate(sum(parameter.numel() for parameter in model.parameters()))
     if lora:
         model = _apply_lora(model, lora_r, lora_alpha, lora_dropout)
     use_cpu = not torch.cuda.is_available()
@@ -383,23 +460,42 @@ def train_consistency(
         report_to=[],
         **fsdp_arguments,
     )
-    trainer = ConsistencyTrainer(
+    collator_options = dict(
+        loss=loss,
+        use_labels=use_labels,
+        pad_id=pad_id,
+        seed=seed,
+        ar_corpus=load_ar_corpus(ar_data, tokenizer) if ar_data is not None else None,
+        noise_schedule=noise_schedule,
+    )
+    trainer_options = dict(
         model=model,
         args=args,
-        train_dataset=dataset,
-        data_collator=TrajectoryCollator(
-            loss=loss,
-            use_labels=use_labels,
-            pad_id=pad_id,
-            seed=seed,
-            ar_corpus=load_ar_corpus(ar_data, tokenizer) if ar_data is not None else None,
-        ),
         processing_class=tokenizer,
         callbacks=callbacks,
         loss=loss,
         ar_weight=ar_weight,
         label_smoothing=label_smoothing,
     )
+    if packing:
+        from jacobi_engine.training.packing import (
+            PackedCollator,
+            PackedConsistencyTrainer,
+            PackedTrajectories,
+            group_by_prompt,
+        )
+
+        trainer = PackedConsistencyTrainer(
+            train_dataset=PackedTrajectories(group_by_prompt(dataset)),
+            # FlexAttention compiles per shape: round lengths up to its 128-token blocks.
+            data_collator=PackedCollator(**collator_options, pad_to_multiple=128 if attention == "flex" else 1),
+            attention=attention,
+            **trainer_options,
+        )
+    else:
+        trainer = ConsistencyTrainer(
+            train_dataset=dataset, data_collator=TrajectoryCollator(**collator_options), **trainer_options
+        )
     checkpoint = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, out_dir)

@@ -1,10 +1,12 @@
 """Copy a trained teacher/CLLM pair into the package, where ``jacobi-engine demo`` finds it.
 
     python python/examples/ship_reference_pair.py --teacher runs/teacher --cllm runs/cllm_a/cllm
+    python python/examples/ship_reference_pair.py --pair code --teacher runs/v2/code/teacher --cllm runs/v2/code/cllm/cllm
 
 Copies each model's config, generation config, safetensors weights and tokenizer (nothing else:
-no checkpoints, no optimizer state) to jacobi_engine/assets/cllm-gsm8k/{teacher,cllm}/, refuses
-weights over 10 MB, and writes demo_questions.jsonl with the first held-out questions.
+no checkpoints, no optimizer state) to jacobi_engine/assets/cllm-{pair}/{teacher,cllm}/, refuses
+weights over 10 MB, and writes the first held-out examples: demo_questions.jsonl
+(``{"question", "answer"}``, GSM8K) or demo_prompts.jsonl (``{"prompt", "answer"}``, code).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "jacobi_engine" / "assets" / "cllm-gsm8k"
+ASSETS_ROOT = REPO / "jacobi_engine" / "assets"
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 MAX_BYTES = 10 * 1000 * 1000
 
@@ -41,6 +43,7 @@ def ship(source: Path, target: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=("gsm8k", "code"), default="gsm8k")
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--cllm", required=True)
     parser.add_argument("--questions", type=int, default=8)
@@ -48,16 +51,23 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     from jacobi_engine.gsm8k import load_jsonl_gz, repo_data_path
 
-    ship(Path(args.teacher), ASSETS / "teacher")
-    ship(Path(args.cllm), ASSETS / "cllm")
+    assets = ASSETS_ROOT / f"cllm-{args.pair}"
+    ship(Path(args.teacher), assets / "teacher")
+    ship(Path(args.cllm), assets / "cllm")
     cllm_metrics = Path(args.cllm).parent / "metrics.json"
     if cllm_metrics.exists():
-        shutil.copyfile(cllm_metrics, ASSETS / "cllm" / "provenance.json")
-    questions = load_jsonl_gz(repo_data_path("eval"))[: args.questions]
-    with open(ASSETS / "demo_questions.jsonl", "w") as handle:
-        for record in questions:
-            handle.write(json.dumps({"question": record["question"], "answer": record["answer"]}) + "\n")
-    print(f"shipped to {ASSETS}")
+        shutil.copyfile(cllm_metrics, assets / "cllm" / "provenance.json")
+    if args.pair == "gsm8k":
+        questions = load_jsonl_gz(repo_data_path("eval"))[: args.questions]
+        with open(assets / "demo_questions.jsonl", "w") as handle:
+            for record in questions:
+                handle.write(json.dumps({"question": record["question"], "answer": record["answer"]}) + "\n")
+    else:
+        examples = load_jsonl_gz(REPO / "data" / "code" / "eval.jsonl.gz")[: args.questions]
+        with open(assets / "demo_prompts.jsonl", "w") as handle:
+            for record in examples:
+                handle.write(json.dumps({"prompt": record["prompt"], "answer": record["answer"]}) + "\n")
+    print(f"shipped to {assets}")
     return 0
 
 

@@ -51,6 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--augment", action="store_true", help="CLLM's data augmentation of the states")
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="packed training (off: the shipped v1 CLLM was trained one sample per row, --batch-size samples)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -114,6 +119,7 @@ def main(argv=None) -> int:
         logging_steps=10,
         seed=args.seed,
         resume=(out / "cllm").exists() and any((out / "cllm").glob("checkpoint-*")),
+        packing=args.packing,
     )
     timings["train_seconds"] = time.perf_counter() - phase
     # Record the block size the CLLM was trained for, so tools can default to it.

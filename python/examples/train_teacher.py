@@ -1,6 +1,18 @@
-"""Train the GSM8K teacher from scratch: a byte-level BPE tokenizer and a small LlamaForCausalLM.
+"""Train a teacher from scratch: a byte-level BPE tokenizer and a small LlamaForCausalLM.
 
-    nice -n 19 python python/examples/train_teacher.py --out runs/teacher
+    nice -n 19 python python/examples/train_teacher.py --out runs/teacher                  # GSM8K
+    nice -n 19 python python/examples/train_teacher.py --domain code --out runs/teacher-code
+
+``--domain gsm8k`` (default): ``data/gsm8k``, prompt ``format_prompt(question)``, answer the reference
+solution. ``--domain code``: ``data/code`` (python/examples/prepare_code.py: a standard-library
+function's signature + docstring as the prompt, its body as the answer, whole modules held out);
+examples longer than ``--max-positions`` are dropped; the held-out evaluation is the perplexity of
+the bodies (there is no final answer to check).
+
+Checkpoints: every ``--checkpoint-every`` steps the model, optimizer, step and curve go to
+``OUT/checkpoint/`` (with the tokenizer, saved before the first step); rerunning the same command
+continues from there, with the same batch schedule (it is a function of the seed), so a resumed
+run ends with the weights of an uninterrupted one.
 
 Everything is seeded. The defaults (2.45M fp32 parameters, 5 epochs = 8.4M tokens) fit 45 minutes on
 2 dedicated CPU cores: one thread alone trains at about 3,700 tokens/s (38 minutes), two are faster.
@@ -41,11 +53,40 @@ from jacobi_engine.gsm8k import extract_final_answer, format_prompt, load_jsonl_
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 MAX_MODEL_BYTES = 10_000_000
+REPO = Path(__file__).resolve().parents[2]
+DOMAINS = ("gsm8k", "code")
+
+
+def load_domain(domain: str, data_dir: Path | None) -> tuple[list[dict], list[dict], str]:
+    """(train records, eval records, description of the split); every record has "prompt" and "answer"."""
+    if domain == "gsm8k":
+
+        def load(split):
+            path = (data_dir / f"{split}.jsonl.gz") if data_dir else repo_data_path(split)
+            return [dict(r, prompt=format_prompt(r["question"])) for r in load_jsonl_gz(path)]
+
+        return load("train"), load("eval"), "data/gsm8k/eval.jsonl.gz (last 500 problems of GSM8K train, held out)"
+    if domain == "code":
+        root = data_dir or REPO / "data" / "code"
+        split = json.loads((root / "split.json").read_text())
+        described = f"{root}/eval.jsonl.gz: held-out stdlib modules {', '.join(split['eval_top_levels'])}"
+        return load_jsonl_gz(root / "train.jsonl.gz"), load_jsonl_gz(root / "eval.jsonl.gz"), described
+    raise ValueError(f"--domain must be one of {DOMAINS}, got {domain!r}")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory (model, tokenizer, metrics.json)")
+    parser.add_argument("--domain", choices=DOMAINS, default="gsm8k")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: data/gsm8k or data/code")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (resume)")
+    parser.add_argument(
+        "--save-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the saved weights (bfloat16: twice the parameters within 10 MB; trained in float32, "
+        "evaluated in float32 from the rounded weights, as the engine runs them on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     # Tokenizer and model.
@@ -124,7 +165,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> transformers.PreTraine
 def encode_examples(tokenizer, records: list[dict]) -> list[tuple[list[int], int]]:
     """``(ids, n_prompt)`` per record: ids = ``<s>`` + prompt + answer + ``</s>``, where the prompt
     is encoded alone, exactly as it will be at inference, and n_prompt counts ``<s>`` + prompt."""
-    prompts = tokenizer([format_prompt(r["question"]) for r in records])["input_ids"]
+    prompts = tokenizer([r["prompt"] for r in records])["input_ids"]
     answers = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
     return [(p + a + [tokenizer.eos_token_id], len(p)) for p, a in zip(prompts, answers, strict=True)]
 
@@ -210,7 +251,7 @@ def greedy_accuracy(model, tokenizer, records: list[dict], batch_size: int, max_
     started = time.perf_counter()
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        encoded = tokenizer([format_prompt(r["question"]) for r in batch], padding=True, return_tensors="pt")
+        encoded = tokenizer([r["prompt"] for r in batch], padding=True, return_tensors="pt")
         output = model.generate(**encoded, do_sample=False, max_new_tokens=max_new_tokens)
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         for record, tokens in zip(batch, new_tokens, strict=True):
@@ -249,12 +290,30 @@ def main() -> None:
     log(f"command: {command}")
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
 
-    train_records = load_jsonl_gz(repo_data_path("train"))
-    eval_records = load_jsonl_gz(repo_data_path("eval"))
-    train_texts = [format_prompt(r["question"]) + r["answer"] for r in train_records]
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
-    tokenizer.model_max_length = args.max_positions
+    train_records, eval_records, eval_split = load_domain(args.domain, args.data_dir)
+    train_texts = [r["prompt"] + r["answer"] for r in train_records]
+    checkpoint_dir = args.out / "checkpoint"
+    resume_state = None
+    if (checkpoint_dir / "state.pt").exists():
+        # The tokenizer is loaded, not retrained: the checkpoint's weights belong to its ids.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        resume_state = torch.load(checkpoint_dir / "state.pt", weights_only=False)
+        log(f"resuming from {checkpoint_dir} at step {resume_state['step']}")
+    else:
+        tokenizer = train_tokenizer(train_texts, args.vocab_size)
+        tokenizer.model_max_length = args.max_positions
+        tokenizer.save_pretrained(str(checkpoint_dir))
     examples = encode_examples(tokenizer, train_records)
+    if args.domain == "code":
+        # A few stdlib functions are longer than the context; drop them rather than truncate code.
+        keep = [index for index, (ids, _) in enumerate(examples) if len(ids) <= args.max_positions]
+        if len(keep) < len(examples):
+            log(f"dropped {len(examples) - len(keep)} examples longer than {args.max_positions} tokens")
+        train_records = [train_records[i] for i in keep]
+        train_texts = [train_texts[i] for i in keep]
+        examples = [examples[i] for i in keep]
+        eval_ids = encode_examples(tokenizer, eval_records)
+        eval_records = [r for r, (ids, _) in zip(eval_records, eval_ids) if len(ids) <= args.max_positions]
     lengths = [len(ids) for ids, _ in examples]
     # The prompt is encoded on its own; say how often that differs from encoding the whole text.
     joint_mismatch = sum(
@@ -285,8 +344,9 @@ def main() -> None:
     model = transformers.LlamaForCausalLM(config).float()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.3f}M parameters, {config.to_diff_dict()}")
-    if 4 * n_params > MAX_MODEL_BYTES:
-        raise ValueError(f"{n_params} fp32 parameters exceed the {MAX_MODEL_BYTES} byte budget")
+    bytes_per_parameter = 2 if args.save_dtype == "bfloat16" else 4
+    if bytes_per_parameter * n_params > MAX_MODEL_BYTES:
+        raise ValueError(f"{n_params} {args.save_dtype} parameters exceed the {MAX_MODEL_BYTES} byte budget")
 
     plan_generator = random.Random(args.seed)
     schedule: list[list[int]] = []
@@ -313,12 +373,20 @@ def main() -> None:
     )
 
     curve, window_tokens, window_answer_nll, window_answer_tokens, window_loss = [], 0, 0.0, 0, 0.0
-    train_started, train_cpu_started = time.perf_counter(), time.process_time()
-    window_started = train_started
+    first_step, earlier_seconds, earlier_cpu_seconds = 0, 0.0, 0.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        curve, first_step = resume_state["curve"], resume_state["step"]
+        earlier_seconds, earlier_cpu_seconds = resume_state["seconds"], resume_state["cpu_seconds"]
+    train_started = time.perf_counter() - earlier_seconds
+    train_cpu_started = time.process_time() - earlier_cpu_seconds
+    window_started = time.perf_counter()
     stopped_early = False
-    step = 0
+    step = first_step - 1
     model.train()
-    for step in range(total_steps):
+    for step in range(first_step, total_steps):
         if args.train_minutes is not None and time.perf_counter() - train_started > 60 * args.train_minutes:
             stopped_early = True
             log(f"stopping early at step {step}/{total_steps}: --train-minutes {args.train_minutes} reached")
@@ -366,6 +434,19 @@ def main() -> None:
             )
             window_tokens, window_answer_nll, window_answer_tokens, window_loss = 0, 0.0, 0, 0.0
             window_started = now
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < total_steps:
+            state = {
+                "step": step + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "curve": curve,
+                "seconds": time.perf_counter() - train_started,
+                "cpu_seconds": time.process_time() - train_cpu_started,
+            }
+            torch.save(state, checkpoint_dir / "state.pt.tmp")
+            (checkpoint_dir / "state.pt.tmp").replace(checkpoint_dir / "state.pt")  # atomic: a kill keeps the last one
+            log(f"checkpoint at step {step + 1} in {checkpoint_dir}")
     steps_done = step + 1 if not stopped_early else step
     train_seconds = time.perf_counter() - train_started
     train_cpu_seconds = time.process_time() - train_cpu_started
@@ -383,7 +464,13 @@ def main() -> None:
         do_sample=False,
         max_new_tokens=args.max_new_tokens,
     )
-    model.save_pretrained(args.out)
+    if args.save_dtype == "bfloat16":
+        # Save bf16; evaluate the rounded weights in fp32, which is what users load and run on CPU.
+        model = model.to(torch.bfloat16)
+        model.save_pretrained(args.out)
+        model = model.float()
+    else:
+        model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     model_bytes = (args.out / "model.safetensors").stat().st_size
     log(f"saved to {args.out}: model.safetensors {model_bytes / 1e6:.2f} MB")
@@ -394,7 +481,7 @@ def main() -> None:
         "command": command,
         "seed": args.seed,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "dtype": "float32 (stored and evaluated)",
+        "dtype": f"{args.save_dtype} stored, trained and evaluated in float32",
         "parameters": n_params,
         "model_safetensors_bytes": model_bytes,
         "vocab_size": len(tokenizer),
@@ -419,24 +506,29 @@ def main() -> None:
     if not args.skip_eval:
         perplexity, scored = answer_perplexity(model, tokenizer, eval_records, args.batch_tokens)
         log(f"held-out answer perplexity {perplexity:.4f} over {scored} answer tokens of {len(eval_records)} problems")
-        accuracy = greedy_accuracy(
-            model, tokenizer, eval_records[: args.eval_generate], args.eval_batch, args.max_new_tokens
-        )
-        log(
-            f"held-out greedy accuracy {accuracy['accuracy_points']:.1f} points "
-            f"({accuracy['correct']}/{accuracy['problems']}), "
-            f"{accuracy['hit_max_new_tokens']} hit max_new_tokens, {accuracy['generate_seconds']:.0f} s"
-        )
-        for sample in accuracy["samples"][:1]:
-            log(f"sample generation:\n{format_prompt(sample['question'])}{sample['generated']}")
         metrics["eval"] = {
-            "split": "data/gsm8k/eval.jsonl.gz (last 500 problems of GSM8K train, held out)",
+            "split": eval_split,
             "answer_perplexity": perplexity,
             "answer_tokens": scored,
             "perplexity_definition": "exp(mean NLL) of the reference answer tokens (</s> excluded), "
             "conditioned on <s> + prompt",
-            "greedy": {**accuracy, "first_n_problems": args.eval_generate, "max_new_tokens": args.max_new_tokens},
         }
+        if args.domain == "gsm8k":
+            accuracy = greedy_accuracy(
+                model, tokenizer, eval_records[: args.eval_generate], args.eval_batch, args.max_new_tokens
+            )
+            log(
+                f"held-out greedy accuracy {accuracy['accuracy_points']:.1f} points "
+                f"({accuracy['correct']}/{accuracy['problems']}), "
+                f"{accuracy['hit_max_new_tokens']} hit max_new_tokens, {accuracy['generate_seconds']:.0f} s"
+            )
+            for sample in accuracy["samples"][:1]:
+                log(f"sample generation:\n{format_prompt(sample['question'])}{sample['generated']}")
+            metrics["eval"]["greedy"] = {
+                **accuracy,
+                "first_n_problems": args.eval_generate,
+                "max_new_tokens": args.max_new_tokens,
+            }
     metrics["total_seconds"] = time.perf_counter() - started
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"done in {metrics['total_seconds'] / 60:.1f} min; metrics in {args.out / 'metrics.json'}")
