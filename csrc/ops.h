@@ -11,4 +11,9 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
                        const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
                        const at::Tensor& max_new_tokens);
 
+// Validates the sampling-specific arguments of sample_verify_and_commit (the rest are greedy's).
+void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
+                              const at::Tensor& block, const at::Tensor& n_fixed, const at::Tensor& seed,
+                              const at::Tensor& sequence_ids, const at::Tensor& step);
+
 }  // namespace jacobi_engine
