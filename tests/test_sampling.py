@@ -7,7 +7,7 @@ How the statistics are set up (tests/sampling_stats.py):
   computed from full forwards and HF's own processor/warper classes. The engine draws
   ``SAMPLES`` = 20000 continuations (one batch, every row an independent sample) and a Pearson
   chi-square test compares the counts with the exact probabilities; cells expected fewer than 5
-  times are pooled by common prefix. Cases: both modes, block sizes 2/3/4/7, temperature, top-k,
+  times are pooled by common prefix. Cases: both modes, block sizes 1/2/3/4/7, temperature, top-k,
   top-p, min-p, a repetition penalty, EOS inside the horizon, random-prompt and n-gram guesses,
   the SJD rule and the one-hot rule.
 * **Power.** The same test must fail for two deliberately biased verifiers: one accepts any draft
@@ -19,8 +19,9 @@ How the statistics are set up (tests/sampling_stats.py):
   Its power check: the "every Jacobi draft is exact" bug gives p = 7e-97 on the token at position 7.
 
 Every test uses fixed seeds, so it is deterministic. A correct sampler fails one of them with
-probability ``ALPHA`` = 1e-4 per test (over the choice of seed); there are 11 such tests, so a
-change that merely redraws the random numbers trips the file with probability below 0.11%.
+probability ``ALPHA`` = 1e-4 per test (over the choice of seed); with the three rule-level tests
+of test_sampling_verify_op.py there are 14 such tests, so a change that merely redraws the random
+numbers trips them with probability below 0.14%.
 The whole file runs in about 40 s on 2 cores.
 """
 
@@ -82,6 +83,7 @@ def engine_samples(model, prompt, samples, horizon, *, eos=None, seed=0, engine_
 
 
 GOF_CASES = {
+    "n1-autoregressive": (dict(block_size=1), dict(temperature=0.9)),
     "sliding-n2": (dict(block_size=2), dict()),
     "sliding-n4-temperature": (dict(block_size=4), dict(temperature=0.7)),
     "sliding-n7-top_p": (dict(block_size=7), dict(top_p=0.9)),
