@@ -8,6 +8,7 @@
 
 #include "kernels.h"
 #include "kv_commit.h"
+#include "sampling_verify.h"
 #include "verify_commit.h"
 
 namespace jacobi_engine {
@@ -183,6 +184,145 @@ cudaError_t launch_verify_and_commit(const VerifyLaunch& args, cudaStream_t stre
     default:
       return cudaErrorInvalidValue;
   }
+  return cudaGetLastError();
+}
+
+}  // namespace jacobi_engine
+
+// ---------------------------------------------------------------------------------------------
+// Sampling verify-and-commit. The per-slot math and the commit are csrc/sampling_verify.h and
+// verify_commit.h; here only the lane totals run in parallel (thread t sums lane t), and thread 0
+// calls the shared functions on them, so the tokens are the CPU op's bit for bit.
+namespace jacobi_engine {
+namespace {
+
+static_assert(kThreads == kSampleLanes, "one thread per sampling lane");
+
+// Grid (B, n): block (b, i) decides slot i (fresh sample; acceptance of the draft in slot i + 1
+// and its replacement); the last block of row b to finish assembles the verified tokens, commits
+// like greedy and records the row's ProposalPlan and next draft kinds.
+__global__ void __launch_bounds__(kThreads) sample_slots_kernel(SampleVerifyLaunch args) {
+  extern __shared__ int64_t row_shared[];  // [n] preds, then [n] SlotResult (last block only)
+  __shared__ double totals_p[kSampleLanes];
+  __shared__ double totals_q[kSampleLanes];
+  __shared__ double p_total, q_total;
+  __shared__ int branch;  // 0: accepted, 1: residual (ratio rule), 2: p without the draft
+  __shared__ bool is_last;
+  const VerifyLaunch& commit = args.commit;
+  const int64_t n = commit.n;
+  const int64_t vocab = args.vocab;
+  const int64_t b = blockIdx.x;
+  const int64_t i = blockIdx.y;
+  const int lane = threadIdx.x;
+  // Nothing of row b is written before all its blocks have arrived, so this read is stable.
+  if (commit.done[b]) {
+    if (i == 0 && lane == 0) {
+      commit.n_accepted[b] = 0;
+      args.plan[2 * b] = 0;
+      args.plan[2 * b + 1] = n;
+    }
+    return;
+  }
+  const float* p = args.probs + (b * n + i) * vocab;
+  const bool has_draft = i + 1 < n;
+  const int64_t draft = has_draft ? commit.block[b * n + i + 1] : -1;
+  const DraftRule rule =
+      has_draft ? draft_rule(i + 1, args.n_fixed[b], args.draft_sampled[b * n + i + 1]) : DraftRule::kFixed;
+  const float* q = args.proposal + (b * n + (has_draft ? i + 1 : i)) * vocab;
+
+  totals_p[lane] = lane_total(ProbWeight{p}, vocab, lane);
+  totals_q[lane] = rule == DraftRule::kRatio ? lane_total(ProbWeight{q}, vocab, lane) : 0.0;
+  __syncthreads();
+  SlotResult result{true, -1, -1};
+  SlotUniforms u{};
+  double q_d = 0.0;
+  if (lane == 0) {
+    u = slot_uniforms(static_cast<uint64_t>(*args.seed), static_cast<uint64_t>(args.sequence_ids[b]),
+                      static_cast<uint64_t>(*args.step), static_cast<uint64_t>(i));
+    result.sample = sample_with_totals(ProbWeight{p}, vocab, totals_p, u.sample);
+    branch = 0;
+    if (has_draft) {
+      p_total = lanes_sum(totals_p);
+      q_total = rule == DraftRule::kRatio ? lanes_sum(totals_q) : 0.0;
+      q_d = rule == DraftRule::kRatio ? positive(q[draft]) : 0.0;
+      result.accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+      if (!result.accept) branch = rule == DraftRule::kRatio && q_d > 0.0 ? 1 : 2;
+    }
+  }
+  __syncthreads();
+  if (branch != 0) {
+    // The replacement's lane totals, reusing totals_q (its reads are done).
+    totals_q[lane] = branch == 1 ? lane_total(ResidualWeight{p, q, p_total, q_total}, vocab, lane)
+                                 : lane_total(ExcludeWeight{p, draft}, vocab, lane);
+    __syncthreads();
+    if (lane == 0) {
+      int64_t token = branch == 1 ? sample_with_totals(ResidualWeight{p, q, p_total, q_total}, vocab, totals_q,
+                                                       u.residual)
+                                  : sample_with_totals(ExcludeWeight{p, draft}, vocab, totals_q, u.residual);
+      // Rounding fallback of corrective_sequential, on one thread (it practically never runs).
+      if (branch == 1 && (token < 0 || token == draft)) {
+        token = sample_sequential(ExcludeWeight{p, draft}, vocab, u.residual);
+      }
+      result.corrective = token == draft ? -1 : token;
+      result.accept = result.corrective < 0;
+    }
+  }
+  if (lane == 0) {
+    args.slot_accept[b * n + i] = result.accept;
+    args.slot_corrective[b * n + i] = result.corrective;
+    args.slot_sample[b * n + i] = result.sample;
+    __threadfence();
+    is_last = atomicAdd(args.counters + b, 1) == n - 1;
+  }
+  __syncthreads();
+  if (!is_last || lane != 0) return;
+  __threadfence();
+  int64_t* preds = row_shared;
+  SlotResult* slots = reinterpret_cast<SlotResult*>(row_shared + n);
+  for (int64_t j = 0; j < n; ++j) {
+    slots[j] = SlotResult{__ldcg(reinterpret_cast<const unsigned char*>(args.slot_accept + b * n + j)) != 0,
+                          __ldcg(args.slot_corrective + b * n + j), __ldcg(args.slot_sample + b * n + j)};
+  }
+  assemble_preds(slots, commit.block + b * n, n, preds);
+  commit_row(commit, b, preds);
+  const int64_t accepted = commit.n_accepted[b];
+  const bool finished = commit.done[b];
+  const ProposalPlan plan = proposal_plan(true, !commit.chunked || accepted == n || finished, finished, accepted, n);
+  args.plan[2 * b] = plan.offset;
+  args.plan[2 * b + 1] = plan.first;
+  for (int64_t j = 0; j < n; ++j) args.draft_sampled[b * n + j] = plan_covers(plan, j, n);
+}
+
+// Grid (B, n): slot j of row b takes this step's distribution of the slot its fresh sample came from.
+__global__ void __launch_bounds__(kThreads) copy_proposals_kernel(SampleVerifyLaunch args) {
+  const int64_t n = args.commit.n;
+  const int64_t b = blockIdx.x;
+  const int64_t j = blockIdx.y;
+  const ProposalPlan plan{args.plan[2 * b], args.plan[2 * b + 1]};
+  if (!plan_covers(plan, j, n)) return;
+  const float* source = args.probs + (b * n + j + plan.offset) * args.vocab;
+  float* target = args.proposal + (b * n + j) * args.vocab;
+  const bool aligned = args.vocab % 4 == 0 && reinterpret_cast<uintptr_t>(source) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(target) % 16 == 0;
+  if (aligned) {
+    const float4* source4 = reinterpret_cast<const float4*>(source);
+    float4* target4 = reinterpret_cast<float4*>(target);
+    for (int64_t v = threadIdx.x; v < args.vocab / 4; v += kThreads) target4[v] = source4[v];
+  } else {
+    for (int64_t v = threadIdx.x; v < args.vocab; v += kThreads) target[v] = source[v];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_sample_verify_and_commit(const SampleVerifyLaunch& args, cudaStream_t stream) {
+  if (args.commit.batch == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(args.commit.batch), static_cast<unsigned>(args.commit.n));
+  const size_t shared = static_cast<size_t>(args.commit.n) * (sizeof(int64_t) + sizeof(SlotResult));
+  sample_slots_kernel<<<grid, kThreads, shared, stream>>>(args);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  copy_proposals_kernel<<<grid, kThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -55,4 +55,26 @@ struct MoveRowsLaunch {
 
 cudaError_t launch_move_cache_rows(const MoveRowsLaunch& args, cudaStream_t stream);
 
+// Sampling verify-and-commit (csrc/sampling_verify.h): greedy's commit arguments in `commit`
+// (its scores fields unused), plus the distributions, the Philox counter and per-call scratch.
+struct SampleVerifyLaunch {
+  VerifyLaunch commit;
+  const float* probs;            // [B, n, V] contiguous
+  float* proposal;               // [B, n, V] contiguous
+  bool* draft_sampled;           // [B, n]
+  const int32_t* n_fixed;        // [B]
+  const int64_t* seed;           // [1]
+  const int64_t* sequence_ids;   // [B]
+  const int64_t* step;           // [1]
+  int64_t vocab;
+  bool* slot_accept;             // [B * n] scratch: per-slot decisions
+  int64_t* slot_corrective;      // [B * n]
+  int64_t* slot_sample;          // [B * n]
+  int32_t* counters;             // [B] zero-initialised arrival counters (per call)
+  int64_t* plan;                 // [B * 2] scratch: ProposalPlan of each row
+};
+
+// Enqueues the two kernels of the sampling verify (decide + commit, then proposal copy).
+cudaError_t launch_sample_verify_and_commit(const SampleVerifyLaunch& args, cudaStream_t stream);
+
 }  // namespace jacobi_engine

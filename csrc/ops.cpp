@@ -146,3 +146,129 @@ TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
   m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cpu);
   m.impl("move_cache_rows", &jacobi_engine::move_cache_rows_cpu);
 }
+
+// ---------------------------------------------------------------------------------------------
+// torch.ops.jacobi_engine.sample_verify_and_commit: exact speculative sampling over the block, then
+// greedy's commit (see csrc/sampling_verify.h and jacobi_engine/sampling.py for the contract).
+
+#include <algorithm>
+#include <vector>
+
+#include "sampling_verify.h"
+
+namespace jacobi_engine {
+
+void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
+                              const at::Tensor& block, const at::Tensor& n_fixed, const at::Tensor& seed,
+                              const at::Tensor& sequence_ids, const at::Tensor& step) {
+  const int64_t batch = block.dim() == 2 ? block.size(0) : -1;
+  const int64_t n = block.dim() == 2 ? block.size(1) : -1;
+  TORCH_CHECK_TYPE(probs.scalar_type() == at::kFloat, "probs must be float32, got ", probs.scalar_type());
+  TORCH_CHECK_VALUE(probs.dim() == 3 && probs.size(0) == batch && probs.size(1) == n && probs.size(2) > 0 &&
+                        probs.is_contiguous(),
+                    "probs must be a contiguous [B=", batch, ", n=", n, ", V] tensor, got ", probs.sizes());
+  TORCH_CHECK_TYPE(proposal.scalar_type() == at::kFloat, "proposal must be float32, got ", proposal.scalar_type());
+  TORCH_CHECK_VALUE(proposal.sizes() == probs.sizes() && proposal.is_contiguous(),
+                    "proposal must be a contiguous tensor of probs' shape ", probs.sizes(), ", got ", proposal.sizes());
+  TORCH_CHECK_TYPE(draft_sampled.scalar_type() == at::kBool, "draft_sampled must be bool");
+  TORCH_CHECK_VALUE(draft_sampled.sizes() == block.sizes() && draft_sampled.is_contiguous(),
+                    "draft_sampled must be a contiguous tensor of the block's shape ", block.sizes());
+  TORCH_CHECK_TYPE(n_fixed.scalar_type() == at::kInt, "n_fixed must be int32");
+  TORCH_CHECK_VALUE(n_fixed.dim() == 1 && n_fixed.size(0) == batch && n_fixed.is_contiguous(),
+                    "n_fixed must be a contiguous [B=", batch, "] tensor");
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && step.scalar_type() == at::kLong, "seed and step must be int64");
+  TORCH_CHECK_VALUE(seed.numel() == 1 && step.numel() == 1, "seed and step must hold one value each");
+  TORCH_CHECK_TYPE(sequence_ids.scalar_type() == at::kLong, "sequence_ids must be int64");
+  TORCH_CHECK_VALUE(sequence_ids.dim() == 1 && sequence_ids.size(0) == batch && sequence_ids.is_contiguous(),
+                    "sequence_ids must be a contiguous [B=", batch, "] tensor");
+  for (const at::Tensor* t : {&probs, &proposal, &draft_sampled, &n_fixed, &seed, &sequence_ids, &step}) {
+    TORCH_CHECK_VALUE(t->device() == block.device(), "all sample_verify_and_commit inputs must be on ",
+                      block.device(), ", got one on ", t->device());
+  }
+}
+
+namespace {
+
+at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled,
+                                        at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
+                                        at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
+                                        const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
+                                        const at::Tensor& n_fixed, const at::Tensor& seed,
+                                        const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+  // Greedy's checks need a scores argument; the argmax form has the block's shape.
+  check_verify_args(block, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_sample_verify_args(probs, proposal, draft_sampled, block, n_fixed, seed, sequence_ids, step);
+  const int64_t batch = block.size(0);
+  const int64_t n = block.size(1);
+  const int64_t vocab = probs.size(2);
+  const at::Tensor fill_c = fill.contiguous();
+  const at::Tensor eos_c = eos_ids.contiguous();
+  at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
+  const uint64_t seed_value = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t step_value = static_cast<uint64_t>(step.item<int64_t>());
+
+  const float* probs_ptr = probs.data_ptr<float>();
+  float* proposal_ptr = proposal.data_ptr<float>();
+  bool* sampled_ptr = draft_sampled.data_ptr<bool>();
+  int64_t* block_ptr = block.data_ptr<int64_t>();
+  const int32_t* fixed_ptr = n_fixed.data_ptr<int32_t>();
+  const int64_t* sequence_ptr = sequence_ids.data_ptr<int64_t>();
+  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  std::vector<SlotResult> slots(n);
+  std::vector<int64_t> preds(n);
+  for (int64_t b = 0; b < batch; ++b) {
+    bool* row_done = done.data_ptr<bool>() + b;
+    int32_t* accepted_ptr = n_accepted.data_ptr<int32_t>() + b;
+    if (*row_done) {
+      *accepted_ptr = 0;
+      continue;
+    }
+    const float* row_probs = probs_ptr + b * n * vocab;
+    float* row_proposal = proposal_ptr + b * n * vocab;
+    int64_t* row_block = block_ptr + b * n;
+    bool* row_sampled = sampled_ptr + b * n;
+    // Slots past the first rejection only contribute their fresh sample, but each slot's numbers
+    // come from its own counter, so computing all of them (as the GPU does) changes nothing.
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t draft = i + 1 < n ? row_block[i + 1] : -1;
+      const DraftRule rule = draft_rule(i + 1, fixed_ptr[b], i + 1 < n && row_sampled[i + 1]);
+      const SlotUniforms u =
+          slot_uniforms(seed_value, static_cast<uint64_t>(sequence_ptr[b]), step_value, static_cast<uint64_t>(i));
+      slots[i] = decide_slot_sequential(row_probs + i * vocab, row_proposal + (i + 1 < n ? i + 1 : i) * vocab, vocab,
+                                        draft, rule, u);
+    }
+    assemble_preds(slots.data(), row_block, n, preds.data());
+    VerifyRow row{preds.data(),           row_block,
+                  fill_c.data_ptr<int64_t>() + b * n,
+                  cache_seqlens.data_ptr<int32_t>() + b,
+                  out_tokens.data_ptr<int64_t>() + b * out_tokens.stride(0),
+                  out_tokens.stride(1),   n_generated.data_ptr<int32_t>() + b,
+                  row_done,               eos_c.data_ptr<int64_t>(),
+                  eos_c.numel()};
+    const int32_t accepted = verify_commit_row(row, n, limits_ptr[b], chunked);
+    *accepted_ptr = accepted;
+    const bool finished = *row_done;
+    const ProposalPlan plan = proposal_plan(true, !chunked || accepted == n || finished, finished, accepted, n);
+    for (int64_t j = 0; j < n; ++j) {
+      const bool covered = plan_covers(plan, j, n);
+      row_sampled[j] = covered;
+      if (covered) std::copy_n(row_probs + (j + plan.offset) * vocab, vocab, row_proposal + j * vocab);
+    }
+  }
+  return n_accepted;
+}
+
+}  // namespace
+}  // namespace jacobi_engine
+
+TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
+  m.def(
+      "sample_verify_and_commit(Tensor probs, Tensor(a!) proposal, Tensor(b!) draft_sampled, Tensor(c!) block, "
+      "Tensor fill, Tensor(d!) cache_seqlens, Tensor(e!) out_tokens, Tensor(f!) n_generated, Tensor(g!) done, "
+      "Tensor eos_ids, Tensor max_new_tokens, Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, "
+      "bool chunked) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
+  m.impl("sample_verify_and_commit", &jacobi_engine::sample_verify_and_commit_cpu);
+}

@@ -16,4 +16,9 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
 // Validates move_cache_rows' arguments (what can be checked without reading device values).
 void check_move_rows_args(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows);
 
+// Validates the sampling-specific arguments of sample_verify_and_commit (the rest are greedy's).
+void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
+                              const at::Tensor& block, const at::Tensor& n_fixed, const at::Tensor& seed,
+                              const at::Tensor& sequence_ids, const at::Tensor& step);
+
 }  // namespace jacobi_engine

@@ -107,10 +107,72 @@ void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const a
   }
 }
 
+at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled,
+                                         at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
+                                         at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
+                                         const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
+                                         const at::Tensor& n_fixed, const at::Tensor& seed,
+                                         const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+  check_verify_args(block, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_sample_verify_args(probs, proposal, draft_sampled, block, n_fixed, seed, sequence_ids, step);
+  const c10::cuda::CUDAGuard guard(block.device());
+  const int64_t batch = block.size(0);
+  const int64_t n = block.size(1);
+  const at::Tensor fill_c = fill.contiguous();
+  const at::Tensor eos_c = eos_ids.contiguous();
+  at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
+  // Scratch and arrival counters belong to this call (see verify_and_commit_cuda).
+  at::Tensor slot_accept = at::empty({batch * n}, block.options().dtype(at::kBool));
+  at::Tensor slot_corrective = at::empty({batch * n}, block.options());
+  at::Tensor slot_sample = at::empty({batch * n}, block.options());
+  at::Tensor counters = at::zeros({batch}, block.options().dtype(at::kInt));
+  at::Tensor plan = at::empty({batch * 2}, block.options());
+
+  SampleVerifyLaunch args{};
+  VerifyLaunch& commit = args.commit;
+  commit.score_type = ScoreType::kArgmax;
+  commit.block = block.data_ptr<int64_t>();
+  commit.fill = fill_c.data_ptr<int64_t>();
+  commit.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  commit.out = out_tokens.data_ptr<int64_t>();
+  commit.out_stride_b = out_tokens.stride(0);
+  commit.out_stride_j = out_tokens.stride(1);
+  commit.n_generated = n_generated.data_ptr<int32_t>();
+  commit.done = done.data_ptr<bool>();
+  commit.eos_ids = eos_c.data_ptr<int64_t>();
+  commit.n_eos = eos_c.numel();
+  commit.n_accepted = n_accepted.data_ptr<int32_t>();
+  commit.batch = batch;
+  commit.n = n;
+  commit.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
+  commit.chunked = chunked;
+  args.probs = probs.data_ptr<float>();
+  args.proposal = proposal.data_ptr<float>();
+  args.draft_sampled = draft_sampled.data_ptr<bool>();
+  args.n_fixed = n_fixed.data_ptr<int32_t>();
+  args.seed = seed.data_ptr<int64_t>();  // read on the device: no host sync, any seed per graph
+  args.sequence_ids = sequence_ids.data_ptr<int64_t>();
+  args.step = step.data_ptr<int64_t>();
+  args.vocab = probs.size(2);
+  args.slot_accept = slot_accept.data_ptr<bool>();
+  args.slot_corrective = slot_corrective.data_ptr<int64_t>();
+  args.slot_sample = slot_sample.data_ptr<int64_t>();
+  args.counters = counters.data_ptr<int32_t>();
+  args.plan = plan.data_ptr<int64_t>();
+
+  const cudaError_t status = launch_sample_verify_and_commit(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "sample_verify_and_commit launch failed: ", cudaGetErrorString(status));
+  return n_accepted;
+}
+
 }  // namespace
 }  // namespace jacobi_engine
 
 TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) {
   m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cuda);
   m.impl("move_cache_rows", &jacobi_engine::move_cache_rows_cuda);
+}
+
+TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) {
+  m.impl("sample_verify_and_commit", &jacobi_engine::sample_verify_and_commit_cuda);
 }

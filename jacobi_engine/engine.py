@@ -8,7 +8,8 @@ reuses it across calls, so on CUDA each key's step is captured in a graph once a
 every later ``generate`` with the same key (gpt-fast's pattern).
 
 The fixed point of the iteration is exactly greedy autoregressive decoding, with the
-generation_config processors HF applies (:mod:`jacobi_engine.processors`).
+generation_config processors HF applies (:mod:`jacobi_engine.processors`). With ``do_sample=True``
+the output is distributed exactly like HF's sampling (:mod:`jacobi_engine.sampling`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jacobi_engine import ops
+from jacobi_engine import ops, sampling
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
@@ -134,6 +135,9 @@ class JacobiEngine:
             (:mod:`jacobi_engine.pool`); 0 is plain Jacobi.
         candidate_len: g, tokens per candidate (in chunked mode at most ``block_size - 1``).
         pool_buckets, pool_slots: the pool's hash buckets per sequence and entries per bucket.
+        sampling_rule: how sampled Jacobi drafts are verified when ``do_sample=True``: ``"sjd"``
+            (min(1, p/q) against the distribution the draft was drawn from) or ``"one_hot"`` (accept
+            with p(draft), the rule for deterministic drafts). Both are exact; ``"sjd"`` accepts more.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class JacobiEngine:
         candidate_len: int = 4,
         pool_buckets: int = 4096,
         pool_slots: int = 8,
+        sampling_rule: str = "sjd",
     ):
         self.info = inspect_model(model)
         _check_int("block_size", block_size, minimum=1)
@@ -194,6 +199,9 @@ class JacobiEngine:
         self.candidate_len = candidate_len
         self.pool_buckets = pool_buckets
         self.pool_slots = pool_slots
+        if sampling_rule not in sampling.SAMPLING_RULES:
+            raise ValueError(f"sampling_rule must be one of {sampling.SAMPLING_RULES}, got {sampling_rule!r}")
+        self.sampling_rule = sampling_rule
         self.cuda_graph = cuda_graph
         self.sync_every = sync_every if sync_every is not None else (8 if cuda_graph else 1)
         self.model = model
@@ -339,7 +347,19 @@ class JacobiEngine:
         """The step-cache entry of this key, created (and the oldest evicted) when missing."""
         spec = settings.processors if settings.processors.active else None
         dtype = next(self.model.parameters()).dtype
-        key = (batch, capacity, self.block_size, self.mode, self.candidates, eos_slots, spec, logging, device, dtype)
+        key = (
+            batch,
+            capacity,
+            self.block_size,
+            self.mode,
+            self.candidates,
+            eos_slots,
+            spec,
+            settings.sampling,
+            logging,
+            device,
+            dtype,
+        )
         entry = self._step_cache.get(key)
         if entry is not None:
             self._step_cache.move_to_end(key)
@@ -374,9 +394,26 @@ class JacobiEngine:
             log_lengths=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
             log_accepted=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
         )
+        if settings.sampling is not None:
+            # The previous step's distributions, one per block slot (memory: see jacobi_engine.sampling).
+            state.proposal = zeros(batch, n, self.info.vocab_size, dtype=torch.float32)
+            state.draft_sampled = zeros(batch, n, dtype=torch.bool)
+            state.seed = zeros(1)
+            state.sequence_ids = torch.arange(batch, device=device)
         processing = LogitsProcessing(spec, self.info.vocab_size, device) if spec is not None else None
         tree_mask, tree_depth = tree_layout(n, k, g, device) if k else (None, None)
-        config = StepConfig(n, self.mode == "chunked", self.verify_backend, processing, k, g, tree_mask, tree_depth)
+        config = StepConfig(
+            n,
+            self.mode == "chunked",
+            self.verify_backend,
+            processing,
+            candidates=k,
+            candidate_len=g,
+            tree_mask=tree_mask,
+            tree_depth=tree_depth,
+            sampling=settings.sampling,
+            sampling_rule=self.sampling_rule,
+        )
         entry = _StepCacheEntry(state, config)
         self._step_cache[key] = entry
         while len(self._step_cache) > MAX_CACHED_STEPS:
@@ -483,10 +520,20 @@ class JacobiEngine:
         record_trajectory: bool = False,
         generation_config=None,
         do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
         **generation_kwargs,
     ) -> JacobiOutput:
-        """Greedy generation by Jacobi iteration; token-identical to ``model.generate(do_sample=False)``
-        with the same settings.
+        """Generation by Jacobi iteration. Greedy (``do_sample=False``): token-identical to
+        ``model.generate(do_sample=False)`` with the same settings. Sampling (``do_sample=True``):
+        distributed exactly like ``model.generate(do_sample=True)``, the warpers ``temperature``,
+        ``top_k``, ``top_p`` and ``min_p`` applied after the processors as HF orders them; the random
+        numbers come from the engine's ``seed`` and each row's index, so the same seed and inputs
+        give the same output and a row's tokens do not depend on the rest of its batch.
+        ``do_sample`` and the warpers default to the model's ``generation_config`` (then HF's
+        defaults: temperature 1.0, top_k 50, top_p 1.0), as in ``model.generate``.
 
         ``input_ids`` [B, P] (or [P]) int, left-padded when ``attention_mask`` [B, P] marks padding
         (without a mask, one is inferred from ``pad_token_id`` as HF does). Settings default to the
@@ -512,6 +559,10 @@ class JacobiEngine:
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
         )
         settings = resolve_generation(
             self.model,
@@ -522,6 +573,11 @@ class JacobiEngine:
             max_positions=self.info.max_positions,
         )
         max_new_tokens = settings.max_new_tokens
+        if settings.sampling is not None and self.candidates:
+            raise ValueError(
+                "do_sample=True with candidates > 0 is not supported yet (the pool's branches are verified "
+                "greedily); use candidates=0 to sample, or do_sample=False"
+            )
         explicit_pad = pad_token_id
         if explicit_pad is None:
             source = (
@@ -568,11 +624,19 @@ class JacobiEngine:
             state.tokens[:, :width] = input_ids
             pad_lengths = (attention_mask != 0).to(torch.int8).argmax(dim=1)
             state.pad_lengths.copy_(pad_lengths)
+            if settings.sampling is not None:
+                first_logits = first_logits.float()  # as HF: processed and sampled in float32
             if entry.config.processing is not None:
                 cur_len = torch.full((batch, 1), width, dtype=torch.long, device=device)
                 first_logits = entry.config.processing.apply(first_logits[:, None], state.tokens, cur_len, pad_lengths)
                 first_logits = first_logits[:, 0]
-            first = first_logits.argmax(dim=-1)
+            if settings.sampling is None:
+                first = first_logits.argmax(dim=-1)
+            else:
+                state.seed.fill_(_int64(self.seed))
+                state.draft_sampled.zero_()  # the first block's drafts are the strategy's guesses
+                first_probs = settings.sampling.probabilities(first_logits)
+                first = sampling.sample_tokens(first_probs, state.seed, state.sequence_ids)
             state.tokens[:, width] = first
             state.lengths.fill_(width + 1)
             state.limits.fill_(width + max_new_tokens)
@@ -662,12 +726,19 @@ def _snapshot(state: StepState) -> list[tuple[torch.Tensor, torch.Tensor]]:
         state.cache.cache_seqlens,
     ]
     tensors += [value for value in vars(state.guesses).values() if isinstance(value, torch.Tensor)]
+    tensors += [tensor for tensor in (state.proposal, state.draft_sampled) if tensor is not None]
     return [(tensor, tensor.clone()) for tensor in tensors]
 
 
 def _restore(snapshot) -> None:
     for tensor, saved in snapshot:
         tensor.copy_(saved)
+
+
+def _int64(value: int) -> int:
+    """``value`` as a signed 64-bit int (the Philox key is its two's-complement bits)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
@@ -686,6 +757,7 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
         "candidate_len",
         "pool_buckets",
         "pool_slots",
+        "sampling_rule",
     )
     engine_kwargs = {key: kwargs.pop(key) for key in engine_keys if key in kwargs}
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **kwargs)

@@ -52,9 +52,14 @@ class GuessStrategy:
         """Guesses int64 [B, n] for freed slots (slot ``j`` of the next block takes column ``j``)."""
         raise NotImplementedError
 
-    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:
+    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """Optionally rewrite ``block[rows, 1:]`` in place after a commit. ``lengths`` int32 [B]
-        is one past each row's last known token. Default: keep the block."""
+        is one past each row's last known token. Default: keep the block.
+
+        Return a bool [B, n - 1] mask of the slots you rewrote: when sampling, those drafts are
+        verified as deterministic ones (the exact rule for them). An override that returns None is
+        taken to have rewritten every slot of ``rows``, which is exact but slower."""
+        return None
 
     def _keep(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` stored as attribute ``name``, copied into the existing tensor when shapes match."""
@@ -116,10 +121,10 @@ class NgramGuess(RandomPromptGuess):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:
+    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         n = self.block_size
         if n < 2:
-            return
+            return torch.zeros_like(block[:, 1:], dtype=torch.bool)
         tokens = self.tokens
         batch, width = tokens.shape
         end = lengths.to(torch.long)  # one past the last known token
@@ -146,6 +151,7 @@ class NgramGuess(RandomPromptGuess):
         in_range = use[:, None] & (source < end[:, None])
         proposal = tokens.gather(1, source.clamp(min=0, max=width - 1))
         block[:, 1:] = torch.where(in_range, proposal, block[:, 1:])
+        return in_range
 
 
 def make_guess_strategy(init: str | GuessStrategy) -> GuessStrategy:

@@ -9,7 +9,11 @@
     backends: ``"native"`` (the C++ op on CPU, the CUDA op on GPU), ``"torch"``
     (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native.
 
-Swapping a kernel means editing this file only; the decoding loop calls these two functions.
+``sample_verify_and_commit``  exact speculative sampling over the block + the same commit (csrc/,
+    ``torch.ops.jacobi_engine.sample_verify_and_commit``); backends as verify_and_commit's, the
+    reference being :func:`jacobi_engine.sampling.sample_verify_and_commit`.
+
+Swapping a kernel means editing this file only; the decoding loop calls these functions.
 """
 
 from __future__ import annotations
@@ -224,3 +228,59 @@ def move_cache_rows(
 @torch.library.register_fake("jacobi_engine::move_cache_rows")
 def _move_cache_rows_fake(buffers, src, dst, rows):
     return None
+
+
+def sample_verify_and_commit(
+    probs: torch.Tensor,
+    proposal: torch.Tensor,
+    draft_sampled: torch.Tensor,
+    block: torch.Tensor,
+    fill: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    out_tokens: torch.Tensor,
+    n_generated: torch.Tensor,
+    done: torch.Tensor,
+    eos_ids: torch.Tensor,
+    max_new_tokens: torch.Tensor,
+    n_fixed: torch.Tensor,
+    seed: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    step: torch.Tensor,
+    chunked: bool,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact sampling verify + commit; see :func:`jacobi_engine.sampling.sample_verify_and_commit`.
+
+    ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or ``"torch"`` (the reference).
+    One launch pair on CUDA, no host synchronisation. Returns ``n_accepted`` int32 [B].
+    """
+    _check_choice("backend", backend, VERIFY_BACKENDS)
+    args = (probs, proposal, draft_sampled, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids)
+    rest = (max_new_tokens, n_fixed, seed, sequence_ids, step, chunked)
+    if backend == "torch":
+        from jacobi_engine import sampling
+
+        return sampling.sample_verify_and_commit(*args, *rest)
+    return torch.ops.jacobi_engine.sample_verify_and_commit(*args, *rest)
+
+
+@torch.library.register_fake("jacobi_engine::sample_verify_and_commit")
+def _sample_verify_and_commit_fake(
+    probs,
+    proposal,
+    draft_sampled,
+    block,
+    fill,
+    cache_seqlens,
+    out_tokens,
+    n_generated,
+    done,
+    eos_ids,
+    max_new_tokens,
+    n_fixed,
+    seed,
+    sequence_ids,
+    step,
+    chunked,
+):
+    return block.new_empty((block.shape[0],), dtype=torch.int32)

@@ -13,7 +13,9 @@ counterpart (same comparisons, same ``where``/``+``), so ties and NaNs resolve t
 
 Settings are resolved like ``GenerationMixin.generate``: the model's ``generation_config``,
 overridden by a ``generation_config`` argument and by keyword arguments. A setting that would
-change greedy output and that the engine does not implement is refused, naming it.
+change greedy output and that the engine does not implement is refused, naming it. With
+``do_sample=True`` the sampling warpers are resolved too (:class:`~jacobi_engine.sampling.SamplingSpec`,
+HF's defaults for unset fields); they run after these processors, as in HF.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from jacobi_engine.sampling import SamplingSpec
+
 # Settings that do not change greedy output (sampling warpers, output formatting, cache and
-# speed options, exact acceleration methods such as prompt lookup or assisted decoding).
+# speed options, exact acceleration methods such as prompt lookup or assisted decoding). The
+# warpers the engine does not implement are refused when sampling (_UNSUPPORTED_WARPERS).
 _IGNORED = {
     "temperature",
     "top_k",
@@ -68,6 +73,14 @@ _IGNORED = {
     "_original_object_hash",
     "base_model_prefix",
     "trust_remote_code",
+}
+# Sampling warpers of HF that change the sampled distribution and that the engine does not implement:
+# refused when sampling, with the value at which HF leaves them out.
+_UNSUPPORTED_WARPERS = {
+    "typical_p": lambda value: value is None or value >= 1.0,
+    "epsilon_cutoff": lambda value: value is None or not 0.0 < value < 1.0,
+    "eta_cutoff": lambda value: value is None or not 0.0 < value < 1.0,
+    "top_h": lambda value: value is None,
 }
 # Settings the engine applies itself (lengths, special tokens) or through LogitsProcessing.
 _HANDLED = {
@@ -139,6 +152,7 @@ class GenerationSettings:
     eos_ids: list[int]
     pad_token_id: int
     processors: ProcessorSpec
+    sampling: SamplingSpec | None = None  # None: greedy
 
 
 def _default_value(name: str):
@@ -197,16 +211,13 @@ def resolve_generation(
             f"generation_config.{key}={value!r} changes the generated tokens and is not supported by jacobi_engine "
             f"(it would not reproduce model.generate); unset it or pass {key}=None"
         )
-    if config.do_sample:
-        raise ValueError(
-            "generation_config.do_sample=True: the engine decodes greedily; pass do_sample=False to decode "
-            "greedily, or use model.generate to sample"
-        )
+    sampling = _resolve_sampling(config) if config.do_sample else None
     if (config.num_beams or 1) != 1:
         raise ValueError(f"num_beams={config.num_beams}: beam search is not supported, use num_beams=1")
     if (config.num_return_sequences or 1) != 1:
         raise ValueError(
-            f"num_return_sequences={config.num_return_sequences}: greedy decoding returns one sequence per prompt"
+            f"num_return_sequences={config.num_return_sequences}: the engine returns one sequence per prompt (to draw "
+            "several samples of a prompt, repeat it in the batch: rows sample independently)"
         )
 
     # Lengths, as GenerationMixin._prepare_generated_length does.
@@ -294,7 +305,43 @@ def resolve_generation(
     )
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0
-    return GenerationSettings(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad, processors=spec)
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad, processors=spec, sampling=sampling
+    )
+
+
+def _resolve_sampling(config) -> SamplingSpec:
+    """The warpers of a ``do_sample=True`` call, with HF's global defaults for unset fields
+    (``GenerationConfig._get_default_generation_params``: temperature 1.0, top_k 50, top_p 1.0)."""
+    if not isinstance(config.do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {type(config.do_sample).__name__}")
+    for name, left_out in _UNSUPPORTED_WARPERS.items():
+        value = getattr(config, name, None)
+        if not left_out(value):
+            raise ValueError(
+                f"{name}={value!r} is not supported by jacobi_engine's sampling (temperature, top_k, top_p and min_p "
+                f"are); unset it or pass {name}=None"
+            )
+    temperature = 1.0 if config.temperature is None else config.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a float > 0 when sampling, got {temperature!r}")
+    top_k = 50 if config.top_k is None else config.top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    top_p = 1.0 if config.top_p is None else config.top_p
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
+    min_p = config.min_p
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1):
+        raise ValueError(f"min_p must be a float in [0, 1] or None, got {min_p!r}")
+    return SamplingSpec(
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=float(top_p),
+        min_p=None if min_p is None else float(min_p),
+    )
 
 
 def _check_int(name: str, value, minimum: int | None = None) -> None:

@@ -16,7 +16,9 @@ Per step (:func:`decode_step`):
    the block's K/V in place); positions are clamped per row to the last one that can matter;
 2. generation_config processors, each slot with its own prefix (only when the call has any);
 3. ``ops.verify_and_commit``: argmax, accepted count, appending verified tokens, EOS and limits,
-   advancing ``cache_seqlens``, shifting in the next guesses;
+   advancing ``cache_seqlens``, shifting in the next guesses; when sampling, the warpers and
+   ``ops.sample_verify_and_commit`` instead (exact speculative sampling, :mod:`jacobi_engine.sampling`),
+   which also keeps each Jacobi draft's proposal distribution for the next step;
 4. the guess strategy may rewrite the unverified tail (n-gram lookup);
 5. statistics on the device: the histogram of newly verified tokens, optional step logs.
 
@@ -34,6 +36,7 @@ from jacobi_engine.cache import JacobiCache
 from jacobi_engine.guesses import GuessStrategy
 from jacobi_engine.pool import CandidatePool, ngrams_of
 from jacobi_engine.processors import LogitsProcessing
+from jacobi_engine.sampling import SamplingSpec
 
 
 @dataclass
@@ -60,6 +63,11 @@ class StepState:
     log_blocks: torch.Tensor | None = None  # [max_steps, B, n] blocks fed, when logging
     log_lengths: torch.Tensor | None = None  # [max_steps, B] lengths before the step
     log_accepted: torch.Tensor | None = None  # [max_steps, B] accepted counts (0: finished)
+    # Sampling only (see jacobi_engine.sampling):
+    proposal: torch.Tensor | None = None  # [B, n, V] float32, distribution each slot's draft was drawn from
+    draft_sampled: torch.Tensor | None = None  # [B, n] bool, the draft was drawn from `proposal` (else deterministic)
+    seed: torch.Tensor | None = None  # [1] int64, Philox key
+    sequence_ids: torch.Tensor | None = None  # [B] int64, Philox counter word of each row
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class StepConfig:
     candidate_len: int = 0  # g tokens per branch
     tree_mask: torch.Tensor | None = None  # bool [T, T], T = n + k * g (pool.tree_layout)
     tree_depth: torch.Tensor | None = None  # int32 [T]
+
+    sampling: SamplingSpec | None = None  # None: greedy
+    sampling_rule: str = "sjd"  # "one_hot": verify Jacobi drafts like deterministic ones (for comparison)
 
 
 def forward_block(model_forward, state: StepState) -> torch.Tensor:
@@ -96,10 +107,45 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
         state.log_lengths.index_copy_(0, state.step, state.lengths[None])
     state.lengths_before.copy_(state.lengths)
     scores = forward_block(model_forward, state)
+    if config.sampling is not None:
+        scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
         scores = _process(config.processing, scores, state)
-    n_accepted = ops.verify_and_commit(
-        scores,
+    if config.sampling is None:
+        n_accepted = ops.verify_and_commit(
+            scores,
+            state.block,
+            state.guesses.fill(),
+            state.cache.cache_seqlens,
+            state.tokens,
+            state.lengths,
+            state.done,
+            state.eos_ids,
+            state.limits,
+            config.chunked,
+            backend=config.verify_backend,
+        )
+    else:
+        n_accepted = _sample_verify(config, state, scores)
+    committed = state.lengths > state.lengths_before
+    rewritten = state.guesses.refine(state.block, state.lengths, committed & ~state.done)
+    if config.sampling is not None:
+        forget_rewritten_drafts(state, rewritten, committed & ~state.done)
+    _count_newly_verified(config, state, n_accepted, committed)
+    if state.log_accepted is not None:
+        state.log_accepted.index_copy_(0, state.step, n_accepted[None])
+    state.step += 1
+
+
+def _sample_verify(config: StepConfig, state: StepState, scores: torch.Tensor) -> torch.Tensor:
+    """Warpers, then exact sampling verify + commit; chunked mode's verified prefix is ``verified_in_chunk``."""
+    probs = config.sampling.probabilities(scores)
+    if config.sampling_rule == "one_hot":
+        state.draft_sampled.zero_()
+    return ops.sample_verify_and_commit(
+        probs,
+        state.proposal,
+        state.draft_sampled,
         state.block,
         state.guesses.fill(),
         state.cache.cache_seqlens,
@@ -108,15 +154,25 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
         state.done,
         state.eos_ids,
         state.limits,
+        state.verified_in_chunk,
+        state.seed,
+        state.sequence_ids,
+        state.step,
         config.chunked,
         backend=config.verify_backend,
     )
-    committed = state.lengths > state.lengths_before
-    state.guesses.refine(state.block, state.lengths, committed & ~state.done)
-    _count_newly_verified(config, state, n_accepted, committed)
-    if state.log_accepted is not None:
-        state.log_accepted.index_copy_(0, state.step, n_accepted[None])
-    state.step += 1
+
+
+def forget_rewritten_drafts(state: StepState, rewritten: torch.Tensor | None, rows: torch.Tensor) -> None:
+    """Drafts a guess strategy rewrote are deterministic: the ratio rule would be wrong for them even
+    when the new token equals the sampled one (see jacobi_engine.sampling). ``rewritten`` is the
+    strategy's bool [B, n - 1] mask of rewritten slots; None from a strategy that overrides
+    ``refine`` means any slot of ``rows`` may have been."""
+    if rewritten is None:
+        if type(state.guesses).refine is GuessStrategy.refine:
+            return
+        rewritten = rows[:, None].expand(-1, state.block.shape[1] - 1)
+    state.draft_sampled[:, 1:] &= ~rewritten
 
 
 def _process(processing: LogitsProcessing, scores: torch.Tensor, state: StepState) -> torch.Tensor:

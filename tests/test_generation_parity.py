@@ -115,7 +115,8 @@ def test_unsupported_settings_are_refused_by_name(llama):
     engine = JacobiEngine(llama, block_size=4)
     for settings, name in (
         (dict(num_beams=2), "num_beams"),
-        (dict(do_sample=True), "do_sample"),
+        (dict(do_sample=True, typical_p=0.5), "typical_p"),
+        (dict(do_sample=True, epsilon_cutoff=0.1), "epsilon_cutoff"),
         (dict(sequence_bias=[[[5], 2.0]]), "sequence_bias"),
         (dict(exponential_decay_length_penalty=(3, 1.5)), "exponential_decay_length_penalty"),
         (dict(num_return_sequences=2), "num_return_sequences"),
@@ -126,9 +127,6 @@ def test_unsupported_settings_are_refused_by_name(llama):
     with pytest.raises(TypeError, match="not_a_setting"):
         engine.generate(input_ids, max_new_tokens=4, not_a_setting=3)
     model = tiny_model("llama", vocab_size=VOCAB)
-    model.generation_config.do_sample = True
-    with pytest.raises(ValueError, match="do_sample"):
-        JacobiEngine(model).generate(input_ids, max_new_tokens=4)
     # Sampling-only warpers do not change greedy output, so they are accepted with do_sample=False.
     out = JacobiEngine(model, block_size=4).generate(input_ids, max_new_tokens=4, do_sample=False, temperature=0.3)
     assert out.sequences.shape == (1, 10)

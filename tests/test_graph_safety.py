@@ -90,6 +90,26 @@ def test_decode_step_has_no_sync_or_dynamic_shape(arch, engine_kwargs):
     assert not bad, f"decode step of {arch} calls graph-unsafe ops: {bad}"
 
 
+@pytest.mark.parametrize(
+    "engine_kwargs",
+    [
+        dict(mode="sliding", init="ngram", verify_backend="native"),
+        dict(mode="chunked", init="random_prompt", verify_backend="torch"),
+    ],
+    ids=["sliding-ngram-native", "chunked-torch"],
+)
+def test_sampling_step_has_no_sync_or_dynamic_shape(engine_kwargs):
+    """The sampling step: processors, every warper, the sampling verify op (or its reference)."""
+    model = tiny_model("llama")
+    input_ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    engine = JacobiEngine(model, block_size=4, **engine_kwargs)
+    settings = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
+    ops = record_decode_steps(engine, input_ids, **settings)
+    assert "sample_verify_and_commit" in ops or "cumsum" in ops  # the recorder really saw the sampling step
+    bad = sorted(set(ops) & FORBIDDEN)
+    assert not bad, f"sampling decode step calls graph-unsafe ops: {bad}"
+
+
 def test_recorder_catches_a_sync():
     """The check itself can fail: a step that calls .item() is reported."""
     model = tiny_model("llama")

@@ -170,6 +170,15 @@ def test_bench_generate_rows_on_a_prompts_file(tmp_path):
         if row["method"].startswith("engine"):
             assert row["agreement"] == 1.0, row  # greedy decoding is exact
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    sampled = {(row["method"], row["model"], row["temperature"]) for row in result["sampling_rows"]}
+    assert sampled == {
+        (method, model, temperature)
+        for method in bench.SAMPLING_METHODS
+        for model in ("teacher", "cllm")
+        for temperature in (0.7, 1.0)
+    }
+    for row in result["sampling_rows"]:
+        assert row["tokens_per_s"] > 0 and row["tokens_per_forward"] >= 1.0 - 1e-9 and 0 <= row["quality"] <= 100
 
 
 def test_bench_generate_rejects_a_malformed_prompts_file(tmp_path):

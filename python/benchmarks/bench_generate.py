@@ -20,6 +20,16 @@ speedup: same model, same output); ``speedup_vs_teacher_greedy`` by the teacher'
 measure, which compares two different models: see ``cllm_teacher_agreement`` in the JSON);
 ``speedup_vs_own_prompt_lookup`` by the same model's HF prompt lookup.
 
+Sampling rows (``--sampling on|only|off``; batch size 1, pure temperature sampling: top_k=0,
+top_p=1.0, at T=0.7 and T=1.0, on both models):
+    hf_sample                model.generate(do_sample=True, temperature=T, top_k=0)
+    engine_sample_sjd        JacobiEngine(block_size=n), SJD ratio rule for Jacobi drafts
+    engine_sample_one_hot    JacobiEngine(block_size=n, sampling_rule="one_hot")
+    engine_sample_sjd_ngram  JacobiEngine(block_size=n, init="ngram")
+Every row draws from the same distribution (the model's, exactly); ``speedup_vs_own_sampling``
+divides by the same model's hf_sample tokens/s at the same temperature; accuracy is that of the
+samples.
+
 Default questions: the held-out split (shipped in the package), never trained on. --prompts
 takes a JSONL file of {"question", "answer"} lines in the training data's format instead.
 Also writes a PNG plot next to the JSON.
@@ -131,6 +141,84 @@ def run_method(
     return outputs, seconds, counter.calls
 
 
+SAMPLING_METHODS = ("hf_sample", "engine_sample_sjd", "engine_sample_one_hot", "engine_sample_sjd_ngram")
+
+
+def run_sampling_method(name: str, model, tokenizer, prompts, max_new_tokens: int, block_size: int, temperature):
+    """Sample every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    warpers = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    engine = None
+    if name == "engine_sample_sjd":
+        engine = JacobiEngine(model, block_size=block_size)
+    elif name == "engine_sample_one_hot":
+        engine = JacobiEngine(model, block_size=block_size, sampling_rule="one_hot")
+    elif name == "engine_sample_sjd_ngram":
+        engine = JacobiEngine(model, block_size=block_size, init="ngram")
+
+    def generate(input_ids):
+        if engine is not None:
+            return engine.generate(
+                input_ids,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                return_stats=False,
+                **warpers,
+            ).sequences
+        return model.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **warpers)
+
+    generate(prompts[0])  # warm-up
+    torch.manual_seed(0)  # HF's sampler draws from torch's global generator; the engine from its seed
+    counter = ForwardCounter(model)
+    outputs, start = [], time.perf_counter()
+    for input_ids in prompts:
+        sequences = generate(input_ids)
+        outputs.append(sequences[0, input_ids.shape[1] :].tolist())
+    seconds = time.perf_counter() - start
+    counter.close()
+    return outputs, seconds, max(counter.calls, 1)
+
+
+def sampling_rows(models, tokenizer, prompts, records, max_new_tokens: int, block_size: int) -> list[dict]:
+    rows = []
+    for temperature in (0.7, 1.0):
+        for model_name in ("teacher", "cllm"):
+            for method in SAMPLING_METHODS:
+                outputs, seconds, calls = run_sampling_method(
+                    method, models[model_name], tokenizer, prompts, max_new_tokens, block_size, temperature
+                )
+                tokens = sum(len(o) for o in outputs)
+                rows.append(
+                    dict(
+                        method=method,
+                        model=model_name,
+                        temperature=temperature,
+                        tokens_per_s=tokens / seconds,
+                        tokens_per_forward=tokens / calls,
+                        quality=accuracy(outputs, tokenizer, records),
+                        tokens=tokens,
+                        seconds=seconds,
+                        forwards=calls,
+                    )
+                )
+                print(
+                    f"T={temperature} {method:<24} {model_name:<8} {tokens / seconds:8.1f} tok/s "
+                    f"{tokens / calls:5.2f} tok/forward",
+                    flush=True,
+                )
+    rate = {(r["method"], r["model"], r["temperature"]): r["tokens_per_s"] for r in rows}
+    for row in rows:
+        row["speedup_vs_own_sampling"] = row["tokens_per_s"] / rate[("hf_sample", row["model"], row["temperature"])]
+    print("\n| T | method | model | tokens/s | tokens/forward | accuracy (pts) | vs own HF sampling |\n|" + "---|" * 7)
+    for r in rows:
+        print(
+            f"| {r['temperature']} | {r['method']} | {r['model']} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_forward']:.2f} | {r['quality']:.1f} | {r['speedup_vs_own_sampling']:.2f}x |"
+        )
+    return rows
+
+
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
     same = total = 0
     for ours, theirs in zip(outputs, reference):
@@ -178,6 +266,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--pool", type=int, nargs=2, default=(4, 4), metavar=("K", "G"), help="engine_pool candidates")
+
+    parser.add_argument(
+        "--sampling", choices=("on", "only", "off"), default="on", help="the sampling rows: with, only, or without"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,6 +279,11 @@ def main(argv=None) -> int:
     records = load_questions(args.prompts, args.limit or None)
     prompts = [tokenizer(format_prompt(r["question"]), return_tensors="pt").input_ids for r in records]
     perplexity = {name: answer_perplexity(model, tokenizer, records) for name, model in models.items()}
+    sampled = []
+    if args.sampling != "off":
+        sampled = sampling_rows(models, tokenizer, prompts, records, args.max_new_tokens, block_size)
+    if args.sampling == "only":
+        return write_result(args, records, block_size, dict(sampling_rows=sampled))
 
     plan = [
         ("hf_greedy", "teacher"),
@@ -202,7 +299,7 @@ def main(argv=None) -> int:
         ("engine_pool", "cllm"),
     ]
     results, greedy = {}, {}
-    for method, model_name in plan:
+    for method, model_name in plan:  # greedy rows
         outputs, seconds, calls = run_method(
             method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size, tuple(args.pool)
         )
@@ -250,6 +347,13 @@ def main(argv=None) -> int:
             f"{r['speedup_vs_own_prompt_lookup']:.2f}x | {r['speedup_vs_teacher_greedy']:.2f}x |"
         )
     print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
+    png = str(Path(args.json).with_suffix(".png"))
+    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png)
+    extra = dict(cllm_teacher_agreement=cllm_teacher_agreement, rows=rows, sampling_rows=sampled)
+    return write_result(args, records, block_size, extra)
+
+
+def write_result(args, records, block_size: int, extra: dict) -> int:
     result = dict(
         command=" ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -263,17 +367,14 @@ def main(argv=None) -> int:
         ),
         questions=len(records),
         source=args.prompts or "jacobi_engine/assets/gsm8k/eval.jsonl.gz (held out)",
-        cllm_teacher_agreement=cllm_teacher_agreement,
         block_size=block_size,
         pool=dict(candidates=args.pool[0], candidate_len=args.pool[1]),
         max_new_tokens=args.max_new_tokens,
-        rows=rows,
+        **extra,
     )
     with open(args.json, "w") as handle:
         json.dump(result, handle, indent=2)
-    png = str(Path(args.json).with_suffix(".png"))
-    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png)
-    print(f"\nwrote {args.json} and {png}")
+    print(f"\nwrote {args.json}")
     return 0
 
 

@@ -1,0 +1,296 @@
+// Per-slot and per-row logic of the sampling verify-and-commit op (exact speculative sampling over
+// a Jacobi block). The math lives here once: the CPU op (ops.cpp) runs it sequentially, the CUDA
+// kernel (kernels.cu) computes the lane totals below with one thread per lane and calls the same
+// functions for everything else, and jacobi_engine/sampling.py states it in plain PyTorch. The
+// three agree bit for bit on the same inputs (same summation order, no contracted multiply-adds).
+// Plain C++ with no torch headers, so it also compiles into the standalone tests (tests/cpp/).
+//
+// Randomness: Philox4x32-10 (Salmon et al., SC'11), keyed by the 64-bit seed, counter
+// (sequence, step, slot, draw). Nothing is stateful, so a row's numbers do not depend on the rest
+// of the batch, the step needs no generator on the host, and a CUDA graph can replay it.
+//
+// Sampling from weights w[0..V) with a uniform u: "lane order" inverse CDF. Token v belongs to
+// lane v % kSampleLanes; the categories are ordered lane by lane (within a lane by increasing v),
+// which is what a 256-thread GPU block sums with coalesced loads. Any fixed order of the
+// categories gives an exact sampler; fixing this one makes CPU and GPU pick the same token.
+#pragma once
+
+#include <cstdint>
+
+#include "verify_commit.h"
+
+namespace jacobi_engine {
+
+constexpr int kSampleLanes = 256;
+
+// Draw indices within one (sequence, step, slot) counter.
+constexpr uint32_t kDrawVerify = 0;  // words 0-1: acceptance uniform, words 2-3: residual uniform
+constexpr uint32_t kDrawSample = 1;  // words 0-1: fresh sample from the slot's distribution
+// Step word used for the first token, sampled after prefill (decode steps count from 0).
+constexpr uint32_t kPrefillStep = 0xFFFFFFFFu;
+
+struct Philox4 {
+  uint32_t word[4];
+};
+
+JE_HOST_DEVICE inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                            uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const uint64_t product0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t product1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(product0 >> 32), lo0 = static_cast<uint32_t>(product0);
+    const uint32_t hi1 = static_cast<uint32_t>(product1 >> 32), lo1 = static_cast<uint32_t>(product1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// 53 random bits -> a double in [0, 1), exactly representable.
+JE_HOST_DEVICE inline double uniform53(uint32_t hi, uint32_t lo) {
+  const uint64_t bits = (static_cast<uint64_t>(hi) << 21) | (lo >> 11);
+  return static_cast<double>(bits) * (1.0 / 9007199254740992.0);
+}
+
+struct SlotUniforms {
+  double accept;    // acceptance test of the slot's draft
+  double residual;  // resample on rejection
+  double sample;    // fresh sample from the slot's distribution (next draft, or the bonus token)
+};
+
+JE_HOST_DEVICE inline SlotUniforms slot_uniforms(uint64_t seed, uint64_t sequence, uint64_t step, uint64_t slot) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t c0 = static_cast<uint32_t>(sequence), c1 = static_cast<uint32_t>(step);
+  const uint32_t c2 = static_cast<uint32_t>(slot);
+  const Philox4 verify = philox4x32_10(c0, c1, c2, kDrawVerify, k0, k1);
+  const Philox4 fresh = philox4x32_10(c0, c1, c2, kDrawSample, k0, k1);
+  return SlotUniforms{uniform53(verify.word[0], verify.word[1]), uniform53(verify.word[2], verify.word[3]),
+                      uniform53(fresh.word[0], fresh.word[1])};
+}
+
+// Products and differences whose rounding must not depend on the compiler: nvcc contracts a*b - c*d
+// into a fused multiply-add by default, which would make the GPU pick other tokens than the CPU.
+JE_HOST_DEVICE inline double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+JE_HOST_DEVICE inline double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Weights are sanitised once, here: anything not > 0 (zero, negative, NaN) weighs nothing.
+JE_HOST_DEVICE inline double positive(double w) { return w > 0.0 ? w : 0.0; }
+
+// The three distributions a slot samples from, as weight functions of the token id.
+struct ProbWeight {  // p itself
+  const float* p;
+  JE_HOST_DEVICE double operator()(int64_t v) const { return positive(p[v]); }
+};
+
+struct ResidualWeight {  // max(0, p/P - q/Q), scaled by P*Q: the SJD residual
+  const float* p;
+  const float* q;
+  double p_total, q_total;
+  JE_HOST_DEVICE double operator()(int64_t v) const {
+    return positive(sub_rn(mul_rn(positive(p[v]), q_total), mul_rn(positive(q[v]), p_total)));
+  }
+};
+
+struct ExcludeWeight {  // p with one token removed: the one-hot rule's residual
+  const float* p;
+  int64_t excluded;
+  JE_HOST_DEVICE double operator()(int64_t v) const { return v == excluded ? 0.0 : positive(p[v]); }
+};
+
+// Total of lane `lane` (its tokens lane, lane + L, ... in order). The GPU runs one lane per thread.
+template <typename Weight>
+JE_HOST_DEVICE double lane_total(const Weight& weight, int64_t vocab, int lane) {
+  double total = 0.0;
+  for (int64_t v = lane; v < vocab; v += kSampleLanes) total += weight(v);
+  return total;
+}
+
+// Sum of the lane totals in lane order (the sampler's normalising constant).
+JE_HOST_DEVICE inline double lanes_sum(const double* totals) {
+  double sum = 0.0;
+  for (int lane = 0; lane < kSampleLanes; ++lane) sum += totals[lane];
+  return sum;
+}
+
+struct LanePick {
+  int lane;       // -1 when every weight is zero
+  double prefix;  // total weight of the lanes before it
+};
+
+// The lane whose cumulative range holds `threshold` (the last non-empty lane if rounding pushes
+// the threshold past the end).
+JE_HOST_DEVICE inline LanePick pick_lane(const double* totals, double threshold) {
+  LanePick last{-1, 0.0};
+  double prefix = 0.0;
+  for (int lane = 0; lane < kSampleLanes; ++lane) {
+    if (totals[lane] > 0.0) {
+      const double end = prefix + totals[lane];
+      if (end > threshold) return LanePick{lane, prefix};
+      last = LanePick{lane, prefix};
+      prefix = end;
+    }
+  }
+  return last;
+}
+
+// The token of `pick`'s lane at which the running sum first passes `threshold` (the lane's last
+// positive token if rounding leaves it short).
+template <typename Weight>
+JE_HOST_DEVICE int64_t walk_lane(const Weight& weight, int64_t vocab, LanePick pick, double threshold) {
+  if (pick.lane < 0) return -1;
+  double running = pick.prefix;
+  int64_t last = -1;
+  for (int64_t v = pick.lane; v < vocab; v += kSampleLanes) {
+    const double w = weight(v);
+    if (w > 0.0) {
+      running += w;
+      last = v;
+      if (running > threshold) return v;
+    }
+  }
+  return last;
+}
+
+// Lane-order inverse CDF given the lane totals (however they were computed); -1 if all weights are 0.
+template <typename Weight>
+JE_HOST_DEVICE int64_t sample_with_totals(const Weight& weight, int64_t vocab, const double* totals, double u) {
+  const double threshold = u * lanes_sum(totals);
+  return walk_lane(weight, vocab, pick_lane(totals, threshold), threshold);
+}
+
+// The whole sampler on one thread: the CPU path, and rare fallbacks on the GPU.
+template <typename Weight>
+JE_HOST_DEVICE int64_t sample_sequential(const Weight& weight, int64_t vocab, double u) {
+  double totals[kSampleLanes];
+  for (int lane = 0; lane < kSampleLanes; ++lane) totals[lane] = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) totals[v % kSampleLanes] += weight(v);
+  return sample_with_totals(weight, vocab, totals, u);
+}
+
+// How a slot's draft is verified.
+enum class DraftRule : int {
+  kOneHot = 0,  // a deterministic draft: accept with probability p(d), else sample p without d
+  kRatio = 1,   // drawn from the proposal q: accept with min(1, p(d)/q(d)), else sample max(0, p - q)
+  kFixed = 2,   // already verified earlier in this chunk: accepted
+};
+
+// Acceptance of draft d under target weights p (total P) and proposal weights q (total Q).
+JE_HOST_DEVICE inline bool accept_draft(DraftRule rule, double u, double p_d, double p_total, double q_d,
+                                        double q_total) {
+  if (rule == DraftRule::kFixed) return true;
+  if (rule == DraftRule::kRatio && q_d > 0.0) return mul_rn(mul_rn(u, q_d), p_total) < mul_rn(p_d, q_total);
+  // One-hot rule; also the fallback of a ratio draft its proposal never gave weight to.
+  return mul_rn(u, p_total) < p_d;
+}
+
+struct SlotResult {
+  bool accept;         // the draft of slot i + 1 is accepted (true past the last draft)
+  int64_t corrective;  // the token that replaces a rejected draft (-1 when accepted)
+  int64_t sample;      // fresh sample from the slot's distribution
+};
+
+// The rejection branch, shared by both paths: the residual sample (ratio rule) or p without d
+// (one-hot rule). Returns -1 only when p has no weight outside d, in which case the draft is
+// accepted instead (in exact arithmetic it could not have been rejected).
+JE_HOST_DEVICE inline int64_t corrective_sequential(DraftRule rule, const float* p, const float* q, int64_t vocab,
+                                                    int64_t draft, double p_total, double q_total, double u) {
+  int64_t token = -1;
+  if (rule == DraftRule::kRatio) token = sample_sequential(ResidualWeight{p, q, p_total, q_total}, vocab, u);
+  if (token < 0 || token == draft) token = sample_sequential(ExcludeWeight{p, draft}, vocab, u);
+  return token == draft ? -1 : token;
+}
+
+// Everything about slot i on one thread. `p` is the slot's target weights [V]; the slot verifies
+// the draft `draft` (block slot i + 1; -1 for the last slot) with `rule`, proposal `q` [V].
+JE_HOST_DEVICE inline SlotResult decide_slot_sequential(const float* p, const float* q, int64_t vocab, int64_t draft,
+                                                        DraftRule rule, SlotUniforms u) {
+  double p_totals[kSampleLanes];
+  for (int lane = 0; lane < kSampleLanes; ++lane) p_totals[lane] = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) p_totals[v % kSampleLanes] += positive(p[v]);
+  SlotResult result{true, -1, sample_with_totals(ProbWeight{p}, vocab, p_totals, u.sample)};
+  if (draft < 0) return result;
+  const double p_total = lanes_sum(p_totals);
+  double q_total = 0.0, q_d = 0.0;
+  if (rule == DraftRule::kRatio) {
+    double q_totals[kSampleLanes];
+    for (int lane = 0; lane < kSampleLanes; ++lane) q_totals[lane] = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) q_totals[v % kSampleLanes] += positive(q[v]);
+    q_total = lanes_sum(q_totals);
+    q_d = positive(q[draft]);
+  }
+  result.accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+  if (!result.accept) {
+    const DraftRule residual_rule = q_d > 0.0 ? rule : DraftRule::kOneHot;
+    result.corrective = corrective_sequential(residual_rule, p, q, vocab, draft, p_total, q_total, u.residual);
+    result.accept = result.corrective < 0;
+  }
+  return result;
+}
+
+// The rule of each draft slot j (1 <= j < n): fixed within the chunk's verified prefix, else by kind.
+JE_HOST_DEVICE inline DraftRule draft_rule(int64_t slot, int64_t n_fixed, bool sampled) {
+  if (slot <= n_fixed) return DraftRule::kFixed;
+  return sampled ? DraftRule::kRatio : DraftRule::kOneHot;
+}
+
+// Accepted count a from the slots' decisions, and the verified tokens in greedy's `preds` form:
+// preds[j] = block[j + 1] (accepted drafts) for j < a - 1, preds[a - 1] = the corrective token (or
+// the bonus sample when every draft was accepted), preds[j] = the fresh sample of slot j for j >= a.
+// verify_commit_row then commits exactly like greedy: it finds the same a, because a corrective
+// token always differs from the draft it replaces.
+JE_HOST_DEVICE inline int64_t assemble_preds(const SlotResult* slots, const int64_t* block, int64_t n,
+                                             int64_t* preds) {
+  int64_t accepted = 1;
+  while (accepted < n && slots[accepted - 1].accept) ++accepted;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j < accepted - 1) {
+      preds[j] = block[j + 1];
+    } else if (j == accepted - 1) {
+      preds[j] = accepted == n ? slots[n - 1].sample : slots[j].corrective;
+    } else {
+      preds[j] = slots[j].sample;
+    }
+  }
+  return accepted;
+}
+
+// Which slots of the next block hold a sample of this step's distributions: slot j (first <= j,
+// j + offset < n) was drawn from this step's slot j + offset. A committed block shifts by a - 1
+// (its freed slots take deterministic fill); an uncommitted chunk keeps its a verified tokens and
+// its later slots take slot j - 1's samples.
+struct ProposalPlan {
+  int64_t offset;
+  int64_t first;  // n: no slot (finished or inactive rows)
+};
+
+JE_HOST_DEVICE inline ProposalPlan proposal_plan(bool was_active, bool committed, bool finished, int64_t accepted,
+                                                 int64_t n) {
+  if (!was_active || finished) return ProposalPlan{0, n};
+  if (committed) return ProposalPlan{accepted - 1, 1};
+  return ProposalPlan{-1, accepted + 1};
+}
+
+JE_HOST_DEVICE inline bool plan_covers(ProposalPlan plan, int64_t slot, int64_t n) {
+  return slot >= plan.first && slot >= 1 && slot + plan.offset < n;
+}
+
+}  // namespace jacobi_engine
