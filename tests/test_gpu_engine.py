@@ -91,3 +91,17 @@ def test_cuda_graph_is_captured_once_per_key_and_reused():
         captures.append(out.stats.capture_seconds)
     assert captures[0] > 0 and captures[1:] == [0.0, 0.0]
     assert len(engine._step_cache) == 1
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_cuda_engine_with_candidates_matches_hf(arch, cuda_graph):
+    """The pool step on the GPU: Triton token-tree attention, the CUDA KV-row move, in a graph too."""
+    model = tiny_model(arch, vocab_size=VOCAB).cuda()
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(3, 15, (3, 14), generator=generator).cuda()  # repetitive: branches win
+    expected = hf_greedy(model, input_ids, None, 48, eos_token_id=[7], pad_token_id=PAD)
+    engine = JacobiEngine(model, block_size=8, candidates=4, candidate_len=4, init="ngram", cuda_graph=cuda_graph)
+    out = engine.generate(input_ids, max_new_tokens=48, eos_token_id=[7])
+    assert_matches_greedy(model, out.sequences, expected, input_ids, None, PAD)
+    assert out.stats.candidate_wins > 0
