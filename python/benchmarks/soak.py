@@ -355,8 +355,10 @@ class Soak:
             else:
                 out = JacobiEngine(model, **engine_kwargs).generate(input_ids, **generate_kwargs)
         except (ValueError, TypeError) as error:
-            # Documented refusal: a mask with holes on a sliding-window / chunked model.
-            if spec["mask_kind"] == "omitted_with_pad" and "sliding-window or chunked" in str(error):
+            # Documented refusals of an inferred mask: holes on a sliding-window / chunked model, or a
+            # prompt ending in the pad id (HF would predict from a masked position).
+            documented = ("sliding-window or chunked", "right padding")
+            if spec["mask_kind"] == "omitted_with_pad" and any(text in str(error) for text in documented):
                 return dict(outcome="refused_documented", error=f"{type(error).__name__}: {error}", seconds=0.0)
             return dict(outcome="refused", error=f"{type(error).__name__}: {error}", seconds=0.0)
         engine_seconds = time.perf_counter() - started
