@@ -155,6 +155,8 @@ def engine_spec(rng: random.Random) -> dict:
             init_offset=rng.randrange(VOCAB),
             seed=rng.randrange(2**31),
             verify_backend=rng.choice(["auto", "auto", "auto", "torch"]),
+            candidates=rng.choice([0, 0, 0, 2, 4]),  # multi-candidate verification (the pool) in 2 of 5
+            candidate_len=rng.randint(1, 6),
         ),
         long_lived=rng.random() < 0.25,  # reuse this model's long-lived engine (cache reuse across shapes)
         shortcut=rng.random() < 0.05,  # jacobi_engine.generate(model, ...)
@@ -334,6 +336,12 @@ class Soak:
             seed=settings["seed"],
             verify_backend=settings["verify_backend"],
         )
+        candidates, candidate_len = settings.get("candidates", 0), settings.get("candidate_len", 4)
+        if settings["mode"] == "chunked":  # a branch verifies part of the chunk: at most block_size - 1 tokens
+            candidate_len = min(candidate_len, settings["block_size"] - 1)
+            candidates = candidates if candidate_len >= 1 else 0
+        if candidates:
+            engine_kwargs.update(candidates=candidates, candidate_len=max(candidate_len, 1))
         generate_kwargs = dict(
             attention_mask=mask,
             max_new_tokens=spec["max_new_tokens"],
@@ -508,6 +516,7 @@ def run_soak(calls: int = 1000, seed: int = 0, sample_every: int = 10, warmup: i
                 "block/1" if settings["block_size"] == 1 else "block/2-32",
                 "engine/long_lived" if result.get("long_lived") else "engine/fresh",
                 f"verify_backend/{settings['verify_backend']}",
+                f"candidates/{settings.get('candidates', 0)}",
             ):
                 counts[key] += 1
             eos_rows += result.get("eos_rows", 0)
