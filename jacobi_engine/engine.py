@@ -726,7 +726,9 @@ def _snapshot(state: StepState) -> list[tuple[torch.Tensor, torch.Tensor]]:
         state.cache.cache_seqlens,
     ]
     tensors += [value for value in vars(state.guesses).values() if isinstance(value, torch.Tensor)]
-    tensors += [tensor for tensor in (state.proposal, state.draft_sampled) if tensor is not None]
+    tensors += [tensor for tensor in (state.proposal, state.draft_sampled, state.candidate_wins) if tensor is not None]
+    if state.pool is not None:  # warm-up steps insert n-grams too
+        tensors += [state.pool.keys, state.pool.ngrams, state.pool.cursor]
     return [(tensor, tensor.clone()) for tensor in tensors]
 
 
