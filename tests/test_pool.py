@@ -163,3 +163,27 @@ def test_move_cache_rows_opcheck():
     buffers = [torch.randn(2, 12, 2, 4), torch.randn(2, 12, 2, 2)]
     args = (buffers, torch.tensor([6, 1]), torch.tensor([1, 1]), 3)
     torch.library.opcheck(torch.ops.jacobi_engine.move_cache_rows.default, args)
+
+
+def test_graph_warm_up_leaves_no_trace():
+    """CUDA-graph capture warms up on a snapshot of the step state and restores it (engine._capture).
+    On CPU: two real steps, then the restore, then decoding must give exactly what a plain run gives
+    (tokens and statistics), so the snapshot covers every piece of state a step mutates."""
+    from jacobi_engine.engine import _restore, _snapshot
+
+    class WarmedUp(JacobiEngine):
+        def _run_eager(self, entry, *args):
+            snapshot = _snapshot(entry.state)
+            for _ in range(2):
+                self._step(entry)
+            _restore(snapshot)
+            return super()._run_eager(entry, *args)
+
+    model = tiny_model("gpt2", vocab_size=VOCAB)
+    input_ids, mask = repetitive_prompts(seed=4)
+    kwargs = dict(block_size=6, candidates=3, candidate_len=4, init="ngram")
+    plain = JacobiEngine(model, **kwargs).generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    warmed = WarmedUp(model, **kwargs).generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(plain.sequences, warmed.sequences)
+    assert plain.stats.accepted_histogram == warmed.stats.accepted_histogram
+    assert plain.stats.candidate_wins == warmed.stats.candidate_wins > 0
