@@ -187,3 +187,10 @@ def test_graph_warm_up_leaves_no_trace():
     assert torch.equal(plain.sequences, warmed.sequences)
     assert plain.stats.accepted_histogram == warmed.stats.accepted_histogram
     assert plain.stats.candidate_wins == warmed.stats.candidate_wins > 0
+
+
+def test_sampling_with_candidates_is_refused():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    engine = JacobiEngine(model, block_size=4, candidates=2, candidate_len=2)
+    with pytest.raises(ValueError, match="do_sample=True with candidates"):
+        engine.generate(torch.randint(3, 20, (1, 6)), max_new_tokens=4, do_sample=True)
