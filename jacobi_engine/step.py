@@ -1,7 +1,7 @@
 """The Jacobi decode step: one function of device state, the unit that is graph-captured.
 
 :class:`StepState` holds every tensor a step reads and writes, at fixed addresses and shapes for
-a given (batch, capacity, block size, mode, processors) key, so that one CUDA graph captured on
+a given (batch, capacity, block size, mode, candidates, processors, sampling) key, so that one CUDA graph captured on
 it serves every later ``generate`` call with that key: per-request values (prompt width, limits,
 EOS ids) live in device tensors, never in Python numbers baked into the graph.
 
@@ -13,7 +13,9 @@ always ``tokens[b, lengths[b] - 1]``: known-correct, its K/V not yet in the cach
 Per step (:func:`decode_step`):
 
 1. one model forward over the block on top of the committed KV cache (the attention op appends
-   the block's K/V in place); positions are clamped per row to the last one that can matter;
+   the block's K/V in place); positions are clamped per row to the last one that can matter.
+   With candidates (:func:`_pool_step`) the forward is over the token tree [block | branches] and
+   the longest verified path wins;
 2. generation_config processors, each slot with its own prefix (only when the call has any);
 3. ``ops.verify_and_commit``: argmax, accepted count, appending verified tokens, EOS and limits,
    advancing ``cache_seqlens``, shifting in the next guesses; when sampling, the warpers and
