@@ -106,7 +106,7 @@ def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
 
 
 def run_method(
-    name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, pool=(4, 4)
+    name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, pool=(2, 8)
 ):
     """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -265,7 +265,9 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--pool", type=int, nargs=2, default=(4, 4), metavar=("K", "G"), help="engine_pool candidates")
+    parser.add_argument(
+        "--pool", type=int, nargs=2, default=(2, 8), metavar=("K", "G"), help="engine_pool candidates (bench_pool.py)"
+    )
 
     parser.add_argument(
         "--sampling", choices=("on", "only", "off"), default="on", help="the sampling rows: with, only, or without"
