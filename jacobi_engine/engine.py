@@ -23,6 +23,7 @@ import torch
 from jacobi_engine import ops
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
+from jacobi_engine.compile import compile_step, first_compiled_call
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
 from jacobi_engine.hf_compat import inspect_model, length_dependent_rope, model_device
 from jacobi_engine.processors import GenerationSettings, LogitsProcessing, resolve_generation
@@ -44,7 +45,9 @@ class JacobiStats:
     ``sum(k * count) + batch == tokens_generated``. ``stationary_tokens`` counts tokens that were
     already correct while an earlier slot was still wrong and kept their value until verified
     (CLLM's term). ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
-    per step-cache key), kept out of ``decode_seconds``.
+    per step-cache key), ``compile_seconds`` the ``torch.compile`` of the step with ``compile=True``
+    (done once per step-cache key, 0 when the entry was already compiled); both are kept out of
+    ``decode_seconds`` (and so out of ``tokens_per_second``).
     """
 
     block_size: int
@@ -57,6 +60,7 @@ class JacobiStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -103,6 +107,8 @@ class _StepCacheEntry:
     state: StepState
     config: StepConfig
     graph: object | None = None  # torch.cuda.CUDAGraph once captured
+    compiled: object | None = None  # the torch.compile'd step (compile=True), once compiled
+    compile_failed: str | None = None  # why the step could not be compiled (then it runs eagerly)
 
 
 class JacobiEngine:
@@ -127,6 +133,9 @@ class JacobiEngine:
             guesses) in a CUDA graph once per step-cache key and replay it (CUDA models only).
         sync_every: decode steps between host checks of the done flags (default 1, or 8 with
             ``cuda_graph``). Steps past the end are harmless no-ops for finished sequences.
+        compile: compile the whole decode step with ``torch.compile(fullgraph=True)`` once per
+            step-cache key (:mod:`jacobi_engine.compile`); with ``cuda_graph`` the compiled step is
+            what gets captured. A model that cannot be compiled is decoded eagerly, with a warning.
     """
 
     def __init__(
@@ -141,6 +150,7 @@ class JacobiEngine:
         verify_backend: str = "auto",
         cuda_graph: bool = False,
         sync_every: int | None = None,
+        compile: bool = False,
     ):
         self.info = inspect_model(model)
         _check_int("block_size", block_size, minimum=1)
@@ -165,6 +175,9 @@ class JacobiEngine:
         if cuda_graph and model_device(model).type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model_device(model)}")
         _check_int("sync_every", sync_every, minimum=1, allow_none=True)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        self.compile = compile
         self.cuda_graph = cuda_graph
         self.sync_every = sync_every if sync_every is not None else (8 if cuda_graph else 1)
         self.model = model
@@ -277,6 +290,7 @@ class JacobiEngine:
         else:
             logits_to_keep = None
         output = self.model(input_ids=input_ids, **kwargs)
+        cache.end_forward()
         return output.logits, logits_to_keep is not None
 
     def _block_forward(self, cache: JacobiCache, block, positions) -> torch.Tensor:
@@ -344,30 +358,56 @@ class JacobiEngine:
         return entry
 
     def _step(self, entry: _StepCacheEntry) -> None:
-        decode_step(self._block_forward, entry.config, entry.state)
+        if entry.compiled is not None:
+            entry.compiled(entry.state)
+        else:
+            decode_step(self._block_forward, entry.config, entry.state)
+
+    def _compile(self, entry: _StepCacheEntry) -> float:
+        """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
+        if entry.compiled is not None or entry.compile_failed is not None:
+            return 0.0
+        # Static shapes only: the host-side bounds would be baked into the graph (and recompile it).
+        self._unbound(entry.state)
+        compiled = compile_step(self._block_forward, entry.config, tag=f"{id(entry):x}")
+        entry.compiled, seconds, entry.compile_failed = first_compiled_call(
+            compiled, entry.state, _snapshot, _restore, self.model
+        )
+        return seconds
+
+    @staticmethod
+    def _unbound(state: StepState) -> None:
+        state.cache.kv_len_bound = None
+        state.guesses.search_bound = None
 
     # -- generation ----------------------------------------------------------------------------
     def _run_eager(self, entry: _StepCacheEntry, max_steps: int, streamer, streamed: int, width: int) -> None:
         """Steps until every sequence is done, syncing with the host once per ``sync_every`` steps."""
         state = entry.state
         sync_every = 1 if streamer is not None else self.sync_every
-        finished, longest = torch.stack(
-            [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long()]
+        finished, longest, known = torch.stack(
+            [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
         ).tolist()
         taken = 0
+        if entry.compiled is not None:
+            self._unbound(state)  # the prefill set a bound; the compiled step was traced without one
         while not finished:
             if taken >= max_steps:  # pragma: no cover
                 raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
             steps = min(sync_every, max_steps - taken)
-            # The torch attention path reads only rows below this bound (it must hold until the next sync).
-            state.cache.kv_len_bound = longest + self.block_size * steps
+            if entry.compiled is None:
+                # The torch attention path reads only cache rows below this bound, the n-gram lookup only
+                # token columns below it (it must hold until the next sync). A compiled step has static shapes.
+                bound = longest + self.block_size * steps
+                state.cache.kv_len_bound = bound
+                state.guesses.search_bound = known + self.block_size * steps
             for _ in range(steps):
                 self._step(entry)
             taken += steps
             finished, longest, known = torch.stack(
-                [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths[0].long()]
+                [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
             ).tolist()
-            if streamer is not None and known > streamed:
+            if streamer is not None and known > streamed:  # batch 1: lengths.max() is row 0's
                 streamer.put(state.tokens[0, streamed:known].cpu())
                 streamed = known
 
@@ -383,7 +423,7 @@ class JacobiEngine:
         state = entry.state
         started = time.perf_counter()
         snapshot = _snapshot(state)
-        state.cache.kv_len_bound = None  # the graph must not depend on a host-side bound
+        self._unbound(state)  # the graph must not depend on a host-side bound
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -547,13 +587,15 @@ class JacobiEngine:
             if streamer is not None:
                 streamer.put(first.cpu())
             max_steps = max_new_tokens + n
-            capture_seconds = 0.0
+            capture_seconds = compile_seconds = 0.0
+            if self.compile:
+                compile_seconds = self._compile(entry)
             if self.cuda_graph:
                 capture_seconds = self._capture(entry)
                 capture_done = time.perf_counter()
                 self._run_graph(entry, max_steps, streamer, width + 1)
             else:
-                capture_done = prefill_done
+                capture_done = time.perf_counter()
                 self._run_eager(entry, max_steps, streamer, width + 1, width)
             sync()
             decode_done = time.perf_counter()
@@ -587,6 +629,7 @@ class JacobiEngine:
             stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
             stats.prefill_seconds = prefill_done - started
             stats.capture_seconds = capture_seconds
+            stats.compile_seconds = compile_seconds
             stats.decode_seconds = decode_done - capture_done
         return JacobiOutput(result, stats, trajectories if record_trajectory else None)
 
@@ -624,6 +667,7 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
         "verify_backend",
         "cuda_graph",
         "sync_every",
+        "compile",
     )
     engine_kwargs = {key: kwargs.pop(key) for key in engine_keys if key in kwargs}
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **kwargs)

@@ -99,6 +99,8 @@ def jacobi_attention(
     out: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    layout: reference.BlockLayout | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Attention of an n-token block over each sequence's cached prefix, appending the block's K/V.
 
@@ -114,12 +116,18 @@ def jacobi_attention(
     ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma 2), ``sinks`` [Hq] adds one logit per
     head to every softmax denominator (attention sinks: gpt-oss), ``kv_len`` is an optional
     host-side bound on ``max(cache_seqlens) + n`` and ``out`` an optional output buffer.
+
+    For callers that run the same block through many layers (the engine): ``layout`` is
+    :func:`jacobi_engine.reference.block_layout` of the block, computed once per forward and used
+    by the torch path (Triton derives its mask in the kernel), and ``check=False`` skips the
+    argument checks for shapes the caller has checked once already.
     """
-    _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks, chunk_size)
+    if check:
+        _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks, chunk_size)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     features = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks, chunk_size=chunk_size, out=out)
-    resolved = resolve_attention_backend(backend, q.device)
+    resolved = backend if backend in ("triton", "torch") else resolve_attention_backend(backend, q.device)
     if resolved == "triton":
         from jacobi_engine import triton_attention
 
@@ -127,7 +135,7 @@ def jacobi_attention(
             q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, **features
         )
     return reference.jacobi_attention(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, kv_len=kv_len, **features
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, kv_len=kv_len, layout=layout, **features
     )
 
 

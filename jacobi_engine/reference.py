@@ -9,9 +9,47 @@ the kernel tests compare against.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class BlockLayout:
+    """Where a block sits and what each of its queries sees; the same for every layer of a forward.
+
+    ``flat_rows`` int64 [B*n]: cache row of each block token in the flattened (batch, row) axis;
+    ``visible`` bool [B, 1, n, kv_len]: key row ``j`` is visible to query ``i`` of sequence ``b``.
+    """
+
+    flat_rows: torch.Tensor
+    visible: torch.Tensor
+    kv_len: int
+
+
+def block_layout(
+    cache_seqlens: torch.Tensor,
+    n: int,
+    capacity: int,
+    kv_len: int | None = None,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+) -> BlockLayout:
+    """The :class:`BlockLayout` of an ``n``-token block at ``cache_seqlens`` int32 [B] in a cache of
+    ``capacity`` rows (see :func:`jacobi_attention` for the mask and ``kv_len``)."""
+    device = cache_seqlens.device
+    batch = cache_seqlens.shape[0]
+    rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=device)  # [B, n]
+    flat_rows = (torch.arange(batch, device=device)[:, None] * capacity + rows).reshape(-1)
+    kv_len = capacity if kv_len is None else min(int(kv_len), capacity)
+    key_pos = torch.arange(kv_len, device=device)
+    visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
+    if sliding_window is not None and sliding_window > 0:
+        visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
+    if chunk_size is not None:
+        visible = visible & (key_pos[None, None, :] // chunk_size == rows[:, :, None] // chunk_size)
+    return BlockLayout(flat_rows, visible[:, None], kv_len)
 
 
 def jacobi_attention(
@@ -28,6 +66,7 @@ def jacobi_attention(
     out: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    layout: BlockLayout | None = None,
 ) -> torch.Tensor:
     """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
 
@@ -46,6 +85,9 @@ def jacobi_attention(
     ``kv_len`` is an optional host-side upper bound on ``cache_seqlens.max() + n``; it only
     limits how many cache rows are read. Rows past ``cache_seqlens[b] + n`` must be finite
     (they are masked, but NaN * 0 would still poison the value product).
+
+    ``layout`` is :func:`block_layout` of these arguments when the caller has it already (it is
+    the same for every layer of a forward); it then decides the mask and ``kv_len``.
     """
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
@@ -53,23 +95,16 @@ def jacobi_attention(
     seq_capacity = k_cache.shape[1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=q.device)  # [B, n]
+    if layout is None:
+        layout = block_layout(cache_seqlens, n, seq_capacity, kv_len, sliding_window, chunk_size)
+    flat_rows, visible, kv_len = layout.flat_rows, layout.visible, layout.kv_len
     # Append the block: one index_copy_ per buffer over the flattened (batch, row) axis.
-    flat_rows = (torch.arange(batch, device=q.device)[:, None] * seq_capacity + rows).reshape(-1)
     k_cache.view(-1, n_kv_heads, head_dim).index_copy_(
         0, flat_rows, k_new.reshape(-1, n_kv_heads, head_dim).to(k_cache.dtype)
     )
     v_cache.view(-1, n_kv_heads, value_dim).index_copy_(
         0, flat_rows, v_new.reshape(-1, n_kv_heads, value_dim).to(v_cache.dtype)
     )
-
-    kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
-    key_pos = torch.arange(kv_len, device=q.device)
-    visible = key_pos[None, None, :] <= rows[:, :, None]  # [B, n, kv_len]
-    if sliding_window is not None and sliding_window > 0:
-        visible = visible & (key_pos[None, None, :] > rows[:, :, None] - sliding_window)
-    if chunk_size is not None:
-        visible = visible & (key_pos[None, None, :] // chunk_size == rows[:, :, None] // chunk_size)
     keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D_k] views, no copies
     values = v_cache[:, :kv_len].transpose(1, 2)
     has_softcap = softcap is not None and softcap > 0
@@ -78,7 +113,7 @@ def jacobi_attention(
             q.transpose(1, 2),
             keys.to(q.dtype),
             values.to(q.dtype),
-            attn_mask=visible[:, None],
+            attn_mask=visible,
             scale=softmax_scale,
             enable_gqa=n_heads != n_kv_heads,
         ).transpose(1, 2)
@@ -92,7 +127,7 @@ def jacobi_attention(
         scores = scores * softmax_scale
         if has_softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
         if sinks is None:
             probs = torch.softmax(scores, dim=-1)
         else:
