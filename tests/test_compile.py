@@ -116,7 +116,9 @@ def test_model_that_cannot_compile_falls_back_to_eager_with_a_warning():
     expected = hf_greedy(model, reference_ids, mask, MAX_NEW, 2, 0)
     model.model.layers[0] = _GraphBreakingLayer(model.model.layers[0])
     engine = JacobiEngine(model, block_size=4, compile=True)
-    with pytest.warns(RuntimeWarning, match=r"could not be compiled.*decoding eagerly.*Reason: Unsupported: .*graph.break"):
+    with pytest.warns(
+        RuntimeWarning, match=r"could not be compiled.*decoding eagerly.*Reason: Unsupported: .*graph.break"
+    ):
         out = engine.generate(reference_ids, max_new_tokens=MAX_NEW, eos_token_id=2, pad_token_id=0)
     entry = next(iter(engine._step_cache.values()))
     assert entry.compiled is None and "graph_break" in entry.compile_failed

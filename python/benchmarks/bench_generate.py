@@ -5,9 +5,14 @@
 Rows (batch size 1, greedy, the same questions for every row; each model is run with every method):
     hf_greedy            model.generate(do_sample=False)
     hf_prompt_lookup     model.generate(do_sample=False, prompt_lookup_num_tokens=10)
+    hf_static_compile    model.generate(do_sample=False, cache_implementation="static") with HF's compiled
+                         decoding forward (compile_config: torch.compile, static shapes), HF's fast path
     engine_ar            JacobiEngine(block_size=1)                      (teacher)
     engine_jacobi        JacobiEngine(block_size=n)
     engine_jacobi_ngram  JacobiEngine(block_size=n, init="ngram")
+Every engine row runs twice, eagerly ("compile": false) and with JacobiEngine(compile=True) ("compile": true).
+Compiled rows (HF's and ours) are warmed up on the longest prompt first, so that the timed loop
+reuses one graph; ``recompiles`` counts the graphs dynamo still compiled during the timed loop.
 
 Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
 model forward calls, counted with a forward hook, so HF's methods are measured the same way),
@@ -94,28 +99,48 @@ def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def run_method(name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int):
-    """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
+def run_method(
+    name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, compile: bool
+):
+    """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls, recompiles)."""
+    from torch._dynamo.utils import counters
+
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     engine = None
     if name == "engine_ar":
-        engine = JacobiEngine(model, block_size=1)
+        engine = JacobiEngine(model, block_size=1, compile=compile)
     elif name == "engine_jacobi":
-        engine = JacobiEngine(model, block_size=block_size)
+        engine = JacobiEngine(model, block_size=block_size, compile=compile)
     elif name == "engine_jacobi_ngram":
-        engine = JacobiEngine(model, block_size=block_size, init="ngram")
+        engine = JacobiEngine(model, block_size=block_size, init="ngram", compile=compile)
+    extra = {}
+    if name == "hf_prompt_lookup":
+        extra = {"prompt_lookup_num_tokens": 10}
+    elif name == "hf_static_compile":
+        from transformers import CompileConfig
+
+        # HF compiles the decoding forward by itself on GPUs; this flag asks for it on CPU too.
+        # "reduce-overhead" (CUDA graphs) is HF's default and only means something on CUDA.
+        compile_config = CompileConfig(
+            dynamic=False, mode="reduce-overhead" if model.device.type == "cuda" else "default"
+        )
+        compile_config._compile_all_devices = True
+        extra = {"cache_implementation": "static", "compile_config": compile_config}
 
     def generate(input_ids):
         if engine is not None:
             return engine.generate(
                 input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, return_stats=False
             ).sequences
-        extra = {"prompt_lookup_num_tokens": 10} if name == "hf_prompt_lookup" else {}
         return model.generate(
             input_ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **extra
         )
 
-    generate(prompts[0])  # warm-up
+    # Warm-up (and compile); compiled rows on the longest prompt so that caches are sized once.
+    generate(
+        max(prompts, key=lambda ids: ids.shape[1]) if (compile or extra.get("cache_implementation")) else prompts[0]
+    )
+    graphs_before = counters["stats"]["unique_graphs"]
     counter = ForwardCounter(model)
     outputs, start = [], time.perf_counter()
     for input_ids in prompts:
@@ -123,7 +148,7 @@ def run_method(name: str, model, tokenizer, prompts: list[torch.Tensor], max_new
         outputs.append(sequences[0, input_ids.shape[1] :].tolist())
     seconds = time.perf_counter() - start
     counter.close()
-    return outputs, seconds, counter.calls
+    return outputs, seconds, counter.calls, counters["stats"]["unique_graphs"] - graphs_before
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -148,7 +173,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['method']}\n({r['model']})" for r in rows]
+    labels = [f"{r['method']}{' (compiled)' if r['compile'] else ''}\n({r['model']})" for r in rows]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     axes[0].bar(labels, [r["tokens_per_s"] for r in rows], color="#1976d2")
     axes[0].set_ylabel("tokens / s (batch 1)")
@@ -172,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (HF's and ours)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,36 +209,50 @@ def main(argv=None) -> int:
     perplexity = {name: answer_perplexity(model, tokenizer, records) for name, model in models.items()}
 
     plan = [
-        ("hf_greedy", "teacher"),
-        ("hf_prompt_lookup", "teacher"),
-        ("engine_ar", "teacher"),
-        ("engine_jacobi", "teacher"),
-        ("engine_jacobi_ngram", "teacher"),
-        ("hf_greedy", "cllm"),  # the CLLM's own greedy output: its baseline and the reference for agreement
-        ("hf_prompt_lookup", "cllm"),
-        ("engine_jacobi", "cllm"),
-        ("engine_jacobi_ngram", "cllm"),
+        ("hf_greedy", "teacher", False),
+        ("hf_prompt_lookup", "teacher", False),
+        ("hf_static_compile", "teacher", True),
+        ("engine_ar", "teacher", False),
+        ("engine_ar", "teacher", True),
+        ("engine_jacobi", "teacher", False),
+        ("engine_jacobi", "teacher", True),
+        ("engine_jacobi_ngram", "teacher", False),
+        ("engine_jacobi_ngram", "teacher", True),
+        # The CLLM's own greedy output: its baseline and the reference for agreement.
+        ("hf_greedy", "cllm", False),
+        ("hf_prompt_lookup", "cllm", False),
+        ("hf_static_compile", "cllm", True),
+        ("engine_jacobi", "cllm", False),
+        ("engine_jacobi", "cllm", True),
+        ("engine_jacobi_ngram", "cllm", False),
+        ("engine_jacobi_ngram", "cllm", True),
     ]
+    if args.no_compile:
+        plan = [entry for entry in plan if not entry[2]]
     results, greedy = {}, {}
-    for method, model_name in plan:
-        outputs, seconds, calls = run_method(
-            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size
+    for method, model_name, compiled in plan:
+        outputs, seconds, calls, recompiles = run_method(
+            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size, compiled
         )
-        results[(method, model_name)] = (outputs, seconds, calls)
+        results[(method, model_name, compiled)] = (outputs, seconds, calls, recompiles)
         if method == "hf_greedy":
             greedy[model_name] = outputs
         tokens = sum(len(o) for o in outputs)
         print(
-            f"{method:<20} {model_name:<8} {tokens / seconds:8.1f} tok/s {tokens / calls:5.2f} tok/forward", flush=True
+            f"{method:<20} {model_name:<8} compile={compiled!s:<5} {tokens / seconds:8.1f} tok/s "
+            f"{tokens / calls:5.2f} tok/forward",
+            flush=True,
         )
 
     rows = []
-    for (method, model_name), (outputs, seconds, calls) in results.items():
+    for (method, model_name, compiled), (outputs, seconds, calls, recompiles) in results.items():
         tokens = sum(len(o) for o in outputs)
         rows.append(
             dict(
                 method=method,
                 model=model_name,
+                compile=compiled,
+                recompiles=recompiles,
                 tokens_per_s=tokens / seconds,
                 tokens_per_forward=tokens / calls,
                 quality=accuracy(outputs, tokenizer, records),
@@ -223,22 +263,28 @@ def main(argv=None) -> int:
                 forwards=calls,
             )
         )
-    rate = {(r["method"], r["model"]): r["tokens_per_s"] for r in rows}
+    rate = {
+        (r["method"], r["model"]): r["tokens_per_s"] for r in rows if not r["compile"] or r["method"].startswith("hf")
+    }
     for row in rows:
         row["speedup_vs_own_greedy"] = row["tokens_per_s"] / rate[("hf_greedy", row["model"])]
         row["speedup_vs_teacher_greedy"] = row["tokens_per_s"] / rate[("hf_greedy", "teacher")]
         row["speedup_vs_own_prompt_lookup"] = row["tokens_per_s"] / rate[("hf_prompt_lookup", row["model"])]
+        if ("hf_static_compile", row["model"]) in rate:
+            row["speedup_vs_own_hf_static_compile"] = row["tokens_per_s"] / rate[("hf_static_compile", row["model"])]
     cllm_teacher_agreement = agreement(greedy["cllm"], greedy["teacher"])
 
     header = (
-        "| method | model | tokens/s | tokens/forward | accuracy (pts) | perplexity | agreement | "
-        "vs own HF greedy | vs own prompt lookup | vs teacher HF greedy |"
+        "| method | model | compile | tokens/s | tokens/forward | accuracy (pts) | perplexity | agreement | "
+        "vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
     )
-    print("\n" + header + "\n|" + "---|" * 10)
+    print("\n" + header + "\n|" + "---|" * 12)
     for r in rows:
+        static = r.get("speedup_vs_own_hf_static_compile")
         print(
-            f"| {r['method']} | {r['model']} | {r['tokens_per_s']:.1f} | {r['tokens_per_forward']:.2f} | "
-            f"{r['quality']:.1f} | {r['perplexity']:.3f} | {r['agreement']:.3f} | {r['speedup_vs_own_greedy']:.2f}x | "
+            f"| {r['method']} | {r['model']} | {'yes' if r['compile'] else 'no'} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_forward']:.2f} | {r['quality']:.1f} | {r['perplexity']:.3f} | {r['agreement']:.3f} | "
+            f"{r['speedup_vs_own_greedy']:.2f}x | {'-' if static is None else f'{static:.2f}x'} | "
             f"{r['speedup_vs_own_prompt_lookup']:.2f}x | {r['speedup_vs_teacher_greedy']:.2f}x |"
         )
     print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
