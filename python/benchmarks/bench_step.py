@@ -5,8 +5,8 @@
 
 A step is what ``JacobiEngine`` runs per forward: the model forward over the block, verify/commit,
 the guess update and the loop's host check of the done flags. Its time is ``decode_seconds /
-decode forwards`` of a ``generate`` call on a random prompt, the best of ``--repeats`` calls after
-a warm-up call; ``decode_seconds`` leaves out prefill, ``torch.compile`` and CUDA-graph capture
+decode forwards`` of a ``generate`` call on a random prompt, the best of ``--repeats`` rounds (each
+configuration once per round, interleaved) after a warm-up call; ``decode_seconds`` leaves out prefill, ``torch.compile`` and CUDA-graph capture
 (reported apart as ``compile_seconds`` and ``capture_seconds``).
 
 Models: ``teacher`` is the shipped 2.4M-parameter GSM8K teacher (the default on CPU, where the
@@ -62,23 +62,17 @@ def shipped_teacher(device):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(device).eval()
 
 
-def step_time(engine: JacobiEngine, input_ids: torch.Tensor, steps: int, repeats: int) -> dict:
-    """Seconds per decode step (best of ``repeats`` calls), plus the one-off set-up times."""
-    first = engine.generate(input_ids, max_new_tokens=steps, eos_token_id=[])  # warm-up, compile, capture
-    best = None
-    for _ in range(repeats):
-        out = engine.generate(input_ids, max_new_tokens=steps, eos_token_id=[])
-        forwards = out.stats.forward_passes - 1
-        seconds = out.stats.decode_seconds / forwards
-        if best is None or seconds < best[0]:
-            best = (seconds, forwards, out.stats.tokens_per_forward)
-    return dict(
-        seconds=best[0],
-        forwards=best[1],
-        tokens_per_forward=best[2],
-        compile_seconds=first.stats.compile_seconds,
-        capture_seconds=first.stats.capture_seconds,
-    )
+def warm_up(engine: JacobiEngine, input_ids: torch.Tensor, steps: int) -> dict:
+    """The first call: compiles and captures (once per step-cache key); returns those set-up times."""
+    first = engine.generate(input_ids, max_new_tokens=steps, eos_token_id=[])
+    return dict(compile_seconds=first.stats.compile_seconds, capture_seconds=first.stats.capture_seconds)
+
+
+def step_seconds(engine: JacobiEngine, input_ids: torch.Tensor, steps: int) -> tuple[float, int, float]:
+    """(seconds per decode step, decode forwards, tokens per forward) of one call."""
+    out = engine.generate(input_ids, max_new_tokens=steps, eos_token_id=[])
+    forwards = out.stats.forward_passes - 1
+    return out.stats.decode_seconds / forwards, forwards, out.stats.tokens_per_forward
 
 
 def main(argv=None) -> int:
@@ -89,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=None, help="prompt tokens (default: 64 on CPU, 512 on CUDA)")
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     args = parser.parse_args(argv)
@@ -114,25 +108,31 @@ def main(argv=None) -> int:
         variants.append(dict(compile=False, cuda_graph=True))
         if not args.no_compile:
             variants.append(dict(compile=True, cuda_graph=True))
+    # Every configuration is measured once per round, rounds interleaved, and the best round is kept:
+    # on a shared machine, load that comes and goes then hits every configuration alike.
+    configs = [(variant, block_size) for variant in variants for block_size in sorted({1, args.block_size})]
+    engines = [JacobiEngine(model, block_size=block_size, **variant) for variant, block_size in configs]
+    setups = [warm_up(engine, input_ids, args.steps) for engine in engines]
+    best: list[tuple | None] = [None] * len(engines)
+    for _ in range(args.repeats):
+        for index, engine in enumerate(engines):
+            measured = step_seconds(engine, input_ids, args.steps)
+            if best[index] is None or measured[0] < best[index][0]:
+                best[index] = measured
     rows = []
-    for variant in variants:
-        for block_size in sorted({1, args.block_size}):
-            engine = JacobiEngine(model, block_size=block_size, **variant)
-            measured = step_time(engine, input_ids, args.steps, args.repeats)
-            row = dict(
-                **variant,
-                block_size=block_size,
-                prefix=prefix,
-                step_us=measured["seconds"] * 1e6,
-                forwards=measured["forwards"],
-                tokens_per_forward=measured["tokens_per_forward"],
-                compile_seconds=measured["compile_seconds"],
-                capture_seconds=measured["capture_seconds"],
-            )
-            if weight_read_seconds is not None:
-                row["ratio_to_weight_read"] = measured["seconds"] / weight_read_seconds
-            rows.append(row)
-            print(f"{row}", flush=True)
+    for (variant, block_size), setup, (seconds, forwards, tokens_per_forward) in zip(configs, setups, best):
+        row = dict(
+            **variant,
+            block_size=block_size,
+            prefix=prefix,
+            step_us=seconds * 1e6,
+            forwards=forwards,
+            tokens_per_forward=tokens_per_forward,
+            **setup,
+        )
+        if weight_read_seconds is not None:
+            row["ratio_to_weight_read"] = seconds / weight_read_seconds
+        rows.append(row)
     one = {(r["compile"], r["cuda_graph"]): r["step_us"] for r in rows if r["block_size"] == 1}
     for row in rows:
         row["ratio_to_1_token_step"] = row["step_us"] / one[(row["compile"], row["cuda_graph"])]
