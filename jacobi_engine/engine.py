@@ -5,7 +5,9 @@ The step itself (model forward over the n-token block, processors, ``ops.verify_
 guesses, statistics) is :func:`jacobi_engine.step.decode_step`, a function of device state only.
 The engine keeps that state per (batch, capacity bucket, block size, mode, processors) key and
 reuses it across calls, so on CUDA each key's step is captured in a graph once and replayed by
-every later ``generate`` with the same key (gpt-fast's pattern).
+every later ``generate`` with the same key (gpt-fast's pattern); with ``compile=True`` each key's
+step is compiled once (:mod:`jacobi_engine.compile`), and on CUDA that compiled step is what the
+graph captures.
 
 The fixed point of the iteration is exactly greedy autoregressive decoding, with the
 generation_config processors HF applies (:mod:`jacobi_engine.processors`).

@@ -1,13 +1,14 @@
 """Time one Jacobi decode step: 1-token and n-token blocks, eager and compiled (and CUDA-graph on GPU).
 
     python python/benchmarks/bench_step.py [--device cpu|cuda] [--model teacher|llama1b] [--json OUT.json]
-        [--block-size 16] [--prefix P] [--steps 64] [--repeats 3] [--threads 1]
+        [--block-size 16] [--prefix P] [--steps 64] [--repeats 7] [--threads 1] [--no-compile]
 
 A step is what ``JacobiEngine`` runs per forward: the model forward over the block, verify/commit,
 the guess update and the loop's host check of the done flags. Its time is ``decode_seconds /
-decode forwards`` of a ``generate`` call on a random prompt, the best of ``--repeats`` rounds (each
-configuration once per round, interleaved) after a warm-up call; ``decode_seconds`` leaves out prefill, ``torch.compile`` and CUDA-graph capture
-(reported apart as ``compile_seconds`` and ``capture_seconds``).
+decode forwards`` of a ``generate`` call on a random prompt, the best of ``--repeats`` rounds
+(each configuration once per round, interleaved) after a warm-up call; ``decode_seconds`` leaves
+out prefill, ``torch.compile`` and CUDA-graph capture (reported apart as ``compile_seconds`` and
+``capture_seconds``).
 
 Models: ``teacher`` is the shipped 2.4M-parameter GSM8K teacher (the default on CPU, where the
 issue-13 target is: a compiled 16-token step <= 1.3x a compiled 1-token step); ``llama1b`` is a
