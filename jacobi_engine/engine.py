@@ -46,7 +46,7 @@ class JacobiStats:
     pairs that newly verified ``k`` tokens (kept in the output), in both modes, so
     ``sum(k * count) + batch == tokens_generated``. ``stationary_tokens`` counts tokens that were
     already correct while an earlier slot was still wrong and kept their value until verified
-    (CLLM's term). ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
+    (CLLM's term); it needs the per-step logs, so it is None unless ``record_trajectory=True``. ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
     per step-cache key), ``compile_seconds`` the ``torch.compile`` of the step with ``compile=True``
     (done once per step-cache key, 0 when the entry was already compiled); both are kept out of
     ``decode_seconds`` (and so out of ``tokens_per_second``).
@@ -58,7 +58,7 @@ class JacobiStats:
     tokens_generated: int = 0
     tokens_per_forward: float = 0.0
     accepted_histogram: list[int] = field(default_factory=list)
-    stationary_tokens: int = 0
+    stationary_tokens: int | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0
@@ -540,7 +540,9 @@ class JacobiEngine:
         pad_id = settings.pad_token_id
         needed = max(longest, width) + max_new_tokens
         capacity = self.max_seq_len if self.max_seq_len is not None else _capacity_bucket(needed)
-        logging = return_stats or record_trajectory
+        # Per-step logs (blocks, lengths, accepted counts) only when trajectories are asked for; the
+        # counters of the stats (steps, histogram) are kept on the device by every step anyway.
+        logging = record_trajectory
         eos_slots = max(4, len(settings.eos_ids))
         entry = self._entry(batch, capacity, eos_slots, settings, logging, device)
         state = entry.state
@@ -628,7 +630,8 @@ class JacobiEngine:
             stats.tokens_generated = sum(generated)
             stats.tokens_per_forward = stats.tokens_generated / (batch + sum(histogram))
             stats.accepted_histogram = histogram
-            stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
+            if trajectories is not None:
+                stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
             stats.prefill_seconds = prefill_done - started
             stats.capture_seconds = capture_seconds
             stats.compile_seconds = compile_seconds

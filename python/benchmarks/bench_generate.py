@@ -15,7 +15,8 @@ Compiled rows (HF's and ours) are warmed up on the longest prompt first, so that
 reuses one graph; ``recompiles`` counts the graphs dynamo still compiled during the timed loop.
 
 Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
-model forward calls, counted with a forward hook, so HF's methods are measured the same way),
+model forward calls: counted with a forward hook for HF's methods, by the engine's own
+``stats.forward_passes`` for ours, which a hook cannot see inside a compiled step),
 quality (final-answer accuracy in points, the number after ``####``), perplexity (of the reference
 answers under that model, answer tokens only, conditioned on the prompt), agreement (fraction of
 generated tokens equal to the same model's HF greedy output, position by position).
@@ -127,11 +128,15 @@ def run_method(
         compile_config._compile_all_devices = True
         extra = {"cache_implementation": "static", "compile_config": compile_config}
 
+    engine_forwards = []
+
     def generate(input_ids):
         if engine is not None:
-            return engine.generate(
-                input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, return_stats=False
-            ).sequences
+            # The engine counts its forwards itself: a hook added after torch.compile traced the model
+            # would not run inside the compiled step.
+            out = engine.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            engine_forwards.append(out.stats.forward_passes)
+            return out.sequences
         return model.generate(
             input_ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **extra
         )
@@ -141,6 +146,7 @@ def run_method(
         max(prompts, key=lambda ids: ids.shape[1]) if (compile or extra.get("cache_implementation")) else prompts[0]
     )
     graphs_before = counters["stats"]["unique_graphs"]
+    engine_forwards.clear()
     counter = ForwardCounter(model)
     outputs, start = [], time.perf_counter()
     for input_ids in prompts:
@@ -148,7 +154,8 @@ def run_method(
         outputs.append(sequences[0, input_ids.shape[1] :].tolist())
     seconds = time.perf_counter() - start
     counter.close()
-    return outputs, seconds, counter.calls, counters["stats"]["unique_graphs"] - graphs_before
+    calls = sum(engine_forwards) if engine is not None else counter.calls
+    return outputs, seconds, calls, counters["stats"]["unique_graphs"] - graphs_before
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
