@@ -46,8 +46,9 @@ class JacobiStats:
     pairs that newly verified ``k`` tokens (kept in the output), in both modes, so
     ``sum(k * count) + batch == tokens_generated``. ``stationary_tokens`` counts tokens that were
     already correct while an earlier slot was still wrong and kept their value until verified
-    (CLLM's term); it needs the per-step logs, so it is None unless ``record_trajectory=True``. ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
-    per step-cache key), ``compile_seconds`` the ``torch.compile`` of the step with ``compile=True``
+    (CLLM's term); it needs the per-step logs, so it is None unless ``record_trajectory=True``.
+    ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once per step-cache
+    key), ``compile_seconds`` the ``torch.compile`` of the step with ``compile=True``
     (done once per step-cache key, 0 when the entry was already compiled); both are kept out of
     ``decode_seconds`` (and so out of ``tokens_per_second``).
     """
@@ -400,8 +401,7 @@ class JacobiEngine:
             if entry.compiled is None:
                 # The torch attention path reads only cache rows below this bound, the n-gram lookup only
                 # token columns below it (it must hold until the next sync). A compiled step has static shapes.
-                bound = longest + self.block_size * steps
-                state.cache.kv_len_bound = bound
+                state.cache.kv_len_bound = longest + self.block_size * steps
                 state.guesses.search_bound = known + self.block_size * steps
             for _ in range(steps):
                 self._step(entry)
