@@ -13,6 +13,7 @@ Rows (batch size 1, greedy, the same questions for every row; each model is run 
 Every engine row runs twice, eagerly ("compile": false) and with JacobiEngine(compile=True) ("compile": true).
 Compiled rows (HF's and ours) are warmed up on the longest prompt first, so that the timed loop
 reuses one graph; ``recompiles`` counts the graphs dynamo still compiled during the timed loop.
+The timed loop is interleaved: question by question, every method in turn (see ``run_methods``).
 
 Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
 model forward calls: counted with a forward hook for HF's methods, by the engine's own
@@ -100,62 +101,90 @@ def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def run_method(
-    name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, compile: bool
-):
-    """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls, recompiles)."""
-    from torch._dynamo.utils import counters
+class Method:
+    """One row's way of generating: ``__call__(input_ids)`` -> (new token ids, model forwards)."""
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    engine = None
-    if name == "engine_ar":
-        engine = JacobiEngine(model, block_size=1, compile=compile)
-    elif name == "engine_jacobi":
-        engine = JacobiEngine(model, block_size=block_size, compile=compile)
-    elif name == "engine_jacobi_ngram":
-        engine = JacobiEngine(model, block_size=block_size, init="ngram", compile=compile)
-    extra = {}
-    if name == "hf_prompt_lookup":
-        extra = {"prompt_lookup_num_tokens": 10}
-    elif name == "hf_static_compile":
-        from transformers import CompileConfig
+    def __init__(
+        self, name: str, model, tokenizer, max_new_tokens: int, block_size: int, compile: bool, counter: ForwardCounter
+    ):
+        self.name, self.model, self.counter = name, model, counter
+        self.max_new_tokens = max_new_tokens
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.engine = None
+        if name == "engine_ar":
+            self.engine = JacobiEngine(model, block_size=1, compile=compile)
+        elif name == "engine_jacobi":
+            self.engine = JacobiEngine(model, block_size=block_size, compile=compile)
+        elif name == "engine_jacobi_ngram":
+            self.engine = JacobiEngine(model, block_size=block_size, init="ngram", compile=compile)
+        self.extra = {}
+        if name == "hf_prompt_lookup":
+            self.extra = {"prompt_lookup_num_tokens": 10}
+        elif name == "hf_static_compile":
+            from transformers import CompileConfig
 
-        # HF compiles the decoding forward by itself on GPUs; this flag asks for it on CPU too.
-        # "reduce-overhead" (CUDA graphs) is HF's default and only means something on CUDA.
-        compile_config = CompileConfig(
-            dynamic=False, mode="reduce-overhead" if model.device.type == "cuda" else "default"
-        )
-        compile_config._compile_all_devices = True
-        extra = {"cache_implementation": "static", "compile_config": compile_config}
+            # HF compiles the decoding forward by itself on GPUs; this flag asks for it on CPU too.
+            # "reduce-overhead" (CUDA graphs) is HF's default and only means something on CUDA.
+            mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+            compile_config = CompileConfig(dynamic=False, mode=mode)
+            compile_config._compile_all_devices = True
+            self.extra = {"cache_implementation": "static", "compile_config": compile_config}
 
-    engine_forwards = []
-
-    def generate(input_ids):
-        if engine is not None:
+    def __call__(self, input_ids: torch.Tensor) -> tuple[list[int], int]:
+        if self.engine is not None:
             # The engine counts its forwards itself: a hook added after torch.compile traced the model
             # would not run inside the compiled step.
-            out = engine.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-            engine_forwards.append(out.stats.forward_passes)
-            return out.sequences
-        return model.generate(
-            input_ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **extra
+            out = self.engine.generate(
+                input_ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad
+            )
+            return out.sequences[0, input_ids.shape[1] :].tolist(), out.stats.forward_passes
+        before = self.counter.calls
+        sequences = self.model.generate(
+            input_ids,
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            **self.extra,
         )
+        return sequences[0, input_ids.shape[1] :].tolist(), self.counter.calls - before
 
-    # Warm-up (and compile); compiled rows on the longest prompt so that caches are sized once.
-    generate(
-        max(prompts, key=lambda ids: ids.shape[1]) if (compile or extra.get("cache_implementation")) else prompts[0]
-    )
-    graphs_before = counters["stats"]["unique_graphs"]
-    engine_forwards.clear()
-    counter = ForwardCounter(model)
-    outputs, start = [], time.perf_counter()
+
+def run_methods(plan, models, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int) -> dict:
+    """Every method of ``plan`` on every prompt, interleaved: question by question, each method in turn.
+
+    On a shared machine, load that comes and goes then falls on every method alike, so the rows of one
+    run compare fairly. Returns {(method, model, compile): (outputs, seconds, forwards, recompiles)}.
+    """
+    from torch._dynamo.utils import counters
+
+    hooks = {name: ForwardCounter(model) for name, model in models.items()}
+    methods = {
+        key: Method(key[0], models[key[1]], tokenizer, max_new_tokens, block_size, key[2], hooks[key[1]])
+        for key in plan
+    }
+    longest = max(prompts, key=lambda ids: ids.shape[1])
+    for key, method in methods.items():
+        # Warm-up (and compile); compiled rows on the longest prompt so that caches are sized once.
+        method(longest if (key[2] or method.extra.get("cache_implementation")) else prompts[0])
+    results = {key: ([], 0.0, 0, 0) for key in plan}
     for input_ids in prompts:
-        sequences = generate(input_ids)
-        outputs.append(sequences[0, input_ids.shape[1] :].tolist())
-    seconds = time.perf_counter() - start
-    counter.close()
-    calls = sum(engine_forwards) if engine is not None else counter.calls
-    return outputs, seconds, calls, counters["stats"]["unique_graphs"] - graphs_before
+        for key, method in methods.items():
+            graphs = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            tokens, forwards = method(input_ids)
+            seconds = time.perf_counter() - start
+            outputs, total, calls, recompiles = results[key]
+            outputs.append(tokens)
+            results[key] = (
+                outputs,
+                total + seconds,
+                calls + forwards,
+                recompiles + counters["stats"]["unique_graphs"] - graphs,
+            )
+    for hook in hooks.values():
+        hook.close()
+    return results
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -236,14 +265,9 @@ def main(argv=None) -> int:
     ]
     if args.no_compile:
         plan = [entry for entry in plan if not entry[2]]
-    results, greedy = {}, {}
-    for method, model_name, compiled in plan:
-        outputs, seconds, calls, recompiles = run_method(
-            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size, compiled
-        )
-        results[(method, model_name, compiled)] = (outputs, seconds, calls, recompiles)
-        if method == "hf_greedy":
-            greedy[model_name] = outputs
+    results = run_methods(plan, models, tokenizer, prompts, args.max_new_tokens, block_size)
+    greedy = {model_name: results[("hf_greedy", model_name, False)][0] for model_name in models}
+    for (method, model_name, compiled), (outputs, seconds, calls, _) in results.items():
         tokens = sum(len(o) for o in outputs)
         print(
             f"{method:<20} {model_name:<8} compile={compiled!s:<5} {tokens / seconds:8.1f} tok/s "
