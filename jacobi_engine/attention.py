@@ -119,7 +119,8 @@ def _block_attention(
     if check and not compiling:
         cache.attention_checked.add((layer, n))
     layout = None
-    if backend == "torch":
+    # (A compiled step on the CPU attends through ops' bounded op, which needs no layout.)
+    if backend == "torch" and not (compiling and cache.device.type == "cpu"):
         # The mask and the cache rows of the block are the same in every layer with these settings.
         layout_key = (n, cache.kv_len_bound, sliding_window, chunk_size)
         layout = cache.layouts.get(layout_key)
