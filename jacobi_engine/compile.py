@@ -17,6 +17,7 @@ decoded eagerly instead, with a warning that says why: ``compile=True`` never fa
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -66,6 +67,34 @@ def first_compiled_call(compiled: Callable[[StepState], None], state: StepState,
     finally:
         restore(saved)
     return compiled, time.perf_counter() - started, None
+
+
+def is_step_compile_error(error: Exception) -> bool:
+    """Whether a compiled step raised because it would have to compile again (``set_stance(
+    "fail_on_recompile")`` raises a plain RuntimeError naming the stance) or could not: nothing of
+    the step has run then, so the eager step can take over."""
+    if isinstance(error, (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)):
+        return True
+    return isinstance(error, RuntimeError) and "fail_on_recompile" in str(error)
+
+
+def compiled_steps(active: bool):
+    """Context for running compiled steps after their first call: a step whose guards fail raises
+    (see :func:`is_step_compile_error`) instead of compiling again, so a step-cache entry never holds more
+    than its one graph; the engine then decodes that entry eagerly."""
+    return torch.compiler.set_stance("fail_on_recompile") if active else contextlib.nullcontext()
+
+
+def abandon_compiled(error: Exception, model) -> str:
+    """Warns that a compiled step is given up for eager decoding; returns the reason."""
+    reason = _describe(error)
+    warnings.warn(
+        f"JacobiEngine(compile=True): the compiled step of {type(model).__name__} would recompile, decoding "
+        f"eagerly instead (something the graph depends on changes between steps or calls). Reason: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return reason
 
 
 def _describe(error: Exception) -> str:

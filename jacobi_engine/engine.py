@@ -25,7 +25,13 @@ import torch
 from jacobi_engine import ops
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
-from jacobi_engine.compile import compile_step, first_compiled_call
+from jacobi_engine.compile import (
+    abandon_compiled,
+    compile_step,
+    compiled_steps,
+    first_compiled_call,
+    is_step_compile_error,
+)
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
 from jacobi_engine.hf_compat import inspect_model, length_dependent_rope, model_device
 from jacobi_engine.processors import GenerationSettings, LogitsProcessing, resolve_generation
@@ -362,9 +368,17 @@ class JacobiEngine:
 
     def _step(self, entry: _StepCacheEntry) -> None:
         if entry.compiled is not None:
-            entry.compiled(entry.state)
-        else:
-            decode_step(self._block_forward, entry.config, entry.state)
+            try:
+                # A step that would recompile raises instead (see _compiled_steps): a graph that needs a
+                # new compile at every step (for example a forward hook that counts calls in a Python
+                # attribute, which dynamo bakes in and guards on) is worse than eager.
+                entry.compiled(entry.state)
+                return
+            except Exception as error:
+                if not is_step_compile_error(error):  # raised while compiling, before the step ran
+                    raise
+                entry.compiled, entry.compile_failed = None, abandon_compiled(error, self.model)
+        decode_step(self._block_forward, entry.config, entry.state)
 
     def _compile(self, entry: _StepCacheEntry) -> float:
         """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
@@ -391,9 +405,14 @@ class JacobiEngine:
         finished, longest, known = torch.stack(
             [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
         ).tolist()
-        taken = 0
         if entry.compiled is not None:
             self._unbound(state)  # the prefill set a bound; the compiled step was traced without one
+        with compiled_steps(entry.compiled is not None):
+            self._steps_until_done(entry, max_steps, streamer, streamed, finished, longest, known, sync_every)
+
+    def _steps_until_done(self, entry, max_steps, streamer, streamed, finished, longest, known, sync_every) -> None:
+        state = entry.state
+        taken = 0
         while not finished:
             if taken >= max_steps:  # pragma: no cover
                 raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
@@ -428,7 +447,7 @@ class JacobiEngine:
         self._unbound(state)  # the graph must not depend on a host-side bound
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), compiled_steps(entry.compiled is not None):
             for _ in range(2):
                 self._step(entry)
         torch.cuda.current_stream().wait_stream(side)

@@ -134,50 +134,11 @@ def jacobi_attention(
         return triton_attention.jacobi_attention(
             q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, **features
         )
-    if q.device.type == "cpu" and torch.compiler.is_compiling():
-        # A compiled step has static shapes, so traced attention would read the whole capacity
-        # bucket; on the CPU reading the true longest row costs no device sync, and this opaque op
-        # does it, keeping attention proportional to the tokens actually cached.
-        result = torch.ops.jacobi_engine.bounded_cpu_attention(
-            q,
-            k_cache,
-            v_cache,
-            k_new,
-            v_new,
-            cache_seqlens,
-            float(softmax_scale),
-            sliding_window,
-            softcap,
-            sinks,
-            chunk_size,
-        )
-        if out is None:
-            return result
-        out.copy_(result)
-        return out
-    return reference.jacobi_attention(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, kv_len=kv_len, layout=layout, **features
-    )
-
-
-@torch.library.custom_op("jacobi_engine::bounded_cpu_attention", mutates_args=("k_cache", "v_cache"))
-def _bounded_cpu_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    softmax_scale: float,
-    sliding_window: int | None,
-    softcap: float | None,
-    sinks: torch.Tensor | None,
-    chunk_size: int | None,
-) -> torch.Tensor:
-    """The torch attention path reading only cache rows below ``max(cache_seqlens) + n`` (read here,
-    on the host: CPU tensors only). Same semantics as :func:`jacobi_engine.reference.jacobi_attention`;
-    returns a new contiguous [B, n, Hq, D_v] tensor."""
-    kv_len = int(cache_seqlens.max()) + q.shape[1]
+    # A compiled step has static shapes, so traced attention would read the whole capacity bucket;
+    # on the CPU the true longest row costs no device sync to read, and the reference reads it
+    # inside an opaque op (reference.bounded_sdpa) so that attention stays proportional to the
+    # tokens actually cached.
+    bound_rows = q.device.type == "cpu" and torch.compiler.is_compiling()
     return reference.jacobi_attention(
         q,
         k_cache,
@@ -186,19 +147,11 @@ def _bounded_cpu_attention(
         v_new,
         cache_seqlens,
         softmax_scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
         kv_len=kv_len,
-        sinks=sinks,
-        chunk_size=chunk_size,
-    ).contiguous()
-
-
-@_bounded_cpu_attention.register_fake
-def _bounded_cpu_attention_fake(
-    q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, sliding_window, softcap, sinks, chunk_size
-):
-    return q.new_empty((*q.shape[:3], v_cache.shape[3]))
+        layout=layout,
+        bound_rows=bound_rows,
+        **features,
+    )
 
 
 def verify_and_commit(

@@ -67,6 +67,7 @@ def jacobi_attention(
     sinks: torch.Tensor | None = None,
     chunk_size: int | None = None,
     layout: BlockLayout | None = None,
+    bound_rows: bool = False,
 ) -> torch.Tensor:
     """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
 
@@ -88,6 +89,9 @@ def jacobi_attention(
 
     ``layout`` is :func:`block_layout` of these arguments when the caller has it already (it is
     the same for every layer of a forward); it then decides the mask and ``kv_len``.
+    ``bound_rows`` (CPU only) reads ``cache_seqlens.max()`` on the host and attends to the rows
+    below it plus the block only, inside :func:`bounded_sdpa` (used under ``torch.compile``, where
+    ``kv_len`` cannot follow the data).
     """
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
@@ -108,7 +112,11 @@ def jacobi_attention(
     keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D_k] views, no copies
     values = v_cache[:, :kv_len].transpose(1, 2)
     has_softcap = softcap is not None and softcap > 0
-    if not has_softcap and sinks is None:
+    if not has_softcap and sinks is None and bound_rows:
+        result = torch.ops.jacobi_engine.bounded_sdpa(
+            q.transpose(1, 2), keys, values, visible, cache_seqlens, softmax_scale
+        ).transpose(1, 2)
+    elif not has_softcap and sinks is None:
         result = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             keys.to(q.dtype),
@@ -140,6 +148,39 @@ def jacobi_attention(
         return result
     out.copy_(result)
     return out
+
+
+@torch.library.custom_op("jacobi_engine::bounded_sdpa", mutates_args=())
+def bounded_sdpa(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """SDPA of ``query`` [B, Hq, n, D_k] over the first ``max(cache_seqlens) + n`` rows of ``keys``
+    [B, Hkv, S, D_k] / ``values`` [B, Hkv, S, D_v] under the mask ``visible`` [B, 1, n, S] (rows past
+    a sequence's own length are masked anyway): the same result as attending to all S rows.
+
+    The bound is read on the host, so this is for CPU tensors (where that costs no device sync);
+    as a custom op it stays opaque to ``torch.compile``, whose graph keeps static shapes around it.
+    Returns a new contiguous [B, Hq, n, D_v] tensor in ``query``'s dtype.
+    """
+    rows = min(int(cache_seqlens.max()) + query.shape[2], keys.shape[2])
+    return F.scaled_dot_product_attention(
+        query,
+        keys[:, :, :rows].to(query.dtype),
+        values[:, :, :rows].to(query.dtype),
+        attn_mask=visible[..., :rows],
+        scale=softmax_scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    ).contiguous()
+
+
+@bounded_sdpa.register_fake
+def _bounded_sdpa_fake(query, keys, values, visible, cache_seqlens, softmax_scale):
+    return query.new_empty((*query.shape[:3], values.shape[3]))
 
 
 def verify_and_commit(

@@ -131,6 +131,30 @@ def test_model_that_cannot_compile_falls_back_to_eager_with_a_warning():
     assert again.stats.compile_seconds == 0
 
 
+def test_step_that_would_recompile_at_every_step_goes_eager_with_a_warning():
+    """A forward hook that counts calls in a Python attribute is traced into the graph, which then
+    guards on the count: every step would recompile. The engine must notice, warn and go eager."""
+    model = tiny_model("llama")
+    input_ids, mask = _prompts(model.config.vocab_size, seed=4, batch=1, width=10, ragged=False)
+    expected = hf_greedy(model, input_ids, mask, MAX_NEW, 2, 0)
+
+    class Counter:
+        calls = 0
+
+        def hook(self, module, args, output):
+            self.calls += 1
+
+    counter = Counter()
+    model.register_forward_hook(counter.hook)
+    engine = JacobiEngine(model, block_size=4, compile=True)
+    with pytest.warns(RuntimeWarning, match=r"would recompile, decoding eagerly"):
+        out = engine.generate(input_ids, max_new_tokens=MAX_NEW, eos_token_id=2, pad_token_id=0)
+    entry = next(iter(engine._step_cache.values()))
+    assert entry.compiled is None and entry.compile_failed
+    assert assert_matches_greedy(model, out.sequences, expected, input_ids, mask, 0) == 0
+    assert counter.calls >= out.stats.forward_passes  # the eager steps ran the hook
+
+
 def test_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="compile must be a bool"):
         JacobiEngine(tiny_model("llama"), compile="yes")

@@ -104,10 +104,8 @@ def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
 class Method:
     """One row's way of generating: ``__call__(input_ids)`` -> (new token ids, model forwards)."""
 
-    def __init__(
-        self, name: str, model, tokenizer, max_new_tokens: int, block_size: int, compile: bool, counter: ForwardCounter
-    ):
-        self.name, self.model, self.counter = name, model, counter
+    def __init__(self, name: str, model, tokenizer, max_new_tokens: int, block_size: int, compile: bool):
+        self.name, self.model = name, model
         self.max_new_tokens = max_new_tokens
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.engine = None
@@ -138,16 +136,21 @@ class Method:
                 input_ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad
             )
             return out.sequences[0, input_ids.shape[1] :].tolist(), out.stats.forward_passes
-        before = self.counter.calls
-        sequences = self.model.generate(
-            input_ids,
-            do_sample=False,
-            max_new_tokens=self.max_new_tokens,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            **self.extra,
-        )
-        return sequences[0, input_ids.shape[1] :].tolist(), self.counter.calls - before
+        # The hook is attached only around HF's own calls: present while a step is compiled, it would be
+        # traced into the graph, whose guard on its Python counter then fails at every step.
+        counter = ForwardCounter(self.model)
+        try:
+            sequences = self.model.generate(
+                input_ids,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                **self.extra,
+            )
+        finally:
+            counter.close()
+        return sequences[0, input_ids.shape[1] :].tolist(), counter.calls
 
 
 def run_methods(plan, models, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int) -> dict:
@@ -158,11 +161,7 @@ def run_methods(plan, models, tokenizer, prompts: list[torch.Tensor], max_new_to
     """
     from torch._dynamo.utils import counters
 
-    hooks = {name: ForwardCounter(model) for name, model in models.items()}
-    methods = {
-        key: Method(key[0], models[key[1]], tokenizer, max_new_tokens, block_size, key[2], hooks[key[1]])
-        for key in plan
-    }
+    methods = {key: Method(key[0], models[key[1]], tokenizer, max_new_tokens, block_size, key[2]) for key in plan}
     longest = max(prompts, key=lambda ids: ids.shape[1])
     for key, method in methods.items():
         # Warm-up (and compile); compiled rows on the longest prompt so that caches are sized once.
@@ -182,8 +181,6 @@ def run_methods(plan, models, tokenizer, prompts: list[torch.Tensor], max_new_to
                 calls + forwards,
                 recompiles + counters["stats"]["unique_graphs"] - graphs,
             )
-    for hook in hooks.values():
-        hook.close()
     return results
 
 
