@@ -17,7 +17,7 @@ import threading
 import torch
 from transformers import AttentionInterface
 
-from jacobi_engine import ops
+from jacobi_engine import ops, reference
 from jacobi_engine.cache import JacobiCache
 
 ATTN_IMPLEMENTATION = "jacobi_engine"
@@ -113,6 +113,31 @@ def _block_attention(
     if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
         query = _retune_query_temperature(module, query, cache)
     k_cache, v_cache = cache.buffers(layer, key, value)
+    n = query.shape[2]
+    # Arguments are checked once per (layer, block length) and call, not in every forward; a compiled
+    # step checks them while it is traced (and must not read the host-side set, which would be guarded).
+    compiling = torch.compiler.is_compiling()
+    check = compiling or (layer, n) not in cache.attention_checked
+    if check and not compiling:
+        cache.attention_checked.add((layer, n))
+    layout = None
+    # (A compiled step on the CPU attends through ops' bounded op, which needs no layout.)
+    if backend == "torch" and not (compiling and cache.device.type == "cpu"):
+        # The mask and the cache rows of the block are the same in every layer with these settings.
+        layout_key = (n, cache.kv_len_bound, sliding_window, chunk_size)
+        layout = cache.layouts.get(layout_key)
+        if layout is None:
+            layout = reference.block_layout(
+                cache.cache_seqlens,
+                n,
+                k_cache.shape[1],
+                cache.kv_len_bound,
+                sliding_window,
+                chunk_size,
+                cache.tree_mask,
+                cache.tree_depth,
+            )
+            cache.layouts[layout_key] = layout
     out = ops.jacobi_attention(
         query.transpose(1, 2),
         k_cache,
@@ -129,6 +154,8 @@ def _block_attention(
         chunk_size=chunk_size,
         tree_mask=cache.tree_mask,
         tree_depth=cache.tree_depth,
+        layout=layout,
+        check=check,
     )
     cache.current_layer = None
     cache.block_keys[layer], cache.block_values[layer] = key, value
@@ -154,7 +181,8 @@ def jacobi_attention_enabled(model: torch.nn.Module, cache: JacobiCache, backend
     configs = _model_configs(model)
     saved = [config._attn_implementation_internal for config in configs]
     previous_state = getattr(_active, "state", None)
-    _active.state = (cache, backend)
+    # Resolved once here rather than in every layer's call.
+    _active.state = (cache, ops.resolve_attention_backend(backend, cache.device))
     try:
         for config in configs:
             config._attn_implementation_internal = ATTN_IMPLEMENTATION

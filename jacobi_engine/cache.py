@@ -56,6 +56,10 @@ class JacobiCache(Cache):
         # tensors and no update() of its own; identity tells the dispatch whose buffers they are.
         self.block_keys: dict[int, torch.Tensor] = {}
         self.block_values: dict[int, torch.Tensor] = {}
+        # (layer, block length) pairs whose attention arguments were checked in this call, and the
+        # block layout (mask, rows) of the running forward, shared by its layers.
+        self.attention_checked: set[tuple[int, int]] = set()
+        self.layouts: dict[tuple, object] = {}
 
     # -- our interface ---------------------------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +73,19 @@ class JacobiCache(Cache):
         """Forget all sequences (buffers are kept and simply overwritten later)."""
         self.cache_seqlens.zero_()
         self.kv_len_bound = None
+        self.attention_checked.clear()
+        self.end_forward()
+
+    def end_forward(self) -> None:
+        """Drops what one forward left behind (the block K/V of each layer, the step layout).
+
+        Under ``torch.compile`` anything left on this object is a side effect the graph must
+        return, and the next step would see (and guard on) it; cleared, every step starts alike.
+        """
         self.block_keys.clear()
         self.block_values.clear()
+        self.layouts.clear()
+        self.current_layer = None
 
     def key_value_buffers(self) -> list[torch.Tensor]:
         """Every allocated [B, S, Hkv, D] key and value buffer, once each."""

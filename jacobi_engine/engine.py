@@ -5,7 +5,9 @@ The step itself (model forward over the n-token block, processors, ``ops.verify_
 guesses, statistics) is :func:`jacobi_engine.step.decode_step`, a function of device state only.
 The engine keeps that state per (batch, capacity bucket, block size, mode, processors) key and
 reuses it across calls, so on CUDA each key's step is captured in a graph once and replayed by
-every later ``generate`` with the same key (gpt-fast's pattern).
+every later ``generate`` with the same key (gpt-fast's pattern); with ``compile=True`` each key's
+step is compiled once (:mod:`jacobi_engine.compile`), and on CUDA that compiled step is what the
+graph captures.
 
 The fixed point of the iteration is exactly greedy autoregressive decoding, with the
 generation_config processors HF applies (:mod:`jacobi_engine.processors`). With ``do_sample=True``
@@ -24,6 +26,13 @@ import torch
 from jacobi_engine import ops, sampling
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.cache import JacobiCache
+from jacobi_engine.compile import (
+    abandon_compiled,
+    compile_step,
+    compiled_steps,
+    first_compiled_call,
+    is_step_compile_error,
+)
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
 from jacobi_engine.hf_compat import has_windowed_attention, inspect_model, length_dependent_rope, model_device
 from jacobi_engine.pool import CandidatePool, ngrams_of, tree_layout
@@ -45,9 +54,13 @@ class JacobiStats:
     pairs that newly verified ``k`` tokens (kept in the output), in both modes, so
     ``sum(k * count) + batch == tokens_generated``. ``stationary_tokens`` counts tokens that were
     already correct while an earlier slot was still wrong and kept their value until verified
-    (CLLM's term). ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once
-    per step-cache key), kept out of ``decode_seconds``. ``candidate_wins`` counts the (sequence,
-    decode forward) pairs where a pooled candidate branch verified more tokens than the block.
+    (CLLM's term); it needs the per-step logs, so it is None unless ``record_trajectory=True``.
+    ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once per step-cache
+    key), ``compile_seconds`` the ``torch.compile`` of the step with ``compile=True``
+    (done once per step-cache key, 0 when the entry was already compiled); both are kept out of
+    ``decode_seconds`` (and so out of ``tokens_per_second``).
+    ``candidate_wins`` counts the (sequence, decode forward) pairs where a pooled candidate branch
+    verified more tokens than the block.
     """
 
     block_size: int
@@ -56,11 +69,12 @@ class JacobiStats:
     tokens_generated: int = 0
     tokens_per_forward: float = 0.0
     accepted_histogram: list[int] = field(default_factory=list)
-    stationary_tokens: int = 0
+    stationary_tokens: int | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     capture_seconds: float = 0.0
     candidate_wins: int = 0
+    compile_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -107,6 +121,8 @@ class _StepCacheEntry:
     state: StepState
     config: StepConfig
     graph: object | None = None  # torch.cuda.CUDAGraph once captured
+    compiled: object | None = None  # the torch.compile'd step (compile=True), once compiled
+    compile_failed: str | None = None  # why the step could not be compiled (then it runs eagerly)
 
 
 class JacobiEngine:
@@ -138,6 +154,9 @@ class JacobiEngine:
         sampling_rule: how sampled Jacobi drafts are verified when ``do_sample=True``: ``"sjd"``
             (min(1, p/q) against the distribution the draft was drawn from) or ``"one_hot"`` (accept
             with p(draft), the rule for deterministic drafts). Both are exact; ``"sjd"`` accepts more.
+        compile: compile the whole decode step with ``torch.compile(fullgraph=True)`` once per
+            step-cache key (:mod:`jacobi_engine.compile`); with ``cuda_graph`` the compiled step is
+            what gets captured. A model that cannot be compiled is decoded eagerly, with a warning.
     """
 
     def __init__(
@@ -157,6 +176,7 @@ class JacobiEngine:
         pool_buckets: int = 4096,
         pool_slots: int = 8,
         sampling_rule: str = "sjd",
+        compile: bool = False,
     ):
         self.info = inspect_model(model)
         _check_int("block_size", block_size, minimum=1)
@@ -202,6 +222,9 @@ class JacobiEngine:
         if sampling_rule not in sampling.SAMPLING_RULES:
             raise ValueError(f"sampling_rule must be one of {sampling.SAMPLING_RULES}, got {sampling_rule!r}")
         self.sampling_rule = sampling_rule
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        self.compile = compile
         self.cuda_graph = cuda_graph
         self.sync_every = sync_every if sync_every is not None else (8 if cuda_graph else 1)
         self.model = model
@@ -321,6 +344,7 @@ class JacobiEngine:
         else:
             logits_to_keep = None
         output = self.model(input_ids=input_ids, **kwargs)
+        cache.end_forward()
         return output.logits, logits_to_keep is not None
 
     def _block_forward(self, cache: JacobiCache, block, positions) -> torch.Tensor:
@@ -433,33 +457,71 @@ class JacobiEngine:
             pool.insert(keys, ngrams, key_columns >= state.pad_lengths[:, None])
 
     def _step(self, entry: _StepCacheEntry) -> None:
+        if entry.compiled is not None:
+            try:
+                # A step that would recompile raises instead (see _compiled_steps): a graph that needs a
+                # new compile at every step (for example a forward hook that counts calls in a Python
+                # attribute, which dynamo bakes in and guards on) is worse than eager.
+                entry.compiled(entry.state)
+                return
+            except Exception as error:
+                if not is_step_compile_error(error):  # raised while compiling, before the step ran
+                    raise
+                entry.compiled, entry.compile_failed = None, abandon_compiled(error, self.model)
         decode_step(self._block_forward, entry.config, entry.state)
+
+    def _compile(self, entry: _StepCacheEntry) -> float:
+        """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
+        if entry.compiled is not None or entry.compile_failed is not None:
+            return 0.0
+        # Static shapes only: the host-side bounds would be baked into the graph (and recompile it).
+        self._unbound(entry.state)
+        compiled = compile_step(self._block_forward, entry.config, tag=f"{id(entry):x}")
+        entry.compiled, seconds, entry.compile_failed = first_compiled_call(
+            compiled, entry.state, _snapshot, _restore, self.model
+        )
+        return seconds
+
+    @staticmethod
+    def _unbound(state: StepState) -> None:
+        state.cache.kv_len_bound = None
+        state.guesses.search_bound = None
 
     # -- generation ----------------------------------------------------------------------------
     def _run_eager(self, entry: _StepCacheEntry, max_steps: int, streamer, streamed: int, width: int) -> None:
         """Steps until every sequence is done, syncing with the host once per ``sync_every`` steps."""
         state = entry.state
         sync_every = 1 if streamer is not None else self.sync_every
-        finished, longest = torch.stack(
-            [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long()]
+        finished, longest, known = torch.stack(
+            [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
         ).tolist()
+        if entry.compiled is not None:
+            self._unbound(state)  # the prefill set a bound; the compiled step was traced without one
+        with compiled_steps(entry.compiled is not None):
+            self._steps_until_done(entry, max_steps, streamer, streamed, finished, longest, known, sync_every)
+
+    def _steps_until_done(self, entry, max_steps, streamer, streamed, finished, longest, known, sync_every) -> None:
+        state = entry.state
         taken = 0
         while not finished:
             if taken >= max_steps:  # pragma: no cover
                 raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
             steps = min(sync_every, max_steps - taken)
-            # The torch attention path reads only rows below this bound (it must hold until the next
-            # sync): each step commits at most one verified row and appends the whole token tree.
-            advance = max(self.block_size, self.candidate_len + 1) if self.candidates else self.block_size
-            tree_tokens = self.block_size + self.candidates * self.candidate_len
-            state.cache.kv_len_bound = longest + advance * (steps - 1) + tree_tokens
+            if entry.compiled is None:
+                # The torch attention path reads only cache rows below this bound, the n-gram lookup only
+                # token columns below it (it must hold until the next sync): each step commits at most one
+                # verified row and appends the whole token tree. A compiled step has static shapes.
+                advance = max(self.block_size, self.candidate_len + 1) if self.candidates else self.block_size
+                tree_tokens = self.block_size + self.candidates * self.candidate_len
+                state.cache.kv_len_bound = longest + advance * (steps - 1) + tree_tokens
+                state.guesses.search_bound = known + advance * steps
             for _ in range(steps):
                 self._step(entry)
             taken += steps
             finished, longest, known = torch.stack(
-                [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths[0].long()]
+                [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
             ).tolist()
-            if streamer is not None and known > streamed:
+            if streamer is not None and known > streamed:  # batch 1: lengths.max() is row 0's
                 streamer.put(state.tokens[0, streamed:known].cpu())
                 streamed = known
 
@@ -475,10 +537,10 @@ class JacobiEngine:
         state = entry.state
         started = time.perf_counter()
         snapshot = _snapshot(state)
-        state.cache.kv_len_bound = None  # the graph must not depend on a host-side bound
+        self._unbound(state)  # the graph must not depend on a host-side bound
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), compiled_steps(entry.compiled is not None):
             for _ in range(2):
                 self._step(entry)
         torch.cuda.current_stream().wait_stream(side)
@@ -609,7 +671,9 @@ class JacobiEngine:
         pad_id = settings.pad_token_id
         needed = max(longest, width) + max_new_tokens
         capacity = self.max_seq_len if self.max_seq_len is not None else _capacity_bucket(needed)
-        logging = return_stats or record_trajectory
+        # Per-step logs (blocks, lengths, accepted counts) only when trajectories are asked for; the
+        # counters of the stats (steps, histogram) are kept on the device by every step anyway.
+        logging = record_trajectory
         eos_slots = max(4, len(settings.eos_ids))
         entry = self._entry(batch, capacity, eos_slots, settings, logging, device)
         state = entry.state
@@ -668,13 +732,15 @@ class JacobiEngine:
             if streamer is not None:
                 streamer.put(first.cpu())
             max_steps = max_new_tokens + n
-            capture_seconds = 0.0
+            capture_seconds = compile_seconds = 0.0
+            if self.compile:
+                compile_seconds = self._compile(entry)
             if self.cuda_graph:
                 capture_seconds = self._capture(entry)
                 capture_done = time.perf_counter()
                 self._run_graph(entry, max_steps, streamer, width + 1)
             else:
-                capture_done = prefill_done
+                capture_done = time.perf_counter()
                 self._run_eager(entry, max_steps, streamer, width + 1, width)
             sync()
             decode_done = time.perf_counter()
@@ -705,10 +771,12 @@ class JacobiEngine:
             stats.tokens_generated = sum(generated)
             stats.tokens_per_forward = stats.tokens_generated / (batch + sum(histogram))
             stats.accepted_histogram = histogram
-            stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
+            if trajectories is not None:
+                stats.stationary_tokens = sum(count_stationary(t) for t in trajectories)
             stats.prefill_seconds = prefill_done - started
             stats.capture_seconds = capture_seconds
             stats.candidate_wins = int(state.candidate_wins)
+            stats.compile_seconds = compile_seconds
             stats.decode_seconds = decode_done - capture_done
         return JacobiOutput(result, stats, trajectories if record_trajectory else None)
 
@@ -760,6 +828,7 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
         "pool_buckets",
         "pool_slots",
         "sampling_rule",
+        "compile",
     )
     engine_kwargs = {key: kwargs.pop(key) for key in engine_keys if key in kwargs}
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **kwargs)

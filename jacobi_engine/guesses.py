@@ -26,6 +26,10 @@ class GuessStrategy:
     """
 
     name = "custom"
+    # Host-side bound on the token columns any row knows until the engine's next sync (one past the
+    # longest row), set by the eager loop so that lookups read only those columns. None: read the
+    # whole buffer (a compiled or captured step has static shapes).
+    search_bound: int | None = None
 
     def start(
         self,
@@ -121,33 +125,50 @@ class NgramGuess(RandomPromptGuess):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
+    def start(self, tokens, prompt_starts, prompt_ends, block_size, generator) -> None:
+        super().start(tokens, prompt_starts, prompt_ends, block_size, generator)
+        device = tokens.device
+        self.columns = self._keep("columns", torch.arange(tokens.shape[1], device=device))
+        self.back = self._keep("back", torch.arange(self.max_ngram, device=device))
+        self.slots = self._keep("slots", torch.arange(1, max(block_size, 2), device=device))
+
     def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The latest earlier occurrence of the longest suffix (``max_ngram`` .. ``min_ngram`` tokens).
+
+        One comparison of the known columns per suffix token, shared by every n-gram length: an
+        occurrence of the last ``k`` tokens ending at column ``e`` is ``eq[i][e - i]`` for ``i < k``,
+        where ``eq[i]`` marks the columns equal to the ``i``-th last known token.
+        """
         n = self.block_size
         if n < 2:
             return torch.zeros_like(block[:, 1:], dtype=torch.bool)
         tokens = self.tokens
-        batch, width = tokens.shape
+        width = tokens.shape[1]
+        bound = width if self.search_bound is None else max(1, min(width, int(self.search_bound)))
+        known = tokens[:, :bound]
         end = lengths.to(torch.long)  # one past the last known token
         begin = self.prompt_starts
-        positions = torch.arange(width, device=tokens.device)
-        best_start = torch.full((batch,), -1, dtype=torch.long, device=tokens.device)
-        for k in range(self.max_ngram, self.min_ngram - 1, -1):
-            if width <= k:
+        # last[:, i]: the i-th last known token of each row.
+        last = tokens.gather(1, (end[:, None] - 1 - self.back).clamp(min=0))
+        best_start = torch.full_like(end, -1)
+        match = None  # match[:, j]: the last k tokens occur ending at column j + k - 1
+        found_by_length = []
+        for k in range(1, self.max_ngram + 1):
+            if k > bound:
+                break
+            equal = known[:, : bound - k + 1] == last[:, k - 1 : k]
+            match = equal if match is None else match[:, 1:] & equal
+            if k < self.min_ngram:
                 continue
-            suffix_cols = (end[:, None] - k + torch.arange(k, device=tokens.device)).clamp(min=0)
-            suffix = tokens.gather(1, suffix_cols)  # [B, k]
-            windows = tokens.unfold(1, k, 1)  # [B, width-k+1, k]
-            starts = positions[: width - k + 1]
+            starts = self.columns[: bound - k + 1]
             # An earlier occurrence: inside the known tokens and ending before the suffix itself.
-            valid = (starts[None, :] >= begin[:, None]) & (starts[None, :] + k < end[:, None])
-            valid &= (end - k >= begin)[:, None]
-            hits = (windows == suffix[:, None, :]).all(dim=-1) & valid
-            latest = torch.where(hits, starts[None, :], -1).amax(dim=1)
-            found = (latest >= 0) & (best_start < 0)
-            best_start = torch.where(found, latest + k, best_start)  # first continuation token
+            valid = (starts[None, :] >= begin[:, None]) & (starts[None, :] < (end - k)[:, None])
+            latest = torch.where(match & valid, starts[None, :], -1).amax(dim=1)
+            found_by_length.append((k, latest))
+        for k, latest in reversed(found_by_length):  # the longest n-gram that occurred wins
+            best_start = torch.where((latest >= 0) & (best_start < 0), latest + k, best_start)
         use = (best_start >= 0) & rows
-        slots = torch.arange(1, n, device=tokens.device)
-        source = best_start[:, None] + slots[None, :] - 1  # [B, n-1]
+        source = best_start[:, None] + self.slots[None, : n - 1] - 1  # [B, n-1], first continuation token first
         in_range = use[:, None] & (source < end[:, None])
         proposal = tokens.gather(1, source.clamp(min=0, max=width - 1))
         block[:, 1:] = torch.where(in_range, proposal, block[:, 1:])

@@ -119,6 +119,8 @@ def jacobi_attention(
     chunk_size: int | None = None,
     tree_mask: torch.Tensor | None = None,
     tree_depth: torch.Tensor | None = None,
+    layout: reference.BlockLayout | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Attention of an n-token block over each sequence's cached prefix, appending the block's K/V.
 
@@ -137,9 +139,15 @@ def jacobi_attention(
     ``tree_mask`` bool [n, n] and ``tree_depth`` int32 [n] (both or neither) lay the block out as a
     token tree, the Jacobi block followed by candidate branches: token ``i`` sees the prefix and the
     block tokens ``j`` with ``tree_mask[i, j]``, at position ``cache_seqlens[b] + tree_depth[i]``.
+
+    For callers that run the same block through many layers (the engine): ``layout`` is
+    :func:`jacobi_engine.reference.block_layout` of the block, computed once per forward and used
+    by the torch path (Triton derives its mask in the kernel), and ``check=False`` skips the
+    argument checks for shapes the caller has checked once already.
     """
-    _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks, chunk_size)
-    _check_tree(q, tree_mask, tree_depth)
+    if check:
+        _check_attention_args(q, k_cache, v_cache, k_new, v_new, cache_seqlens, sinks, chunk_size)
+        _check_tree(q, tree_mask, tree_depth)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     features = dict(
@@ -151,15 +159,30 @@ def jacobi_attention(
         tree_mask=tree_mask,
         tree_depth=tree_depth,
     )
-    resolved = resolve_attention_backend(backend, q.device)
+    resolved = backend if backend in ("triton", "torch") else resolve_attention_backend(backend, q.device)
     if resolved == "triton":
         from jacobi_engine import triton_attention
 
         return triton_attention.jacobi_attention(
             q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, **features
         )
+    # A compiled step has static shapes, so traced attention would read the whole capacity bucket;
+    # on the CPU the true longest row costs no device sync to read, and the reference reads it
+    # inside an opaque op (reference.bounded_sdpa) so that attention stays proportional to the
+    # tokens actually cached.
+    bound_rows = q.device.type == "cpu" and torch.compiler.is_compiling()
     return reference.jacobi_attention(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, kv_len=kv_len, **features
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        cache_seqlens,
+        softmax_scale,
+        kv_len=kv_len,
+        layout=layout,
+        bound_rows=bound_rows,
+        **features,
     )
 
 

@@ -9,9 +9,61 @@ the kernel tests compare against.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class BlockLayout:
+    """Where a block sits and what each of its queries sees; the same for every layer of a forward.
+
+    ``flat_rows`` int64 [B*n]: cache row of each block token in the flattened (batch, row) axis;
+    ``visible`` bool [B, 1, n, kv_len]: key row ``j`` is visible to query ``i`` of sequence ``b``.
+    """
+
+    flat_rows: torch.Tensor
+    visible: torch.Tensor
+    kv_len: int
+
+
+def block_layout(
+    cache_seqlens: torch.Tensor,
+    n: int,
+    capacity: int,
+    kv_len: int | None = None,
+    sliding_window: int | None = None,
+    chunk_size: int | None = None,
+    tree_mask: torch.Tensor | None = None,
+    tree_depth: torch.Tensor | None = None,
+) -> BlockLayout:
+    """The :class:`BlockLayout` of an ``n``-token block at ``cache_seqlens`` int32 [B] in a cache of
+    ``capacity`` rows (see :func:`jacobi_attention` for the mask, the token tree and ``kv_len``)."""
+    device = cache_seqlens.device
+    batch = cache_seqlens.shape[0]
+    rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=device)  # [B, n]
+    flat_rows = (torch.arange(batch, device=device)[:, None] * capacity + rows).reshape(-1)
+    kv_len = capacity if kv_len is None else min(int(kv_len), capacity)
+    key_rows = torch.arange(kv_len, device=device)
+    if tree_mask is None:
+        key_pos = key_rows[None, None, :]  # a cache row's position is its index
+        query_pos = rows[:, :, None]
+        visible = key_pos <= query_pos  # [B, n, kv_len]
+    else:
+        starts = cache_seqlens.to(torch.long)[:, None, None]
+        depth = tree_depth.to(torch.long)
+        in_block = key_rows[None, None, :] - starts  # [B, 1, kv_len]: index of the key in the block
+        inside = (in_block >= 0) & (in_block < n)
+        block_index = in_block.clamp(0, n - 1)
+        visible = (in_block < 0) | (inside & tree_mask[torch.arange(n, device=device)[None, :, None], block_index])
+        key_pos = torch.where(inside, starts + depth[block_index], key_rows[None, None, :])
+        query_pos = starts + depth[None, :, None]
+    if sliding_window is not None and sliding_window > 0:
+        visible = visible & (key_pos > query_pos - sliding_window)
+    if chunk_size is not None:
+        visible = visible & (key_pos // chunk_size == query_pos // chunk_size)
+    return BlockLayout(flat_rows, visible[:, None], kv_len)
 
 
 def jacobi_attention(
@@ -30,6 +82,8 @@ def jacobi_attention(
     chunk_size: int | None = None,
     tree_mask: torch.Tensor | None = None,
     tree_depth: torch.Tensor | None = None,
+    layout: BlockLayout | None = None,
+    bound_rows: bool = False,
 ) -> torch.Tensor:
     """Block attention over a per-sequence prefix cache, with the block's K/V appended in place.
 
@@ -54,6 +108,12 @@ def jacobi_attention(
     ``kv_len`` is an optional host-side upper bound on ``cache_seqlens.max() + n``; it only
     limits how many cache rows are read. Rows past ``cache_seqlens[b] + n`` must be finite
     (they are masked, but NaN * 0 would still poison the value product).
+
+    ``layout`` is :func:`block_layout` of these arguments when the caller has it already (it is
+    the same for every layer of a forward); it then decides the mask and ``kv_len``.
+    ``bound_rows`` (CPU only) reads ``cache_seqlens.max()`` on the host and attends to the rows
+    below it plus the block only, inside :func:`bounded_sdpa` (used under ``torch.compile``, where
+    ``kv_len`` cannot follow the data).
     """
     batch, n, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
@@ -61,44 +121,29 @@ def jacobi_attention(
     seq_capacity = k_cache.shape[1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(n, device=q.device)  # [B, n]
+    if layout is None:
+        layout = block_layout(cache_seqlens, n, seq_capacity, kv_len, sliding_window, chunk_size, tree_mask, tree_depth)
+    flat_rows, visible, kv_len = layout.flat_rows, layout.visible, layout.kv_len
     # Append the block: one index_copy_ per buffer over the flattened (batch, row) axis.
-    flat_rows = (torch.arange(batch, device=q.device)[:, None] * seq_capacity + rows).reshape(-1)
     k_cache.view(-1, n_kv_heads, head_dim).index_copy_(
         0, flat_rows, k_new.reshape(-1, n_kv_heads, head_dim).to(k_cache.dtype)
     )
     v_cache.view(-1, n_kv_heads, value_dim).index_copy_(
         0, flat_rows, v_new.reshape(-1, n_kv_heads, value_dim).to(v_cache.dtype)
     )
-
-    kv_len = seq_capacity if kv_len is None else min(int(kv_len), seq_capacity)
-    key_rows = torch.arange(kv_len, device=q.device)
-    if tree_mask is None:
-        key_pos = key_rows[None, None, :]  # a cache row's position is its index
-        query_pos = rows[:, :, None]
-        visible = key_pos <= query_pos  # [B, n, kv_len]
-    else:
-        starts = cache_seqlens.to(torch.long)[:, None, None]
-        depth = tree_depth.to(torch.long)
-        in_block = key_rows[None, None, :] - starts  # [B, 1, kv_len]: index of the key in the block
-        inside = (in_block >= 0) & (in_block < n)
-        block_index = in_block.clamp(0, n - 1)
-        visible = (in_block < 0) | (inside & tree_mask[torch.arange(n, device=q.device)[None, :, None], block_index])
-        key_pos = torch.where(inside, starts + depth[block_index], key_rows[None, None, :])
-        query_pos = starts + depth[None, :, None]
-    if sliding_window is not None and sliding_window > 0:
-        visible = visible & (key_pos > query_pos - sliding_window)
-    if chunk_size is not None:
-        visible = visible & (key_pos // chunk_size == query_pos // chunk_size)
     keys = k_cache[:, :kv_len].transpose(1, 2)  # [B, Hkv, kv_len, D_k] views, no copies
     values = v_cache[:, :kv_len].transpose(1, 2)
     has_softcap = softcap is not None and softcap > 0
-    if not has_softcap and sinks is None:
+    if not has_softcap and sinks is None and bound_rows:
+        result = torch.ops.jacobi_engine.bounded_sdpa(
+            q.transpose(1, 2), keys, values, visible, cache_seqlens, softmax_scale
+        ).transpose(1, 2)
+    elif not has_softcap and sinks is None:
         result = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             keys.to(q.dtype),
             values.to(q.dtype),
-            attn_mask=visible[:, None],
+            attn_mask=visible,
             scale=softmax_scale,
             enable_gqa=n_heads != n_kv_heads,
         ).transpose(1, 2)
@@ -112,7 +157,7 @@ def jacobi_attention(
         scores = scores * softmax_scale
         if has_softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
         if sinks is None:
             probs = torch.softmax(scores, dim=-1)
         else:
@@ -125,6 +170,39 @@ def jacobi_attention(
         return result
     out.copy_(result)
     return out
+
+
+@torch.library.custom_op("jacobi_engine::bounded_sdpa", mutates_args=())
+def bounded_sdpa(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """SDPA of ``query`` [B, Hq, n, D_k] over the first ``max(cache_seqlens) + n`` rows of ``keys``
+    [B, Hkv, S, D_k] / ``values`` [B, Hkv, S, D_v] under the mask ``visible`` [B, 1, n, S] (rows past
+    a sequence's own length are masked anyway): the same result as attending to all S rows.
+
+    The bound is read on the host, so this is for CPU tensors (where that costs no device sync);
+    as a custom op it stays opaque to ``torch.compile``, whose graph keeps static shapes around it.
+    Returns a new contiguous [B, Hq, n, D_v] tensor in ``query``'s dtype.
+    """
+    rows = min(int(cache_seqlens.max()) + query.shape[2], keys.shape[2])
+    return F.scaled_dot_product_attention(
+        query,
+        keys[:, :, :rows].to(query.dtype),
+        values[:, :, :rows].to(query.dtype),
+        attn_mask=visible[..., :rows],
+        scale=softmax_scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    ).contiguous()
+
+
+@bounded_sdpa.register_fake
+def _bounded_sdpa_fake(query, keys, values, visible, cache_seqlens, softmax_scale):
+    return query.new_empty((*query.shape[:3], values.shape[3]))
 
 
 def verify_and_commit(

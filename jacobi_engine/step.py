@@ -1,4 +1,4 @@
-"""The Jacobi decode step: one function of device state, the unit that is graph-captured.
+"""The Jacobi decode step: one function of device state, the unit that is compiled and graph-captured.
 
 :class:`StepState` holds every tensor a step reads and writes, at fixed addresses and shapes for
 a given (batch, capacity, block size, mode, candidates, processors, sampling) key, so that one CUDA graph captured on

@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -504,13 +505,85 @@ def jacobi_attention(
         out = torch.empty((batch, n, n_q_heads, value_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    group = n_q_heads // n_kv_heads
+    if num_splits is None:
+        block_d = max(16, triton.next_power_of_2(max(head_dim, value_dim)))
+        group = n_q_heads // n_kv_heads
+        block_m = _launch_config(n, group, block_d, _compute_dtype(q))[0]
+        n_q_tiles = triton.cdiv(n, block_m // group)
+        num_splits = 1 if n_q_tiles > 1 else _default_num_splits(q.device, batch * n_kv_heads, capacity)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    # Triton launches on the current device; follow the tensors when they live on another GPU.
+    on_other_gpu = q.device.type == "cuda" and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
+        torch.ops.jacobi_engine.triton_block_attention(
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            cache_seqlens,
+            out,
+            float(softmax_scale),
+            sliding_window,
+            None if softcap is None else float(softcap),
+            num_splits,
+            sinks,
+            chunk_size,
+            tree_mask,
+            tree_depth,
+        )
+    return out
 
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     # Both dot operands must share a dtype: compute in q's. The interpreter has no bf16
     # arithmetic, so it computes in fp32 instead.
-    compute_dtype = q.dtype
-    if compute_dtype == torch.bfloat16 and q.device.type != "cuda" and _interpreting():
-        compute_dtype = torch.float32
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda" and _interpreting():
+        return torch.float32
+    return q.dtype
+
+
+def _launcher(kernel):
+    # wrap_triton makes the launch visible to torch.compile; the interpreter's kernels are not
+    # JIT functions, and are launched directly (nothing compiles them there).
+    return kernel if _interpreting() else wrap_triton(kernel)
+
+
+@triton_op(
+    "jacobi_engine::triton_block_attention",
+    mutates_args={"k_cache", "v_cache", "out"},
+    schema=(
+        "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens, "
+        "Tensor(c!) out, float softmax_scale, int? sliding_window, float? softcap, int num_splits, Tensor? sinks, "
+        "int? chunk_size, Tensor? tree_mask, Tensor? tree_depth) -> ()"
+    ),
+)
+def _block_attention_op(
+    q,
+    k_cache,
+    v_cache,
+    k_new,
+    v_new,
+    cache_seqlens,
+    out,
+    softmax_scale,
+    sliding_window,
+    softcap,
+    num_splits,
+    sinks,
+    chunk_size,
+    tree_mask,
+    tree_depth,
+) -> None:
+    """The kernel launch(es) of :func:`jacobi_attention` as a custom op (``torch.library.triton_op``), so that
+    ``torch.compile`` sees the Triton kernels and the in-place writes to the caches and ``out``."""
+    batch, n, n_q_heads, head_dim = q.shape
+    capacity, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    value_dim = v_cache.shape[3]
+    group = n_q_heads // n_kv_heads
+
+    compute_dtype = _compute_dtype(q)
     tl_compute_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[
         compute_dtype
     ]
@@ -521,10 +594,6 @@ def jacobi_attention(
     block_m, block_n, num_warps, num_stages = _launch_config(n, group, max(block_d, block_dv), compute_dtype)
     queries_per_tile = block_m // group
     n_q_tiles = triton.cdiv(n, queries_per_tile)
-    if num_splits is None:
-        num_splits = 1 if n_q_tiles > 1 else _default_num_splits(q.device, batch * n_kv_heads, capacity)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
 
     has_window = sliding_window is not None and sliding_window > 0
     has_softcap = softcap is not None and softcap > 0
@@ -538,69 +607,65 @@ def jacobi_attention(
 
     grid = (n_q_tiles, batch * n_kv_heads, num_splits)
     cache_seqlens = cache_seqlens.contiguous()
-    # Triton launches on the current device; follow the tensors when they live on another GPU.
-    on_other_gpu = q.device.type == "cuda" and q.device.index != torch.cuda.current_device()
-    with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
-        _jacobi_attention_kernel[grid](
-            q,
-            k_cache,
-            v_cache,
-            k_new,
-            v_new,
-            out,
+    _launcher(_jacobi_attention_kernel)[grid](
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        out,
+        o_part,
+        lse_part,
+        cache_seqlens,
+        sinks.contiguous() if sinks is not None else cache_seqlens,  # unused without sinks
+        tree_mask.to(torch.int8).contiguous() if tree_mask is not None else cache_seqlens,  # unused without a tree
+        tree_depth.contiguous() if tree_depth is not None else cache_seqlens,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *k_new.stride(),
+        *v_new.stride(),
+        *out.stride(),
+        n,
+        n_kv_heads,
+        capacity,
+        part_rows,
+        float(softmax_scale),
+        float(softcap) if has_softcap else 1.0,
+        int(sliding_window) if has_window else 0,
+        int(chunk_size) if has_chunk else 1,
+        GROUP=group,
+        QUERIES_PER_TILE=queries_per_tile,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        VALUE_DIM=value_dim,
+        BLOCK_DV=block_dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        HAS_WINDOW=has_window,
+        HAS_CHUNK=has_chunk,
+        HAS_FLOOR=has_window or has_chunk,
+        HAS_SINKS=sinks is not None,
+        HAS_SOFTCAP=has_softcap,
+        HAS_TREE=tree_mask is not None,
+        COMPUTE_DTYPE=tl_compute_dtype,
+        DOT_PRECISION=dot_precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _launcher(_merge_splits_kernel)[(part_rows,)](
             o_part,
             lse_part,
-            cache_seqlens,
-            sinks.contiguous() if sinks is not None else cache_seqlens,  # unused without sinks
-            tree_mask.to(torch.int8).contiguous() if tree_mask is not None else cache_seqlens,  # unused without a tree
-            tree_depth.contiguous() if tree_depth is not None else cache_seqlens,
-            *q.stride(),
-            *k_cache.stride(),
-            *v_cache.stride(),
-            *k_new.stride(),
-            *v_new.stride(),
+            out,
             *out.stride(),
             n,
-            n_kv_heads,
-            capacity,
+            n_q_heads,
             part_rows,
-            float(softmax_scale),
-            float(softcap) if has_softcap else 1.0,
-            int(sliding_window) if has_window else 0,
-            int(chunk_size) if has_chunk else 1,
-            GROUP=group,
-            QUERIES_PER_TILE=queries_per_tile,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            VALUE_DIM=value_dim,
-            BLOCK_DV=block_dv,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
+            HEAD_DIM=value_dim,
+            BLOCK_D=block_dv,
             NUM_SPLITS=num_splits,
-            HAS_WINDOW=has_window,
-            HAS_CHUNK=has_chunk,
-            HAS_FLOOR=has_window or has_chunk,
-            HAS_SINKS=sinks is not None,
-            HAS_SOFTCAP=has_softcap,
-            HAS_TREE=tree_mask is not None,
-            COMPUTE_DTYPE=tl_compute_dtype,
-            DOT_PRECISION=dot_precision,
-            num_warps=num_warps,
-            num_stages=num_stages,
+            SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=1 if block_dv <= 64 else 2,
         )
-        if num_splits > 1:
-            _merge_splits_kernel[(part_rows,)](
-                o_part,
-                lse_part,
-                out,
-                *out.stride(),
-                n,
-                n_q_heads,
-                part_rows,
-                HEAD_DIM=value_dim,
-                BLOCK_D=block_dv,
-                NUM_SPLITS=num_splits,
-                SPLITS_P2=triton.next_power_of_2(num_splits),
-                num_warps=1 if block_dv <= 64 else 2,
-            )
-    return out

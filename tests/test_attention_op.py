@@ -420,3 +420,108 @@ def test_causal_tree_equals_the_plain_block():
             tree_mask=causal[:4, :4],
             tree_depth=torch.arange(4, dtype=torch.int32),
         )
+
+
+LAYOUT_CASES = [
+    Case(3, 4, 4, 2, 16, 40),
+    Case(2, 5, 4, 1, 16, 48, window=6),
+    Case(2, 3, 4, 2, 16, 40, softcap=5.0, chunk=8),
+    Case(2, 4, 4, 4, 16, 40, value_dim=8, sinks=True),
+]
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda case: case.id)
+def test_precomputed_layout_matches_float64_reference(case):
+    """The engine's per-forward path: the block layout computed once and the checks skipped, with a kv_len bound."""
+    from jacobi_engine.reference import block_layout
+
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(
+        case, torch.device("cpu"), seed=zlib.crc32(case.id.encode())
+    )
+    scale = case.head_dim**-0.5
+    sinks = _make_sinks(case, torch.device("cpu"), 1)
+    expected = naive_attention(
+        q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, case.softcap, case.chunk, sinks
+    )
+    kv_len = int(seqlens.max()) + case.n
+    layout = block_layout(seqlens, case.n, case.capacity, kv_len, case.window, case.chunk)
+    assert layout.kv_len == kv_len and tuple(layout.visible.shape) == (case.batch, 1, case.n, kv_len)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    result = ops.jacobi_attention(
+        q,
+        k_cache,
+        v_cache,
+        k_new,
+        v_new,
+        seqlens,
+        scale,
+        backend="torch",
+        sliding_window=case.window,
+        softcap=case.softcap,
+        chunk_size=case.chunk,
+        sinks=sinks,
+        layout=layout,
+        check=False,
+    )
+    torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-4)
+    _check_cache(k_before, k_cache, k_new, seqlens, case.n)
+    _check_cache(v_before, v_cache, v_new, seqlens, case.n)
+
+
+@pytest.mark.gpu
+def test_triton_op_is_visible_to_the_compiler():
+    """opcheck of the triton_op, and torch.compile(fullgraph=True) over it matches eager."""
+    device = torch.device("cuda")
+    case = Case(2, 4, 8, 2, 64, 96)
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(case, device, seed=5)
+    out = torch.empty_like(q)
+    args = (
+        q,
+        k_cache.clone(),
+        v_cache.clone(),
+        k_new,
+        v_new,
+        seqlens,
+        out,
+        0.125,
+        None,
+        None,
+        1,
+        None,
+        None,
+        None,
+        None,
+    )
+    torch.library.opcheck(torch.ops.jacobi_engine.triton_block_attention, args)
+
+    def attend(q, k_cache, v_cache, k_new, v_new, seqlens):
+        return ops.jacobi_attention(q, k_cache, v_cache, k_new, v_new, seqlens, 0.125, backend="triton")
+
+    k_eager, v_eager = k_cache.clone(), v_cache.clone()
+    expected = attend(q, k_eager, v_eager, k_new, v_new, seqlens)
+    compiled = torch.compile(attend, fullgraph=True)
+    got = compiled(q, k_cache, v_cache, k_new, v_new, seqlens)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES[:2], ids=lambda case: case.id)
+def test_bounded_sdpa_and_bound_rows(case):
+    """The opaque op a compiled CPU step attends with: opcheck, and bound_rows against the float64 reference."""
+    from jacobi_engine import reference
+
+    q, k_new, v_new, k_cache, v_cache, seqlens = _make_inputs(
+        case, torch.device("cpu"), seed=zlib.crc32(case.id.encode())
+    )
+    scale = case.head_dim**-0.5
+    expected = naive_attention(q, k_cache, v_cache, k_new, v_new, seqlens, scale, case.window, None, None, None)
+    layout = reference.block_layout(seqlens, case.n, case.capacity, None, case.window)
+    args = (q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), layout.visible, seqlens, scale)
+    torch.library.opcheck(torch.ops.jacobi_engine.bounded_sdpa, args)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    result = reference.jacobi_attention(
+        q, k_cache, v_cache, k_new, v_new, seqlens, scale, sliding_window=case.window, bound_rows=True
+    )
+    torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-4)
+    _check_cache(k_before, k_cache, k_new, seqlens, case.n)
+    _check_cache(v_before, v_cache, v_new, seqlens, case.n)

@@ -105,3 +105,34 @@ def test_cuda_engine_with_candidates_matches_hf(arch, cuda_graph):
     out = engine.generate(input_ids, max_new_tokens=48, eos_token_id=[7])
     assert_matches_greedy(model, out.sequences, expected, input_ids, None, PAD)
     assert out.stats.candidate_wins > 0
+
+
+# Two inductor compiles of a tiny Llama (the same graph: the second is a cache hit), within gpu_check's budget.
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["compiled", "compiled+graph"])
+def test_compiled_cuda_engine_matches_hf_without_recompiles(cuda_graph, arch="llama"):
+    """compile=True on CUDA (inductor + our Triton op, optionally inside our CUDA graph): exact against
+    HF greedy, one graph for two calls sharing a key, no graph break."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(arch, vocab_size=VOCAB).cuda()
+    input_ids, mask = ragged_prompts("cuda")
+    engine = JacobiEngine(model, block_size=4, compile=True, cuda_graph=cuda_graph)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for call, max_new in enumerate((40, 33)):
+        expected = hf_greedy(model, input_ids, mask, max_new, eos_token_id=[7], pad_token_id=PAD)
+        if call == 0:
+            out = engine.generate(
+                input_ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[7], pad_token_id=PAD
+            )
+            assert out.stats.compile_seconds > 0
+        else:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = engine.generate(
+                    input_ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=[7], pad_token_id=PAD
+                )
+            assert out.stats.compile_seconds == 0
+        assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
+    entry = next(iter(engine._step_cache.values()))
+    assert entry.compiled is not None, entry.compile_failed
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert sum(counters["graph_break"].values()) == breaks

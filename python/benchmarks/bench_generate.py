@@ -5,13 +5,20 @@
 Rows (batch size 1, greedy, the same questions for every row; each model is run with every method):
     hf_greedy            model.generate(do_sample=False)
     hf_prompt_lookup     model.generate(do_sample=False, prompt_lookup_num_tokens=10)
+    hf_static_compile    model.generate(do_sample=False, cache_implementation="static") with HF's compiled
+                         decoding forward (compile_config: torch.compile, static shapes), HF's fast path
     engine_ar            JacobiEngine(block_size=1)                      (teacher)
     engine_jacobi        JacobiEngine(block_size=n)
     engine_jacobi_ngram  JacobiEngine(block_size=n, init="ngram")
-    engine_pool          JacobiEngine(block_size=n, init="ngram", candidates=k, candidate_len=g)
+    engine_pool          JacobiEngine(block_size=n, init="ngram", candidates=k, candidate_len=g)  (--pool K G)
+Every engine row runs twice, eagerly ("compile": false) and with JacobiEngine(compile=True) ("compile": true).
+Compiled rows (HF's and ours) are warmed up on the longest prompt first, so that the timed loop
+reuses one graph; ``recompiles`` counts the graphs dynamo still compiled during the timed loop.
+The timed loop is interleaved: question by question, every method in turn (see ``run_methods``).
 
 Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
-model forward calls, counted with a forward hook, so HF's methods are measured the same way),
+model forward calls: counted with a forward hook for HF's methods, by the engine's own
+``stats.forward_passes`` for ours, which a hook cannot see inside a compiled step),
 quality (final-answer accuracy in points, the number after ``####``), perplexity (of the reference
 answers under that model, answer tokens only, conditioned on the prompt), agreement (fraction of
 generated tokens equal to the same model's HF greedy output, position by position).
@@ -105,40 +112,94 @@ def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def run_method(
-    name: str, model, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, pool=(2, 8)
-):
-    """Generate every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    engine = None
-    if name == "engine_ar":
-        engine = JacobiEngine(model, block_size=1)
-    elif name == "engine_jacobi":
-        engine = JacobiEngine(model, block_size=block_size)
-    elif name == "engine_jacobi_ngram":
-        engine = JacobiEngine(model, block_size=block_size, init="ngram")
-    elif name == "engine_pool":
-        engine = JacobiEngine(model, block_size=block_size, init="ngram", candidates=pool[0], candidate_len=pool[1])
+class Method:
+    """One row's way of generating: ``__call__(input_ids)`` -> (new token ids, model forwards)."""
 
-    def generate(input_ids):
-        if engine is not None:
-            return engine.generate(
-                input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, return_stats=False
-            ).sequences
-        extra = {"prompt_lookup_num_tokens": 10} if name == "hf_prompt_lookup" else {}
-        return model.generate(
-            input_ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **extra
-        )
+    def __init__(self, name: str, model, tokenizer, max_new_tokens: int, block_size: int, compile: bool, pool=(2, 8)):
+        self.name, self.model = name, model
+        self.max_new_tokens = max_new_tokens
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.engine = None
+        if name == "engine_ar":
+            self.engine = JacobiEngine(model, block_size=1, compile=compile)
+        elif name == "engine_jacobi":
+            self.engine = JacobiEngine(model, block_size=block_size, compile=compile)
+        elif name == "engine_jacobi_ngram":
+            self.engine = JacobiEngine(model, block_size=block_size, init="ngram", compile=compile)
+        elif name == "engine_pool":
+            k, g = pool
+            self.engine = JacobiEngine(
+                model, block_size=block_size, init="ngram", candidates=k, candidate_len=g, compile=compile
+            )
+        self.extra = {}
+        if name == "hf_prompt_lookup":
+            self.extra = {"prompt_lookup_num_tokens": 10}
+        elif name == "hf_static_compile":
+            from transformers import CompileConfig
 
-    generate(prompts[0])  # warm-up
-    counter = ForwardCounter(model)
-    outputs, start = [], time.perf_counter()
+            # HF compiles the decoding forward by itself on GPUs; this flag asks for it on CPU too.
+            # "reduce-overhead" (CUDA graphs) is HF's default and only means something on CUDA.
+            mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+            compile_config = CompileConfig(dynamic=False, mode=mode)
+            compile_config._compile_all_devices = True
+            self.extra = {"cache_implementation": "static", "compile_config": compile_config}
+
+    def __call__(self, input_ids: torch.Tensor) -> tuple[list[int], int]:
+        if self.engine is not None:
+            # The engine counts its forwards itself: a hook added after torch.compile traced the model
+            # would not run inside the compiled step.
+            out = self.engine.generate(
+                input_ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad
+            )
+            return out.sequences[0, input_ids.shape[1] :].tolist(), out.stats.forward_passes
+        # The hook is attached only around HF's own calls: present while a step is compiled, it would be
+        # traced into the graph, whose guard on its Python counter then fails at every step.
+        counter = ForwardCounter(self.model)
+        try:
+            sequences = self.model.generate(
+                input_ids,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                eos_token_id=self.eos,
+                pad_token_id=self.pad,
+                **self.extra,
+            )
+        finally:
+            counter.close()
+        return sequences[0, input_ids.shape[1] :].tolist(), counter.calls
+
+
+def run_methods(
+    plan, models, tokenizer, prompts: list[torch.Tensor], max_new_tokens: int, block_size: int, pool=(2, 8)
+) -> dict:
+    """Every method of ``plan`` on every prompt, interleaved: question by question, each method in turn.
+
+    On a shared machine, load that comes and goes then falls on every method alike, so the rows of one
+    run compare fairly. Returns {(method, model, compile): (outputs, seconds, forwards, recompiles)}.
+    """
+    from torch._dynamo.utils import counters
+
+    methods = {key: Method(key[0], models[key[1]], tokenizer, max_new_tokens, block_size, key[2], pool) for key in plan}
+    longest = max(prompts, key=lambda ids: ids.shape[1])
+    for key, method in methods.items():
+        # Warm-up (and compile); compiled rows on the longest prompt so that caches are sized once.
+        method(longest if (key[2] or method.extra.get("cache_implementation")) else prompts[0])
+    results = {key: ([], 0.0, 0, 0) for key in plan}
     for input_ids in prompts:
-        sequences = generate(input_ids)
-        outputs.append(sequences[0, input_ids.shape[1] :].tolist())
-    seconds = time.perf_counter() - start
-    counter.close()
-    return outputs, seconds, counter.calls
+        for key, method in methods.items():
+            graphs = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            tokens, forwards = method(input_ids)
+            seconds = time.perf_counter() - start
+            outputs, total, calls, recompiles = results[key]
+            outputs.append(tokens)
+            results[key] = (
+                outputs,
+                total + seconds,
+                calls + forwards,
+                recompiles + counters["stats"]["unique_graphs"] - graphs,
+            )
+    return results
 
 
 SAMPLING_METHODS = ("hf_sample", "engine_sample_sjd", "engine_sample_one_hot", "engine_sample_sjd_ngram")
@@ -241,7 +302,7 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['method']}\n({r['model']})" for r in rows]
+    labels = [f"{r['method']}{' (compiled)' if r['compile'] else ''}\n({r['model']})" for r in rows]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     axes[0].bar(labels, [r["tokens_per_s"] for r in rows], color="#1976d2")
     axes[0].set_ylabel("tokens / s (batch 1)")
@@ -265,10 +326,10 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (HF's and ours)")
     parser.add_argument(
         "--pool", type=int, nargs=2, default=(2, 8), metavar=("K", "G"), help="engine_pool candidates (bench_pool.py)"
     )
-
     parser.add_argument(
         "--sampling", choices=("on", "only", "off"), default="on", help="the sampling rows: with, only, or without"
     )
@@ -288,38 +349,47 @@ def main(argv=None) -> int:
         return write_result(args, records, block_size, dict(sampling_rows=sampled))
 
     plan = [
-        ("hf_greedy", "teacher"),
-        ("hf_prompt_lookup", "teacher"),
-        ("engine_ar", "teacher"),
-        ("engine_jacobi", "teacher"),
-        ("engine_jacobi_ngram", "teacher"),
-        ("engine_pool", "teacher"),
-        ("hf_greedy", "cllm"),  # the CLLM's own greedy output: its baseline and the reference for agreement
-        ("hf_prompt_lookup", "cllm"),
-        ("engine_jacobi", "cllm"),
-        ("engine_jacobi_ngram", "cllm"),
-        ("engine_pool", "cllm"),
+        ("hf_greedy", "teacher", False),
+        ("hf_prompt_lookup", "teacher", False),
+        ("hf_static_compile", "teacher", True),
+        ("engine_ar", "teacher", False),
+        ("engine_ar", "teacher", True),
+        ("engine_jacobi", "teacher", False),
+        ("engine_jacobi", "teacher", True),
+        ("engine_jacobi_ngram", "teacher", False),
+        ("engine_jacobi_ngram", "teacher", True),
+        ("engine_pool", "teacher", False),
+        # The CLLM's own greedy output: its baseline and the reference for agreement.
+        ("hf_greedy", "cllm", False),
+        ("hf_prompt_lookup", "cllm", False),
+        ("hf_static_compile", "cllm", True),
+        ("engine_jacobi", "cllm", False),
+        ("engine_jacobi", "cllm", True),
+        ("engine_jacobi_ngram", "cllm", False),
+        ("engine_jacobi_ngram", "cllm", True),
+        ("engine_pool", "cllm", False),
     ]
-    results, greedy = {}, {}
-    for method, model_name in plan:  # greedy rows
-        outputs, seconds, calls = run_method(
-            method, models[model_name], tokenizer, prompts, args.max_new_tokens, block_size, tuple(args.pool)
-        )
-        results[(method, model_name)] = (outputs, seconds, calls)
-        if method == "hf_greedy":
-            greedy[model_name] = outputs
+    if args.no_compile:
+        plan = [entry for entry in plan if not entry[2]]
+    results = run_methods(plan, models, tokenizer, prompts, args.max_new_tokens, block_size, tuple(args.pool))
+    greedy = {model_name: results[("hf_greedy", model_name, False)][0] for model_name in models}
+    for (method, model_name, compiled), (outputs, seconds, calls, _) in results.items():
         tokens = sum(len(o) for o in outputs)
         print(
-            f"{method:<20} {model_name:<8} {tokens / seconds:8.1f} tok/s {tokens / calls:5.2f} tok/forward", flush=True
+            f"{method:<20} {model_name:<8} compile={compiled!s:<5} {tokens / seconds:8.1f} tok/s "
+            f"{tokens / calls:5.2f} tok/forward",
+            flush=True,
         )
 
     rows = []
-    for (method, model_name), (outputs, seconds, calls) in results.items():
+    for (method, model_name, compiled), (outputs, seconds, calls, recompiles) in results.items():
         tokens = sum(len(o) for o in outputs)
         rows.append(
             dict(
                 method=method,
                 model=model_name,
+                compile=compiled,
+                recompiles=recompiles,
                 tokens_per_s=tokens / seconds,
                 tokens_per_forward=tokens / calls,
                 quality=accuracy(outputs, tokenizer, records),
@@ -330,28 +400,39 @@ def main(argv=None) -> int:
                 forwards=calls,
             )
         )
-    rate = {(r["method"], r["model"]): r["tokens_per_s"] for r in rows}
+    rate = {
+        (r["method"], r["model"]): r["tokens_per_s"] for r in rows if not r["compile"] or r["method"].startswith("hf")
+    }
     for row in rows:
         row["speedup_vs_own_greedy"] = row["tokens_per_s"] / rate[("hf_greedy", row["model"])]
         row["speedup_vs_teacher_greedy"] = row["tokens_per_s"] / rate[("hf_greedy", "teacher")]
         row["speedup_vs_own_prompt_lookup"] = row["tokens_per_s"] / rate[("hf_prompt_lookup", row["model"])]
+        if ("hf_static_compile", row["model"]) in rate:
+            row["speedup_vs_own_hf_static_compile"] = row["tokens_per_s"] / rate[("hf_static_compile", row["model"])]
     cllm_teacher_agreement = agreement(greedy["cllm"], greedy["teacher"])
 
     header = (
-        "| method | model | tokens/s | tokens/forward | accuracy (pts) | perplexity | agreement | "
-        "vs own HF greedy | vs own prompt lookup | vs teacher HF greedy |"
+        "| method | model | compile | tokens/s | tokens/forward | accuracy (pts) | perplexity | agreement | "
+        "vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
     )
-    print("\n" + header + "\n|" + "---|" * 10)
+    print("\n" + header + "\n|" + "---|" * 12)
     for r in rows:
+        static = r.get("speedup_vs_own_hf_static_compile")
         print(
-            f"| {r['method']} | {r['model']} | {r['tokens_per_s']:.1f} | {r['tokens_per_forward']:.2f} | "
-            f"{r['quality']:.1f} | {r['perplexity']:.3f} | {r['agreement']:.3f} | {r['speedup_vs_own_greedy']:.2f}x | "
+            f"| {r['method']} | {r['model']} | {'yes' if r['compile'] else 'no'} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_forward']:.2f} | {r['quality']:.1f} | {r['perplexity']:.3f} | {r['agreement']:.3f} | "
+            f"{r['speedup_vs_own_greedy']:.2f}x | {'-' if static is None else f'{static:.2f}x'} | "
             f"{r['speedup_vs_own_prompt_lookup']:.2f}x | {r['speedup_vs_teacher_greedy']:.2f}x |"
         )
     print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
     png = str(Path(args.json).with_suffix(".png"))
     plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png)
-    extra = dict(cllm_teacher_agreement=cllm_teacher_agreement, rows=rows, sampling_rows=sampled)
+    extra = dict(
+        cllm_teacher_agreement=cllm_teacher_agreement,
+        pool=dict(candidates=args.pool[0], candidate_len=args.pool[1]),
+        rows=rows,
+        sampling_rows=sampled,
+    )
     return write_result(args, records, block_size, extra)
 
 

@@ -1,0 +1,51 @@
+"""NgramGuess.refine against a plain-Python statement of prompt lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jacobi_engine.guesses import NgramGuess
+
+
+def lookup_by_hand(row: list[int], begin: int, end: int, max_ngram: int, min_ngram: int, n: int) -> list[int] | None:
+    """The n-1 tokens after the latest earlier occurrence of the longest known suffix, or None.
+
+    Known tokens are ``row[begin:end]``; an occurrence must start at or after ``begin`` and end
+    before the suffix's own last token; continuations stop at the known tokens (None past them).
+    """
+    for k in range(max_ngram, min_ngram - 1, -1):
+        if end - k < begin:
+            continue
+        suffix = row[end - k : end]
+        starts = [s for s in range(begin, end - k) if row[s : s + k] == suffix]
+        if starts:
+            first = max(starts) + k
+            return [row[c] if c < end else None for c in range(first, first + n - 1)]
+    return None
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["whole-buffer", "search-bound"])
+@pytest.mark.parametrize(("max_ngram", "min_ngram"), [(3, 1), (4, 2), (1, 1)])
+def test_refine_matches_prompt_lookup_by_hand(max_ngram, min_ngram, bounded):
+    n, batch, width = 5, 6, 40
+    gen = torch.Generator().manual_seed(max_ngram * 10 + min_ngram)
+    # A small alphabet so that n-grams recur; rows of several known lengths and prompt starts.
+    tokens = torch.randint(0, 4, (batch, width), generator=gen)
+    prompt_starts = torch.tensor([0, 0, 3, 1, 0, 7])
+    lengths = torch.tensor([30, 2, 17, 25, 1, 9], dtype=torch.int32)
+    rows = torch.tensor([True, True, True, False, True, True])
+    block = torch.full((batch, n), -7, dtype=torch.long)
+    block[:, 0] = 99
+    strategy = NgramGuess(max_ngram=max_ngram, min_ngram=min_ngram)
+    strategy.start(tokens, prompt_starts, prompt_starts + 1, n, torch.Generator().manual_seed(0))
+    if bounded:
+        strategy.search_bound = int(lengths.max())
+    refined = block.clone()
+    strategy.refine(refined, lengths, rows)
+    for b in range(batch):
+        expected = [99] + [-7] * (n - 1)
+        found = lookup_by_hand(tokens[b].tolist(), int(prompt_starts[b]), int(lengths[b]), max_ngram, min_ngram, n)
+        if found is not None and rows[b]:
+            expected = [99] + [t if t is not None else -7 for t in found]
+        assert refined[b].tolist() == expected, f"row {b}"
