@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -473,6 +474,12 @@ class JacobiEngine:
     def _compile(self, entry: _StepCacheEntry) -> float:
         """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
         if entry.compiled is not None or entry.compile_failed is not None:
+            return 0.0
+        if entry.config.candidates:
+            # Not yet exact under torch.compile (the token-tree layout set on the cache during the forward
+            # is not traced faithfully): decode eagerly rather than risk wrong tokens.
+            entry.compile_failed = "compile=True with candidates > 0 is not supported yet"
+            warnings.warn(f"jacobi_engine: {entry.compile_failed}; decoding this step eagerly", stacklevel=3)
             return 0.0
         # Static shapes only: the host-side bounds would be baked into the graph (and recompile it).
         self._unbound(entry.state)

@@ -194,3 +194,13 @@ def test_sampling_with_candidates_is_refused():
     engine = JacobiEngine(model, block_size=4, candidates=2, candidate_len=2)
     with pytest.raises(ValueError, match="do_sample=True with candidates"):
         engine.generate(torch.randint(3, 20, (1, 6)), max_new_tokens=4, do_sample=True)
+
+
+def test_compile_with_candidates_falls_back_to_eager_with_a_warning():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive_prompts(seed=2)
+    expected = hf_greedy(model, input_ids, mask, 20, eos_token_id=[], pad_token_id=PAD)
+    engine = JacobiEngine(model, block_size=6, candidates=2, candidate_len=4, compile=True)
+    with pytest.warns(UserWarning, match="candidates > 0 is not supported yet"):
+        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
+    assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
