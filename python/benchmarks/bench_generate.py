@@ -427,12 +427,7 @@ def main(argv=None) -> int:
     print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
     png = str(Path(args.json).with_suffix(".png"))
     plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png)
-    extra = dict(
-        cllm_teacher_agreement=cllm_teacher_agreement,
-        pool=dict(candidates=args.pool[0], candidate_len=args.pool[1]),
-        rows=rows,
-        sampling_rows=sampled,
-    )
+    extra = dict(cllm_teacher_agreement=cllm_teacher_agreement, rows=rows, sampling_rows=sampled)
     return write_result(args, records, block_size, extra)
 
 
