@@ -552,7 +552,7 @@ class JacobiEngine:
                 self._step(entry)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), compiled_steps(entry.compiled is not None):
             self._step(entry)
         _restore(snapshot)
         torch.cuda.synchronize()

@@ -1,5 +1,5 @@
 """JacobiEngine(compile=True): exactness against eager and HF greedy, one graph, no graph breaks,
-no recompiles, and the eager fallback.
+no recompiles, and the eager fallbacks (a graph break; a step that would recompile at every step).
 
 Each compiled case costs one inductor compile (~15-40 s on our 2-core CI machine), so only a few
 tiny models are compiled: Llama (GQA, RoPE, SDPA path, ragged batch, sliding mode, random guesses)
