@@ -114,19 +114,7 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
     if config.processing is not None:
         scores = _process(config.processing, scores, state)
     if config.sampling is None:
-        n_accepted = ops.verify_and_commit(
-            scores,
-            state.block,
-            state.guesses.fill(),
-            state.cache.cache_seqlens,
-            state.tokens,
-            state.lengths,
-            state.done,
-            state.eos_ids,
-            state.limits,
-            config.chunked,
-            backend=config.verify_backend,
-        )
+        n_accepted = _verify_greedy(config, state, scores, state.block, state.guesses.fill())
     else:
         n_accepted = _sample_verify(config, state, scores)
     committed = state.lengths > state.lengths_before
@@ -137,6 +125,23 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
     if state.log_accepted is not None:
         state.log_accepted.index_copy_(0, state.step, n_accepted[None])
     state.step += 1
+
+
+def _verify_greedy(config: StepConfig, state: StepState, scores, block, fill) -> torch.Tensor:
+    """``ops.verify_and_commit`` of ``block`` (the row verified: the block, or a winning branch) on the state."""
+    return ops.verify_and_commit(
+        scores,
+        block,
+        fill,
+        state.cache.cache_seqlens,
+        state.tokens,
+        state.lengths,
+        state.done,
+        state.eos_ids,
+        state.limits,
+        config.chunked,
+        backend=config.verify_backend,
+    )
 
 
 def _sample_verify(config: StepConfig, state: StepState, scores: torch.Tensor) -> torch.Tensor:
@@ -261,19 +266,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     verified_row = torch.where(use_branch[:, None], branch_row, block_row).contiguous()
     pred_row = torch.where(use_branch[:, None], branch_pred_row, block_pred_row).contiguous()
 
-    n_accepted = ops.verify_and_commit(
-        pred_row,
-        verified_row,
-        fill,
-        cache.cache_seqlens,
-        state.tokens,
-        state.lengths,
-        state.done,
-        state.eos_ids,
-        state.limits,
-        config.chunked,
-        backend=config.verify_backend,
-    )
+    n_accepted = _verify_greedy(config, state, pred_row, verified_row, fill)
     block.copy_(torch.where(active[:, None], verified_row[:, :n], block))
     # The winning branch's K/V sit after the block; the committed path needs them right after t0.
     branch_start = starts + n + best.to(torch.long) * g
