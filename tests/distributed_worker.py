@@ -27,6 +27,9 @@ TP_CASES = [
     {"block_size": 4, "mode": "chunked", "init": "random_prompt"},
     {"block_size": 7, "mode": "sliding", "init": "ngram"},
     {"block_size": 7, "mode": "chunked", "init": "ngram"},
+    # Multi-candidate verification: the token tree's attention and the KV-row move on sharded heads.
+    {"block_size": 6, "mode": "sliding", "init": "ngram", "candidates": 3, "candidate_len": 4},
+    {"block_size": 6, "mode": "chunked", "init": "random_prompt", "candidates": 2, "candidate_len": 3},
 ]
 TP_NEW_TOKENS = 24
 
