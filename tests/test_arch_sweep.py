@@ -5,8 +5,9 @@ For each entry of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` a tiny random model is b
 take effect) and sorted into one outcome:
 
 - ``exact``: ``JacobiEngine(model)`` accepts it and ``generate`` equals HF's own greedy
-  ``generate(do_sample=False)`` in fp32 on three cases (B=1 with n=4, a ragged B=2 with n=7, B=1
-  with n=16), up to proven near-ties (tests/greedy_check.py);
+  ``generate(do_sample=False)`` in fp32 on four cases (B=1 with n=4, a ragged B=2 with n=7, B=1
+  with n=16, and a ragged B=2 with n=6 plus 3 pooled candidates of 4 tokens: the token-tree
+  attention and the KV-row move), up to proven near-ties (tests/greedy_check.py);
 - ``refused``: ``JacobiEngine(model)`` raises a ValueError saying why;
 - ``skipped``: no tiny model could be built here (an optional dependency, a config that cannot
   be shrunk), or HF's own greedy generate fails on it, so there is nothing to compare with;
@@ -36,8 +37,9 @@ from jacobi_engine import JacobiEngine  # noqa: E402
 PAD = 0
 WIDTH = 10
 MAX_NEW_TOKENS = 20
-# (batch, block size): B=1 small block, ragged B=2 with a block that straddles window edges, B=1 wide block.
-CASES = ((1, 4), (2, 7), (1, 16))
+# (batch, block size, engine options): B=1 small block, ragged B=2 with a block that straddles window
+# edges, B=1 wide block, ragged B=2 with multi-candidate verification.
+CASES = ((1, 4, {}), (2, 7, {}), (1, 16, {}), (2, 6, dict(candidates=3, candidate_len=4, init="ngram")))
 
 
 def _prompts(batch: int, seed: int):
@@ -93,16 +95,16 @@ def classify(model_type: str) -> tuple[str, str]:
         return "refused", str(error)
     expected = []
     with torch.no_grad():
-        for case, (batch, _) in enumerate(CASES):
+        for case, (batch, _, _) in enumerate(CASES):
             input_ids, mask = _prompts(batch, seed=case)
             try:
                 expected.append(_hf_greedy(model, input_ids, mask))
             except Exception as error:
                 return "skipped", f"HF greedy generate fails: {type(error).__name__}: {str(error)[:120]}"
-    for case, (batch, block_size) in enumerate(CASES):
+    for case, (batch, block_size, options) in enumerate(CASES):
         input_ids, mask = _prompts(batch, seed=case)
         try:
-            out = JacobiEngine(model, block_size=block_size).generate(
+            out = JacobiEngine(model, block_size=block_size, **options).generate(
                 input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=[], pad_token_id=PAD
             )
         except Exception as error:
