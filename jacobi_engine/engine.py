@@ -476,8 +476,9 @@ class JacobiEngine:
         if entry.compiled is not None or entry.compile_failed is not None:
             return 0.0
         if entry.config.candidates:
-            # Not yet exact under torch.compile (the token-tree layout set on the cache during the forward
-            # is not traced faithfully): decode eagerly rather than risk wrong tokens.
+            # Not yet exact under inductor (dynamo's and aot_eager's graphs of the pool step are exact;
+            # inductor's lowering of it gives other tokens, cause not yet found): decode eagerly rather
+            # than risk wrong tokens.
             entry.compile_failed = "compile=True with candidates > 0 is not supported yet"
             warnings.warn(f"jacobi_engine: {entry.compile_failed}; decoding this step eagerly", stacklevel=3)
             return 0.0
