@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -414,6 +413,7 @@ class JacobiEngine:
             step=zeros(1),
             slot_offsets=torch.arange(n, device=device),
             pool=CandidatePool(batch, g, self.pool_buckets, self.pool_slots, device) if k else None,
+            verified_row=zeros(batch, max(n, g + 1)) if k else None,
             candidate_wins=zeros(),
             log_blocks=zeros(max_steps, batch, n) if logging else None,
             log_lengths=zeros(max_steps, batch, dtype=torch.int32) if logging else None,
@@ -474,13 +474,6 @@ class JacobiEngine:
     def _compile(self, entry: _StepCacheEntry) -> float:
         """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
         if entry.compiled is not None or entry.compile_failed is not None:
-            return 0.0
-        if entry.config.candidates:
-            # Not yet exact under inductor (dynamo's and aot_eager's graphs of the pool step are exact;
-            # inductor's lowering of it gives other tokens, cause not yet found): decode eagerly rather
-            # than risk wrong tokens.
-            entry.compile_failed = "compile=True with candidates > 0 is not supported yet"
-            warnings.warn(f"jacobi_engine: {entry.compile_failed}; decoding this step eagerly", stacklevel=3)
             return 0.0
         # Static shapes only: the host-side bounds would be baked into the graph (and recompile it).
         self._unbound(entry.state)

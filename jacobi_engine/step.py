@@ -61,6 +61,7 @@ class StepState:
     step: torch.Tensor  # [1] int64, decode steps taken
     slot_offsets: torch.Tensor  # [n] int64, 0..n-1
     pool: CandidatePool | None = None  # n-gram candidates, when the engine verifies any
+    verified_row: torch.Tensor | None = None  # [B, max(n, g + 1)] int64, the row the pool step verifies
     candidate_wins: torch.Tensor | None = None  # () int64, (sequence, forward) pairs a branch won
     log_blocks: torch.Tensor | None = None  # [max_steps, B, n] blocks fed, when logging
     log_lengths: torch.Tensor | None = None  # [max_steps, B] lengths before the step
@@ -127,7 +128,7 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
     state.step += 1
 
 
-def _verify_greedy(config: StepConfig, state: StepState, scores, block, fill) -> torch.Tensor:
+def _verify_greedy(config: StepConfig, state: StepState, scores, block, fill, backend=None) -> torch.Tensor:
     """``ops.verify_and_commit`` of ``block`` (the row verified: the block, or a winning branch) on the state."""
     return ops.verify_and_commit(
         scores,
@@ -140,7 +141,7 @@ def _verify_greedy(config: StepConfig, state: StepState, scores, block, fill) ->
         state.eos_ids,
         state.limits,
         config.chunked,
-        backend=config.verify_backend,
+        backend=backend or config.verify_backend,
     )
 
 
@@ -263,10 +264,16 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     branch_row = torch.cat([first[:, None], branch_tokens, no_token[:, g + 1 :]], dim=1)[:, :width]
     winner_preds = branch_preds.gather(1, best[:, None, None].expand(-1, 1, g + 1))[:, 0]
     branch_pred_row = torch.cat([winner_preds, fill[:, g + 1 :]], dim=1)[:, :width]
-    verified_row = torch.where(use_branch[:, None], branch_row, block_row).contiguous()
+    # The row the verify op rewrites in place lives in the state (a graph input), not in an
+    # intermediate: inductor's graph gave wrong tokens when the op mutated a fresh tensor here.
+    verified_row = state.verified_row
+    verified_row.copy_(torch.where(use_branch[:, None], branch_row, block_row))
     pred_row = torch.where(use_branch[:, None], branch_pred_row, block_pred_row).contiguous()
 
-    n_accepted = _verify_greedy(config, state, pred_row, verified_row, fill)
+    # Under torch.compile the verify of the pool step is the traced reference: inductor's graph with
+    # the C++ op here gave wrong tokens (the plain step's use of the op is exact, and tested).
+    backend = "torch" if torch.compiler.is_compiling() else config.verify_backend
+    n_accepted = _verify_greedy(config, state, pred_row, verified_row, fill, backend)
     block.copy_(torch.where(active[:, None], verified_row[:, :n], block))
     # The winning branch's K/V sit after the block; the committed path needs them right after t0.
     branch_start = starts + n + best.to(torch.long) * g

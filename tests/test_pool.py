@@ -196,11 +196,28 @@ def test_sampling_with_candidates_is_refused():
         engine.generate(torch.randint(3, 20, (1, 6)), max_new_tokens=4, do_sample=True)
 
 
-def test_compile_with_candidates_falls_back_to_eager_with_a_warning():
+def test_compiled_pool_step_matches_eager_and_hf_without_recompiles():
+    """compile=True with candidates: the token-tree forward, the pool and the KV-row move in one graph."""
+    from torch._dynamo.utils import counters
+
     model = tiny_model("llama", vocab_size=VOCAB)
     input_ids, mask = repetitive_prompts(seed=2)
-    expected = hf_greedy(model, input_ids, mask, 20, eos_token_id=[], pad_token_id=PAD)
-    engine = JacobiEngine(model, block_size=6, candidates=2, candidate_len=4, compile=True)
-    with pytest.warns(UserWarning, match="candidates > 0 is not supported yet"):
-        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[])
-    assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
+    kwargs = dict(block_size=6, candidates=2, candidate_len=4, init="ngram")
+    eager = JacobiEngine(model, **kwargs).generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    engine = JacobiEngine(model, compile=True, **kwargs)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for call in range(2):
+        expected = hf_greedy(model, input_ids, mask, 30, eos_token_id=[], pad_token_id=PAD)
+        if call == 0:
+            out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+            assert out.stats.compile_seconds > 0
+        else:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+        assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
+        assert torch.equal(out.sequences, eager.sequences)
+        assert out.stats.candidate_wins == eager.stats.candidate_wins > 0
+    (entry,) = engine._step_cache.values()
+    assert entry.compiled is not None, entry.compile_failed
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert sum(counters["graph_break"].values()) == breaks

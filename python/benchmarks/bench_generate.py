@@ -359,6 +359,7 @@ def main(argv=None) -> int:
         ("engine_jacobi_ngram", "teacher", False),
         ("engine_jacobi_ngram", "teacher", True),
         ("engine_pool", "teacher", False),
+        ("engine_pool", "teacher", True),
         # The CLLM's own greedy output: its baseline and the reference for agreement.
         ("hf_greedy", "cllm", False),
         ("hf_prompt_lookup", "cllm", False),
@@ -368,6 +369,7 @@ def main(argv=None) -> int:
         ("engine_jacobi_ngram", "cllm", False),
         ("engine_jacobi_ngram", "cllm", True),
         ("engine_pool", "cllm", False),
+        ("engine_pool", "cllm", True),
     ]
     if args.no_compile:
         plan = [entry for entry in plan if not entry[2]]
