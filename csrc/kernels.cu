@@ -327,3 +327,199 @@ cudaError_t launch_sample_verify_and_commit(const SampleVerifyLaunch& args, cuda
 }
 
 }  // namespace jacobi_engine
+
+// ---------------------------------------------------------------------------------------------
+// Sampling verify over a token tree. Kernel 1, grid (B, T): every node's lane totals (thread t sums
+// lane t) give its total and fresh sample, and block slot i's draft decision (decide_block_sequential
+// with parallel totals). Kernel 2, grid (B): thread 0 walks the tree (walk_tree, reading kernel 1's
+// results), the threads draw the last token from what is left if the walk ended in a rejection, and
+// thread 0 commits the winning path like greedy. Kernel 3, grid (B, n): the proposal copies. The
+// arithmetic is the CPU op's, in the same order, so the tokens agree bit for bit.
+namespace jacobi_engine {
+namespace {
+
+__global__ void __launch_bounds__(kThreads) tree_nodes_kernel(SampleTreeLaunch args) {
+  __shared__ double totals[kSampleLanes];
+  __shared__ double totals_q[kSampleLanes];
+  __shared__ double p_total, q_total;
+  __shared__ int branch;  // 0: accepted, 1: SJD residual, 2: p without the draft
+  const int64_t b = blockIdx.x;
+  const int64_t t = blockIdx.y;
+  const int lane = threadIdx.x;
+  if (args.commit.done[b]) return;
+  const int64_t vocab = args.vocab;
+  const float* p = args.probs + (b * args.nodes + t) * vocab;
+  const uint64_t seed = static_cast<uint64_t>(*args.seed);
+  const uint64_t sequence = static_cast<uint64_t>(args.sequence_ids[b]);
+  const uint64_t step = static_cast<uint64_t>(*args.step);
+  totals[lane] = lane_total(ProbWeight{p}, vocab, lane);
+  const bool has_draft = t + 1 < args.n;
+  const int64_t draft = has_draft ? args.block[b * args.n + t + 1] : -1;
+  const DraftRule rule =
+      has_draft ? draft_rule(t + 1, args.n_fixed[b], args.draft_sampled[b * args.n + t + 1]) : DraftRule::kFixed;
+  const float* q = args.proposal + (b * args.n + (has_draft ? t + 1 : 0)) * vocab;
+  totals_q[lane] = rule == DraftRule::kRatio ? lane_total(ProbWeight{q}, vocab, lane) : 0.0;
+  __syncthreads();
+  SlotUniforms u{};
+  double q_d = 0.0;
+  if (lane == 0) {
+    u = slot_uniforms(seed, sequence, step, static_cast<uint64_t>(t));
+    p_total = lanes_sum(totals);
+    args.node_total[b * args.nodes + t] = p_total;
+    args.node_sample[b * args.nodes + t] = sample_with_totals(ProbWeight{p}, vocab, totals, u.sample);
+    branch = 0;
+    if (has_draft) {
+      q_total = rule == DraftRule::kRatio ? lanes_sum(totals_q) : 0.0;
+      q_d = rule == DraftRule::kRatio ? positive(q[draft]) : 0.0;
+      const bool accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+      args.slot_accept[b * args.n + t] = accept;
+      args.slot_q_total[b * args.n + t] = q_total;
+      if (!accept) branch = rule == DraftRule::kRatio && q_d > 0.0 ? 1 : 2;
+    }
+  }
+  __syncthreads();
+  if (branch == 0) return;
+  NodeWeight rest = plain_node_weight(p);
+  rest.exclude(draft);
+  if (branch == 1) {
+    rest.q = q;
+    rest.p_total = p_total;
+    rest.q_total = q_total;
+    rest.ratio_residual = true;
+  }
+  totals_q[lane] = lane_total(rest, vocab, lane);  // its reads are done
+  __syncthreads();
+  if (lane != 0) return;
+  int64_t token = sample_with_totals(rest, vocab, totals_q, u.residual);
+  double rest_total = lanes_sum(totals_q);
+  bool ratio_rest = branch == 1;
+  if (token < 0 && branch == 1) {  // the rounding fallback (practically never runs): one thread
+    rest.ratio_residual = false;
+    ratio_rest = false;
+    double lanes[kSampleLanes];
+    for (int l = 0; l < kSampleLanes; ++l) lanes[l] = lane_total(rest, vocab, l);
+    token = sample_with_totals(rest, vocab, lanes, u.residual);
+    rest_total = lanes_sum(lanes);
+  }
+  args.slot_accept[b * args.n + t] = token < 0;
+  args.slot_corrective[b * args.n + t] = token;
+  args.slot_ratio_rest[b * args.n + t] = ratio_rest;
+  args.slot_rest_total[b * args.n + t] = rest_total;
+}
+
+// walk_tree's Stats interface over kernel 1's results (row b).
+struct GpuTreeStats {
+  const SampleTreeLaunch* args;
+  int64_t b;
+  __device__ double p_total(int64_t node) { return args->node_total[b * args->nodes + node]; }
+  __device__ int64_t sample(int64_t node) { return args->node_sample[b * args->nodes + node]; }
+  __device__ SlotUniforms uniforms(int64_t node) const {
+    return slot_uniforms(static_cast<uint64_t>(*args->seed), static_cast<uint64_t>(args->sequence_ids[b]),
+                         static_cast<uint64_t>(*args->step), static_cast<uint64_t>(node));
+  }
+  __device__ BlockDecision block(int64_t slot) {
+    const int64_t vocab = args->vocab;
+    const float* p = args->probs + (b * args->nodes + slot) * vocab;
+    const int64_t index = b * args->n + slot;
+    BlockDecision decision{args->slot_accept[index], -1, plain_node_weight(p), 0.0};
+    if (decision.accept) return decision;
+    decision.corrective = args->slot_corrective[index];
+    decision.rest.exclude(args->block[index + 1]);
+    if (args->slot_ratio_rest[index]) {
+      decision.rest.q = args->proposal + (index + 1) * vocab;
+      decision.rest.p_total = args->node_total[b * args->nodes + slot];
+      decision.rest.q_total = args->slot_q_total[index];
+      decision.rest.ratio_residual = true;
+    }
+    decision.rest_total = args->slot_rest_total[index];
+    return decision;
+  }
+};
+
+__global__ void __launch_bounds__(kThreads) tree_walk_kernel(SampleTreeLaunch args) {
+  extern __shared__ int64_t tree_preds[];  // [W]
+  __shared__ TreeWalk walk;
+  __shared__ double totals[kSampleLanes];
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x;
+  const VerifyLaunch& commit = args.commit;
+  if (commit.done[b]) {
+    if (lane == 0) {
+      commit.n_accepted[b] = 0;
+      args.winner[b] = -1;
+      args.plan[2 * b] = 0;
+      args.plan[2 * b + 1] = args.n;
+    }
+    return;
+  }
+  const TreeShape shape{args.n, args.k, args.g};
+  const int64_t* block = args.block + b * args.n;
+  const int64_t* candidates = args.candidates + b * args.k * args.g;
+  GpuTreeStats stats{&args, b};
+  if (lane == 0) {
+    walk = walk_tree(shape, block, candidates, args.usable + b * args.k, args.probs + b * args.nodes * args.vocab,
+                     args.vocab, stats);
+  }
+  __syncthreads();
+  const bool resample = walk.last_token < 0;
+  if (resample) totals[lane] = lane_total(walk.rest, args.vocab, lane);
+  __syncthreads();
+  if (lane != 0) return;
+  int64_t last = walk.last_token;
+  if (resample) {
+    last = sample_with_totals(walk.rest, args.vocab, totals, walk.rest_uniform);
+    if (last < 0) {  // rounding fallbacks of finish_walk, on one thread
+      auto sample_rest = [&args](const NodeWeight& weight, double u) {
+        return sample_sequential(weight, args.vocab, u);
+      };
+      last = finish_walk(walk, sample_rest);
+    }
+  }
+  const int64_t width = commit.n;
+  int64_t* row = commit.block + b * width;
+  assemble_tree_row(shape, block, candidates, commit.fill + b * width, width, walk, last, stats, row, tree_preds);
+  commit_row(commit, b, tree_preds);
+  const int64_t accepted = commit.n_accepted[b];
+  const bool finished = commit.done[b];
+  args.winner[b] = walk.winner;
+  for (int64_t j = 0; j < args.n; ++j) args.block[b * args.n + j] = row[j];
+  const ProposalPlan plan =
+      proposal_plan(true, !commit.chunked || accepted == width || finished, finished, accepted, args.n);
+  args.plan[2 * b] = plan.offset;
+  args.plan[2 * b + 1] = plan.first;
+  const int64_t length = path_length(shape, walk.winner);
+  for (int64_t j = 0; j < args.n; ++j) args.draft_sampled[b * args.n + j] = tree_plan_covers(plan, j, args.n, length);
+}
+
+__global__ void __launch_bounds__(kThreads) tree_copy_proposals_kernel(SampleTreeLaunch args) {
+  const int64_t b = blockIdx.x;
+  const int64_t j = blockIdx.y;
+  const TreeShape shape{args.n, args.k, args.g};
+  const int64_t winner = args.winner[b];
+  const ProposalPlan plan{args.plan[2 * b], args.plan[2 * b + 1]};
+  if (!tree_plan_covers(plan, j, args.n, path_length(shape, winner))) return;
+  const int64_t node = path_node(shape, winner, j + plan.offset);
+  const float* source = args.probs + (b * args.nodes + node) * args.vocab;
+  float* target = args.proposal + (b * args.n + j) * args.vocab;
+  for (int64_t v = threadIdx.x; v < args.vocab; v += kThreads) target[v] = source[v];
+}
+
+}  // namespace
+
+cudaError_t launch_sample_tree_verify_and_commit(const SampleTreeLaunch& args, cudaStream_t stream) {
+  const int64_t batch = args.commit.batch;
+  if (batch == 0) return cudaSuccess;
+  tree_nodes_kernel<<<dim3(static_cast<unsigned>(batch), static_cast<unsigned>(args.nodes)), kThreads, 0, stream>>>(
+      args);
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  const size_t shared = static_cast<size_t>(args.commit.n) * sizeof(int64_t);
+  tree_walk_kernel<<<static_cast<unsigned>(batch), kThreads, shared, stream>>>(args);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  tree_copy_proposals_kernel<<<dim3(static_cast<unsigned>(batch), static_cast<unsigned>(args.n)), kThreads, 0,
+                               stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace jacobi_engine

@@ -77,4 +77,33 @@ struct SampleVerifyLaunch {
 // Enqueues the two kernels of the sampling verify (decide + commit, then proposal copy).
 cudaError_t launch_sample_verify_and_commit(const SampleVerifyLaunch& args, cudaStream_t stream);
 
+// Sampling verify over a token tree (csrc/sampling_verify.h walk_tree): greedy's commit arguments
+// in `commit` with the verified row as its block (width W = max(n, g + 1)).
+struct SampleTreeLaunch {
+  VerifyLaunch commit;           // block = the row [B, W], fill [B, W], n = W
+  const float* probs;            // [B, T, V] contiguous, T = n + k * g
+  float* proposal;               // [B, n, V] contiguous
+  bool* draft_sampled;           // [B, n]
+  int64_t* block;                // [B, n]
+  const int64_t* candidates;     // [B, k, g]
+  const bool* usable;            // [B, k]
+  const int32_t* n_fixed;        // [B]
+  const int64_t* seed;           // [1]
+  const int64_t* sequence_ids;   // [B]
+  const int64_t* step;           // [1]
+  int64_t n, k, g, nodes, vocab;
+  int64_t* winner;               // [B] result
+  double* node_total;            // [B * T] scratch: lanes_sum of each node's p
+  int64_t* node_sample;          // [B * T] scratch: each node's fresh sample
+  double* slot_q_total;          // [B * n] scratch: lanes_sum of the proposal of block slot i + 1
+  bool* slot_accept;             // [B * n] scratch: the block draft decisions
+  int64_t* slot_corrective;      // [B * n]
+  bool* slot_ratio_rest;         // [B * n]: what is left after a rejection is the SJD residual
+  double* slot_rest_total;       // [B * n]
+  int64_t* plan;                 // [B * 2] scratch: ProposalPlan of each row
+};
+
+// Enqueues the three kernels of the tree sampling verify (nodes, walk + commit, proposal copy).
+cudaError_t launch_sample_tree_verify_and_commit(const SampleTreeLaunch& args, cudaStream_t stream);
+
 }  // namespace jacobi_engine

@@ -272,3 +272,209 @@ TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
 TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
   m.impl("sample_verify_and_commit", &jacobi_engine::sample_verify_and_commit_cpu);
 }
+
+// ---------------------------------------------------------------------------------------------
+// torch.ops.jacobi_engine.sample_tree_verify_and_commit: exact sampling over the token tree
+// [block | k branches of g] (csrc/sampling_verify.h walk_tree), then greedy's commit of the
+// winning path, as the greedy pool step does (jacobi_engine/step.py).
+
+namespace jacobi_engine {
+
+void check_sample_tree_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
+                            const at::Tensor& block, const at::Tensor& candidates, const at::Tensor& usable,
+                            const at::Tensor& row, const at::Tensor& n_fixed, const at::Tensor& seed,
+                            const at::Tensor& sequence_ids, const at::Tensor& step) {
+  TORCH_CHECK_VALUE(block.dim() == 2 && block.scalar_type() == at::kLong && block.is_contiguous(),
+                    "block must be a contiguous int64 [B, n] tensor, got ", block.sizes());
+  const int64_t batch = block.size(0), n = block.size(1);
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kLong, "candidates must be int64");
+  TORCH_CHECK_VALUE(candidates.dim() == 3 && candidates.size(0) == batch && candidates.is_contiguous(),
+                    "candidates must be a contiguous [B=", batch, ", k, g] tensor, got ", candidates.sizes());
+  const int64_t k = candidates.size(1), g = candidates.size(2);
+  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxTreeBranches && g >= 1, "candidates must have 1 <= k <= ", kMaxTreeBranches,
+                    " branches of g >= 1 tokens, got ", candidates.sizes());
+  TORCH_CHECK_TYPE(usable.scalar_type() == at::kBool, "usable must be bool");
+  TORCH_CHECK_VALUE(usable.dim() == 2 && usable.size(0) == batch && usable.size(1) == k && usable.is_contiguous(),
+                    "usable must be a contiguous [B=", batch, ", k=", k, "] tensor, got ", usable.sizes());
+  const int64_t width = std::max(n, g + 1);
+  TORCH_CHECK_VALUE(row.dim() == 2 && row.size(0) == batch && row.size(1) == width, "row must be [B=", batch,
+                    ", max(n, g + 1)=", width, "], got ", row.sizes());
+  TORCH_CHECK_TYPE(probs.scalar_type() == at::kFloat, "probs must be float32, got ", probs.scalar_type());
+  TORCH_CHECK_VALUE(probs.dim() == 3 && probs.size(0) == batch && probs.size(1) == n + k * g && probs.size(2) > 0 &&
+                        probs.is_contiguous(),
+                    "probs must be a contiguous [B=", batch, ", n + k * g=", n + k * g, ", V] tensor, got ",
+                    probs.sizes());
+  TORCH_CHECK_TYPE(proposal.scalar_type() == at::kFloat, "proposal must be float32, got ", proposal.scalar_type());
+  TORCH_CHECK_VALUE(proposal.dim() == 3 && proposal.size(0) == batch && proposal.size(1) == n &&
+                        proposal.size(2) == probs.size(2) && proposal.is_contiguous(),
+                    "proposal must be a contiguous [B, n, V] tensor, got ", proposal.sizes());
+  TORCH_CHECK_TYPE(draft_sampled.scalar_type() == at::kBool, "draft_sampled must be bool");
+  TORCH_CHECK_VALUE(draft_sampled.sizes() == block.sizes() && draft_sampled.is_contiguous(),
+                    "draft_sampled must be a contiguous tensor of the block's shape ", block.sizes());
+  TORCH_CHECK_TYPE(n_fixed.scalar_type() == at::kInt, "n_fixed must be int32");
+  TORCH_CHECK_VALUE(n_fixed.dim() == 1 && n_fixed.size(0) == batch && n_fixed.is_contiguous(),
+                    "n_fixed must be a contiguous [B=", batch, "] tensor");
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && step.scalar_type() == at::kLong, "seed and step must be int64");
+  TORCH_CHECK_VALUE(seed.numel() == 1 && step.numel() == 1, "seed and step must hold one value each");
+  TORCH_CHECK_TYPE(sequence_ids.scalar_type() == at::kLong, "sequence_ids must be int64");
+  TORCH_CHECK_VALUE(sequence_ids.dim() == 1 && sequence_ids.size(0) == batch && sequence_ids.is_contiguous(),
+                    "sequence_ids must be a contiguous [B=", batch, "] tensor");
+  for (const at::Tensor* t :
+       {&probs, &proposal, &draft_sampled, &candidates, &usable, &row, &n_fixed, &seed, &sequence_ids, &step}) {
+    TORCH_CHECK_VALUE(t->device() == block.device(), "all sample_tree_verify_and_commit inputs must be on ",
+                      block.device(), ", got one on ", t->device());
+  }
+}
+
+namespace {
+
+// Node quantities on demand (each computed once per call, as the GPU computes them beforehand).
+struct CpuTreeStats {
+  TreeShape shape;
+  const float* probs;
+  const float* proposal;
+  const int64_t* block;
+  const bool* sampled;
+  int64_t n_fixed;
+  int64_t vocab;
+  uint64_t seed, sequence, step;
+  std::vector<double> totals;
+  std::vector<int64_t> samples;
+  std::vector<char> known;
+
+  void ensure(int64_t node) {
+    if (known[node]) return;
+    const float* p = probs + node * vocab;
+    double lanes[kSampleLanes];
+    for (int lane = 0; lane < kSampleLanes; ++lane) lanes[lane] = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) lanes[v % kSampleLanes] += positive(p[v]);
+    totals[node] = lanes_sum(lanes);
+    samples[node] = sample_with_totals(ProbWeight{p}, vocab, lanes, uniforms(node).sample);
+    known[node] = 1;
+  }
+  double p_total(int64_t node) {
+    ensure(node);
+    return totals[node];
+  }
+  int64_t sample(int64_t node) {
+    ensure(node);
+    return samples[node];
+  }
+  SlotUniforms uniforms(int64_t node) const {
+    return slot_uniforms(seed, sequence, step, static_cast<uint64_t>(node));
+  }
+  BlockDecision block_decision(int64_t slot) {
+    const DraftRule rule = draft_rule(slot + 1, n_fixed, sampled[slot + 1]);
+    return decide_block_sequential(probs + slot * vocab, proposal + (slot + 1) * vocab, vocab, block[slot + 1], rule,
+                                   uniforms(slot), p_total(slot));
+  }
+};
+
+// walk_tree's Stats interface over CpuTreeStats (`block` is a member name there).
+struct CpuTreeStatsView {
+  CpuTreeStats& stats;
+  double p_total(int64_t node) { return stats.p_total(node); }
+  int64_t sample(int64_t node) { return stats.sample(node); }
+  SlotUniforms uniforms(int64_t node) const { return stats.uniforms(node); }
+  BlockDecision block(int64_t slot) { return stats.block_decision(slot); }
+};
+
+std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
+    const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled, at::Tensor& block,
+    const at::Tensor& candidates, const at::Tensor& usable, at::Tensor& row, const at::Tensor& fill,
+    at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
+    const at::Tensor& eos_ids, const at::Tensor& max_new_tokens, const at::Tensor& n_fixed, const at::Tensor& seed,
+    const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+  check_sample_tree_args(probs, proposal, draft_sampled, block, candidates, usable, row, n_fixed, seed, sequence_ids,
+                         step);
+  check_verify_args(row, row, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  const int64_t batch = block.size(0), n = block.size(1);
+  const TreeShape shape{n, candidates.size(1), candidates.size(2)};
+  const int64_t width = row.size(1);
+  const int64_t nodes = probs.size(1);
+  const int64_t vocab = probs.size(2);
+  const at::Tensor fill_c = fill.contiguous();
+  const at::Tensor eos_c = eos_ids.contiguous();
+  at::Tensor n_accepted = at::zeros({batch}, block.options().dtype(at::kInt));
+  at::Tensor winner = at::full({batch}, -1, block.options());
+  const uint64_t seed_value = static_cast<uint64_t>(seed.item<int64_t>());
+  const uint64_t step_value = static_cast<uint64_t>(step.item<int64_t>());
+  const float* probs_ptr = probs.data_ptr<float>();
+  float* proposal_ptr = proposal.data_ptr<float>();
+  bool* sampled_ptr = draft_sampled.data_ptr<bool>();
+  int64_t* block_ptr = block.data_ptr<int64_t>();
+  int64_t* row_ptr = row.data_ptr<int64_t>();
+  const int64_t* candidates_ptr = candidates.data_ptr<int64_t>();
+  const bool* usable_ptr = usable.data_ptr<bool>();
+  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  std::vector<int64_t> preds(width);
+  for (int64_t b = 0; b < batch; ++b) {
+    bool* row_done = done.data_ptr<bool>() + b;
+    if (*row_done) continue;
+    const float* row_probs = probs_ptr + b * nodes * vocab;
+    float* row_proposal = proposal_ptr + b * n * vocab;
+    int64_t* row_block = block_ptr + b * n;
+    bool* row_sampled = sampled_ptr + b * n;
+    const int64_t* row_candidates = candidates_ptr + b * shape.k * shape.g;
+    CpuTreeStats stats{shape,
+                       row_probs,
+                       row_proposal,
+                       row_block,
+                       row_sampled,
+                       n_fixed.data_ptr<int32_t>()[b],
+                       vocab,
+                       seed_value,
+                       static_cast<uint64_t>(sequence_ids.data_ptr<int64_t>()[b]),
+                       step_value,
+                       std::vector<double>(nodes),
+                       std::vector<int64_t>(nodes),
+                       std::vector<char>(nodes, 0)};
+    CpuTreeStatsView view{stats};
+    const TreeWalk walk =
+        walk_tree(shape, row_block, row_candidates, usable_ptr + b * shape.k, row_probs, vocab, view);
+    auto sample_rest = [vocab](const NodeWeight& weight, double u) { return sample_sequential(weight, vocab, u); };
+    const int64_t last = finish_walk(walk, sample_rest);
+    int64_t* path_row = row_ptr + b * width;
+    assemble_tree_row(shape, row_block, row_candidates, fill_c.data_ptr<int64_t>() + b * width, width, walk, last,
+                      view, path_row, preds.data());
+    VerifyRow commit{preds.data(),           path_row,
+                     fill_c.data_ptr<int64_t>() + b * width,
+                     cache_seqlens.data_ptr<int32_t>() + b,
+                     out_tokens.data_ptr<int64_t>() + b * out_tokens.stride(0),
+                     out_tokens.stride(1),   n_generated.data_ptr<int32_t>() + b,
+                     row_done,               eos_c.data_ptr<int64_t>(),
+                     eos_c.numel()};
+    const int32_t accepted = verify_commit_row(commit, width, limits_ptr[b], chunked);
+    n_accepted.data_ptr<int32_t>()[b] = accepted;
+    winner.data_ptr<int64_t>()[b] = walk.winner;
+    std::copy_n(path_row, n, row_block);
+    const bool finished = *row_done;
+    const ProposalPlan plan =
+        proposal_plan(true, !chunked || accepted == width || finished, finished, accepted, n);
+    const int64_t length = path_length(shape, walk.winner);
+    for (int64_t j = 0; j < n; ++j) {
+      const bool covered = tree_plan_covers(plan, j, n, length);
+      row_sampled[j] = covered;
+      if (covered) {
+        const int64_t node = path_node(shape, walk.winner, j + plan.offset);
+        std::copy_n(row_probs + node * vocab, vocab, row_proposal + j * vocab);
+      }
+    }
+  }
+  return {n_accepted, winner};
+}
+
+}  // namespace
+}  // namespace jacobi_engine
+
+TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
+  m.def(
+      "sample_tree_verify_and_commit(Tensor probs, Tensor(a!) proposal, Tensor(b!) draft_sampled, Tensor(c!) block, "
+      "Tensor candidates, Tensor usable, Tensor(d!) row, Tensor fill, Tensor(e!) cache_seqlens, "
+      "Tensor(f!) out_tokens, Tensor(g!) n_generated, Tensor(h!) done, Tensor eos_ids, Tensor max_new_tokens, "
+      "Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, bool chunked) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
+  m.impl("sample_tree_verify_and_commit", &jacobi_engine::sample_tree_verify_and_commit_cpu);
+}

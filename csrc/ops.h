@@ -21,4 +21,11 @@ void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposa
                               const at::Tensor& block, const at::Tensor& n_fixed, const at::Tensor& seed,
                               const at::Tensor& sequence_ids, const at::Tensor& step);
 
+// Validates the tree-specific arguments of sample_tree_verify_and_commit (the commit's are greedy's,
+// checked with the row as the block).
+void check_sample_tree_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
+                            const at::Tensor& block, const at::Tensor& candidates, const at::Tensor& usable,
+                            const at::Tensor& row, const at::Tensor& n_fixed, const at::Tensor& seed,
+                            const at::Tensor& sequence_ids, const at::Tensor& step);
+
 }  // namespace jacobi_engine

@@ -165,6 +165,81 @@ at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& pr
   return n_accepted;
 }
 
+std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cuda(
+    const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled, at::Tensor& block,
+    const at::Tensor& candidates, const at::Tensor& usable, at::Tensor& row, const at::Tensor& fill,
+    at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
+    const at::Tensor& eos_ids, const at::Tensor& max_new_tokens, const at::Tensor& n_fixed, const at::Tensor& seed,
+    const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+  check_sample_tree_args(probs, proposal, draft_sampled, block, candidates, usable, row, n_fixed, seed, sequence_ids,
+                         step);
+  check_verify_args(row, row, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  TORCH_CHECK_VALUE(row.is_contiguous(), "row must be contiguous");
+  const c10::cuda::CUDAGuard guard(block.device());
+  const int64_t batch = block.size(0);
+  const int64_t n = block.size(1);
+  const int64_t nodes = probs.size(1);
+  const at::Tensor fill_c = fill.contiguous();
+  const at::Tensor eos_c = eos_ids.contiguous();
+  at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
+  at::Tensor winner = at::empty({batch}, block.options());
+  // Scratch belongs to this call (no state shared between engines or streams).
+  at::Tensor node_total = at::empty({batch * nodes}, block.options().dtype(at::kDouble));
+  at::Tensor node_sample = at::empty({batch * nodes}, block.options());
+  at::Tensor slot_q_total = at::empty({batch * n}, block.options().dtype(at::kDouble));
+  at::Tensor slot_accept = at::empty({batch * n}, block.options().dtype(at::kBool));
+  at::Tensor slot_corrective = at::empty({batch * n}, block.options());
+  at::Tensor slot_ratio_rest = at::empty({batch * n}, block.options().dtype(at::kBool));
+  at::Tensor slot_rest_total = at::empty({batch * n}, block.options().dtype(at::kDouble));
+  at::Tensor plan = at::empty({batch * 2}, block.options());
+
+  SampleTreeLaunch args{};
+  VerifyLaunch& commit = args.commit;
+  commit.score_type = ScoreType::kArgmax;
+  commit.block = row.data_ptr<int64_t>();
+  commit.fill = fill_c.data_ptr<int64_t>();
+  commit.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  commit.out = out_tokens.data_ptr<int64_t>();
+  commit.out_stride_b = out_tokens.stride(0);
+  commit.out_stride_j = out_tokens.stride(1);
+  commit.n_generated = n_generated.data_ptr<int32_t>();
+  commit.done = done.data_ptr<bool>();
+  commit.eos_ids = eos_c.data_ptr<int64_t>();
+  commit.n_eos = eos_c.numel();
+  commit.n_accepted = n_accepted.data_ptr<int32_t>();
+  commit.batch = batch;
+  commit.n = row.size(1);
+  commit.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
+  commit.chunked = chunked;
+  args.probs = probs.data_ptr<float>();
+  args.proposal = proposal.data_ptr<float>();
+  args.draft_sampled = draft_sampled.data_ptr<bool>();
+  args.block = block.data_ptr<int64_t>();
+  args.candidates = candidates.data_ptr<int64_t>();
+  args.usable = usable.data_ptr<bool>();
+  args.n_fixed = n_fixed.data_ptr<int32_t>();
+  args.seed = seed.data_ptr<int64_t>();
+  args.sequence_ids = sequence_ids.data_ptr<int64_t>();
+  args.step = step.data_ptr<int64_t>();
+  args.n = n;
+  args.k = candidates.size(1);
+  args.g = candidates.size(2);
+  args.nodes = nodes;
+  args.vocab = probs.size(2);
+  args.winner = winner.data_ptr<int64_t>();
+  args.node_total = node_total.data_ptr<double>();
+  args.node_sample = node_sample.data_ptr<int64_t>();
+  args.slot_q_total = slot_q_total.data_ptr<double>();
+  args.slot_accept = slot_accept.data_ptr<bool>();
+  args.slot_corrective = slot_corrective.data_ptr<int64_t>();
+  args.slot_ratio_rest = slot_ratio_rest.data_ptr<bool>();
+  args.slot_rest_total = slot_rest_total.data_ptr<double>();
+  args.plan = plan.data_ptr<int64_t>();
+  const cudaError_t status = launch_sample_tree_verify_and_commit(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "sample_tree_verify_and_commit launch failed: ", cudaGetErrorString(status));
+  return {n_accepted, winner};
+}
+
 }  // namespace
 }  // namespace jacobi_engine
 
@@ -175,4 +250,5 @@ TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(jacobi_engine, CUDA, m) {
   m.impl("sample_verify_and_commit", &jacobi_engine::sample_verify_and_commit_cuda);
+  m.impl("sample_tree_verify_and_commit", &jacobi_engine::sample_tree_verify_and_commit_cuda);
 }

@@ -293,4 +293,240 @@ JE_HOST_DEVICE inline bool plan_covers(ProposalPlan plan, int64_t slot, int64_t 
   return slot >= plan.first && slot >= 1 && slot + plan.offset < n;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Sampling over a token tree: the block [t0, d_1..d_{n-1}] and k pooled branches of g tokens, each
+// rooted at t0 (the layout of jacobi_engine/pool.py tree_layout). Verification walks the tree from
+// the root. At each node the children offered by the paths still alive (tokens equal to the
+// verified prefix) compete, SpecInfer-style: the block's draft first, by its own rule (ratio,
+// one-hot or fixed), then every branch's token in branch order by the one-hot rule on what is left
+// (accept c with probability r(c) / sum(r), else remove c from r). The first accepted child extends
+// the prefix; if none is, the last token is drawn from the final r. Each test is an exact
+// one-hot or ratio step on the current r, so every position gets exactly p (jacobi_engine/sampling.py).
+
+constexpr int kMaxTreeBranches = 32;                     // k <= 32 (checked by the op)
+constexpr int kMaxTreeExcluded = kMaxTreeBranches + 1;  // the branches' tokens and the block's draft
+
+struct TreeShape {
+  int64_t n;  // block slots
+  int64_t k;  // branches
+  int64_t g;  // tokens per branch
+};
+
+// Paths: -1 is the block, 0..k-1 the branches. Depth 0 is t0 for every path.
+JE_HOST_DEVICE inline int64_t path_length(TreeShape shape, int64_t path) { return path < 0 ? shape.n : shape.g + 1; }
+
+JE_HOST_DEVICE inline int64_t path_node(TreeShape shape, int64_t path, int64_t depth) {
+  return path < 0 || depth == 0 ? depth : shape.n + path * shape.g + depth - 1;
+}
+
+JE_HOST_DEVICE inline int64_t path_token(TreeShape shape, const int64_t* block, const int64_t* candidates,
+                                         int64_t path, int64_t depth) {
+  return path < 0 ? block[depth] : (depth == 0 ? block[0] : candidates[path * shape.g + depth - 1]);
+}
+
+// What is left of a node's distribution: p, or the SJD residual of p and q, with tokens removed.
+struct NodeWeight {
+  const float* p;
+  const float* q;
+  double p_total, q_total;
+  bool ratio_residual;
+  int n_excluded;
+  int64_t excluded[kMaxTreeExcluded];
+  JE_HOST_DEVICE double operator()(int64_t v) const {
+    for (int i = 0; i < n_excluded; ++i) {
+      if (excluded[i] == v) return 0.0;
+    }
+    if (ratio_residual) return positive(sub_rn(mul_rn(positive(p[v]), q_total), mul_rn(positive(q[v]), p_total)));
+    return positive(p[v]);
+  }
+  JE_HOST_DEVICE void exclude(int64_t v) {
+    if (n_excluded < kMaxTreeExcluded) excluded[n_excluded++] = v;
+  }
+};
+
+JE_HOST_DEVICE inline NodeWeight plain_node_weight(const float* p) {
+  NodeWeight weight{};
+  weight.p = p;
+  weight.q = p;
+  weight.ratio_residual = false;
+  weight.n_excluded = 0;
+  return weight;
+}
+
+// The block draft's decision at block slot i (it judges block[i + 1]): the plain op's SlotResult,
+// plus, on rejection, what is left of p for the branches (`rest`, total `rest_total`).
+struct BlockDecision {
+  bool accept;
+  int64_t corrective;  // the plain op's replacement token (used when no branch competes)
+  NodeWeight rest;
+  double rest_total;
+};
+
+// The walk's outcome: the winning path, the verified count a, and the last verified token, or -1
+// when it is to be drawn from `rest` with `rest_uniform` (rest_total > 0 was checked by the walk).
+struct TreeWalk {
+  int64_t winner;
+  int64_t accepted;
+  int64_t last_token;
+  NodeWeight rest;
+  double rest_uniform;
+};
+
+// Per-node quantities the walk reads; the CPU computes them on demand, the GPU beforehand:
+//   p_total(t)       lanes_sum of node t's lane totals
+//   sample(t)        node t's fresh sample (its "sample" uniform)
+//   block(i)         BlockDecision of block slot i (0 <= i < n - 1)
+//   uniforms(t)      SlotUniforms of counter slot t
+template <typename Stats>
+JE_HOST_DEVICE TreeWalk walk_tree(TreeShape shape, const int64_t* block, const int64_t* candidates,
+                                  const bool* usable, const float* probs, int64_t vocab, Stats& stats) {
+  uint64_t alive = 0;  // bit m: branch m still matches the verified prefix
+  for (int64_t m = 0; m < shape.k; ++m) {
+    if (usable[m]) alive |= uint64_t{1} << m;
+  }
+  bool block_alive = true;
+  int64_t path = -1;  // the path the verified prefix is read from (the block while it is alive)
+  for (int64_t depth = 0;; ++depth) {
+    const int64_t node = path_node(shape, path, depth);
+    const float* p = probs + node * vocab;
+    const bool block_child = block_alive && depth + 1 < shape.n;
+    bool branch_child = false;
+    for (int64_t m = 0; m < shape.k && depth < shape.g; ++m) branch_child |= ((alive >> m) & 1) != 0;
+    if (!block_child && !branch_child) {  // the path ends here: the bonus token
+      return TreeWalk{path, depth + 1, stats.sample(node), plain_node_weight(p), 0.0};
+    }
+    NodeWeight rest = plain_node_weight(p);
+    double total = 0.0;
+    double rest_uniform = stats.uniforms(node).residual;
+    if (block_child) {
+      const BlockDecision decision = stats.block(depth);
+      if (decision.accept) {
+        const int64_t token = block[depth + 1];
+        for (int64_t m = 0; m < shape.k && depth < shape.g; ++m) {
+          if (candidates[m * shape.g + depth] != token) alive &= ~(uint64_t{1} << m);
+        }
+        if (depth >= shape.g) alive = 0;
+        continue;
+      }
+      block_alive = false;
+      if (!branch_child) return TreeWalk{path, depth + 1, decision.corrective, rest, 0.0};
+      rest = decision.rest;
+      total = decision.rest_total;
+    } else {
+      block_alive = false;
+      total = stats.p_total(node);
+    }
+    int64_t chosen = -2;  // -2: none yet
+    for (int64_t m = 0; m < shape.k && chosen == -2; ++m) {
+      if (((alive >> m) & 1) == 0) continue;
+      const int64_t token = candidates[m * shape.g + depth];
+      const double weight = rest(token);
+      const double left = sub_rn(total, weight);
+      const double u = stats.uniforms(path_node(shape, m, depth + 1)).accept;
+      // No weight outside the token (rounding): in exact arithmetic it is accepted with certainty.
+      if (total > 0.0 && (mul_rn(u, total) < weight || !(left > 0.0))) {
+        chosen = m;
+      } else {
+        rest.exclude(token);
+        total = left;
+      }
+    }
+    if (chosen == -2) {
+      if (!(total > 0.0)) return TreeWalk{path, depth + 1, stats.sample(node), plain_node_weight(p), 0.0};
+      return TreeWalk{path, depth + 1, -1, rest, rest_uniform};
+    }
+    const int64_t token = candidates[chosen * shape.g + depth];
+    for (int64_t m = 0; m < shape.k; ++m) {
+      if (candidates[m * shape.g + depth] != token) alive &= ~(uint64_t{1} << m);
+    }
+    path = chosen;
+  }
+}
+
+// The block draft's decision at slot i on one thread: the plain op's (decide_slot_sequential), with
+// what is left of p on rejection. `p_total` is the node's lanes_sum.
+JE_HOST_DEVICE inline BlockDecision decide_block_sequential(const float* p, const float* q, int64_t vocab,
+                                                            int64_t draft, DraftRule rule, SlotUniforms u,
+                                                            double p_total) {
+  BlockDecision decision{true, -1, plain_node_weight(p), 0.0};
+  double q_total = 0.0, q_d = 0.0;
+  if (rule == DraftRule::kRatio) {
+    double q_totals[kSampleLanes];
+    for (int lane = 0; lane < kSampleLanes; ++lane) q_totals[lane] = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) q_totals[v % kSampleLanes] += positive(q[v]);
+    q_total = lanes_sum(q_totals);
+    q_d = positive(q[draft]);
+  }
+  decision.accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+  if (decision.accept) return decision;
+  double totals[kSampleLanes];
+  NodeWeight rest = plain_node_weight(p);
+  rest.exclude(draft);
+  if (rule == DraftRule::kRatio && q_d > 0.0) {
+    NodeWeight residual = rest;
+    residual.q = q;
+    residual.p_total = p_total;
+    residual.q_total = q_total;
+    residual.ratio_residual = true;
+    for (int lane = 0; lane < kSampleLanes; ++lane) totals[lane] = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) totals[v % kSampleLanes] += residual(v);
+    const int64_t token = sample_with_totals(residual, vocab, totals, u.residual);
+    if (token >= 0) {  // else: the rounding fallback of corrective_sequential, p without the draft
+      decision = BlockDecision{false, token, residual, lanes_sum(totals)};
+      return decision;
+    }
+  }
+  for (int lane = 0; lane < kSampleLanes; ++lane) totals[lane] = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) totals[v % kSampleLanes] += rest(v);
+  const int64_t token = sample_with_totals(rest, vocab, totals, u.residual);
+  decision = BlockDecision{token < 0, token, rest, lanes_sum(totals)};
+  return decision;
+}
+
+// The last token of a walk that ended in a rejection: a draw from what is left (rest_total > 0), or,
+// if rounding left no weight there, from p without the removed tokens, then from p.
+template <typename SampleRest>
+JE_HOST_DEVICE int64_t finish_walk(const TreeWalk& walk, SampleRest& sample_rest) {
+  if (walk.last_token >= 0) return walk.last_token;
+  int64_t token = sample_rest(walk.rest, walk.rest_uniform);
+  if (token < 0 && walk.rest.ratio_residual) {
+    NodeWeight plain = walk.rest;
+    plain.ratio_residual = false;
+    token = sample_rest(plain, walk.rest_uniform);
+  }
+  if (token < 0) token = sample_rest(plain_node_weight(walk.rest.p), walk.rest_uniform);
+  return token;
+}
+
+// The winning path's row (its tokens, -1 past its end) and greedy's `preds` over width W:
+// preds[j] = row[j + 1] for j < a - 1, preds[a - 1] = the last token, then the fresh samples of the
+// path's nodes, then fill. verify_commit_row finds the same a: the path's token after the verified
+// prefix was rejected, so the last token differs from it.
+template <typename Stats>
+JE_HOST_DEVICE void assemble_tree_row(TreeShape shape, const int64_t* block, const int64_t* candidates,
+                                      const int64_t* fill, int64_t width, const TreeWalk& walk, int64_t last,
+                                      Stats& stats, int64_t* row, int64_t* preds) {
+  const int64_t length = path_length(shape, walk.winner);
+  for (int64_t j = 0; j < width; ++j) {
+    row[j] = j < length ? path_token(shape, block, candidates, walk.winner, j) : -1;
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    if (j < walk.accepted - 1) {
+      preds[j] = row[j + 1];
+    } else if (j == walk.accepted - 1) {
+      preds[j] = last;
+    } else if (j < length) {
+      preds[j] = stats.sample(path_node(shape, walk.winner, j));
+    } else {
+      preds[j] = fill[j];
+    }
+  }
+}
+
+// Slot j of the next block holds a fresh sample of the winner's node at depth j + offset.
+JE_HOST_DEVICE inline bool tree_plan_covers(ProposalPlan plan, int64_t slot, int64_t n, int64_t length) {
+  return slot >= plan.first && slot >= 1 && slot < n && slot + plan.offset < length;
+}
+
 }  // namespace jacobi_engine

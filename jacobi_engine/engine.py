@@ -125,6 +125,9 @@ class _StepCacheEntry:
     compile_failed: str | None = None  # why the step could not be compiled (then it runs eagerly)
 
 
+MAX_SAMPLING_CANDIDATES = 32  # csrc/sampling_verify.h kMaxTreeBranches
+
+
 class JacobiEngine:
     """Jacobi decoding for a Hugging Face decoder-only causal LM.
 
@@ -636,10 +639,10 @@ class JacobiEngine:
             max_positions=self.info.max_positions,
         )
         max_new_tokens = settings.max_new_tokens
-        if settings.sampling is not None and self.candidates:
+        if settings.sampling is not None and self.candidates > MAX_SAMPLING_CANDIDATES:
             raise ValueError(
-                "do_sample=True with candidates > 0 is not supported yet (the pool's branches are verified "
-                "greedily); use candidates=0 to sample, or do_sample=False"
+                f"do_sample=True verifies at most {MAX_SAMPLING_CANDIDATES} candidates per step "
+                f"(csrc/sampling_verify.h kMaxTreeBranches), got candidates={self.candidates}"
             )
         explicit_pad = pad_token_id
         if explicit_pad is None:

@@ -13,6 +13,10 @@
     ``torch.ops.jacobi_engine.sample_verify_and_commit``); backends as verify_and_commit's, the
     reference being :func:`jacobi_engine.sampling.sample_verify_and_commit`.
 
+``sample_tree_verify_and_commit``  the same over a token tree of candidate branches (SpecInfer-style
+    multi-candidate verification; ``torch.ops.jacobi_engine.sample_tree_verify_and_commit``), the
+    reference being :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
+
 Swapping a kernel means editing this file only; the decoding loop calls these functions.
 """
 
@@ -307,3 +311,68 @@ def _sample_verify_and_commit_fake(
     chunked,
 ):
     return block.new_empty((block.shape[0],), dtype=torch.int32)
+
+
+def sample_tree_verify_and_commit(
+    probs: torch.Tensor,
+    proposal: torch.Tensor,
+    draft_sampled: torch.Tensor,
+    block: torch.Tensor,
+    candidates: torch.Tensor,
+    usable: torch.Tensor,
+    row: torch.Tensor,
+    fill: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    out_tokens: torch.Tensor,
+    n_generated: torch.Tensor,
+    done: torch.Tensor,
+    eos_ids: torch.Tensor,
+    max_new_tokens: torch.Tensor,
+    n_fixed: torch.Tensor,
+    seed: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    step: torch.Tensor,
+    chunked: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact sampling over the token tree [block | candidate branches] + the commit of the winning path;
+    see :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
+
+    ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or ``"torch"`` (the reference, a
+    per-row loop that reads values on the host: for tests). Returns (``n_accepted`` int32 [B],
+    ``winner`` int64 [B], -1 where the block won).
+    """
+    _check_choice("backend", backend, VERIFY_BACKENDS)
+    args = (probs, proposal, draft_sampled, block, candidates, usable, row, fill, cache_seqlens, out_tokens)
+    rest = (n_generated, done, eos_ids, max_new_tokens, n_fixed, seed, sequence_ids, step, chunked)
+    if backend == "torch":
+        from jacobi_engine import sampling
+
+        return sampling.sample_tree_verify_and_commit(*args, *rest)
+    return torch.ops.jacobi_engine.sample_tree_verify_and_commit(*args, *rest)
+
+
+@torch.library.register_fake("jacobi_engine::sample_tree_verify_and_commit")
+def _sample_tree_verify_and_commit_fake(
+    probs,
+    proposal,
+    draft_sampled,
+    block,
+    candidates,
+    usable,
+    row,
+    fill,
+    cache_seqlens,
+    out_tokens,
+    n_generated,
+    done,
+    eos_ids,
+    max_new_tokens,
+    n_fixed,
+    seed,
+    sequence_ids,
+    step,
+    chunked,
+):
+    batch = block.shape[0]
+    return block.new_empty((batch,), dtype=torch.int32), block.new_empty((batch,), dtype=torch.long)

@@ -52,6 +52,35 @@ positions, the output then has the autoregressive law ``prod_k p(y_k | y_<k)`` (
 3. *Chunked mode* keeps a chunk's verified tokens in place until the chunk is complete; they are
    accepted unconditionally at later iterations (``n_fixed``), since they are already exact draws.
 
+Candidates (a token tree)
+-------------------------
+With pooled candidates (``JacobiEngine(candidates=k)``) the forward is over the tree
+``[block | k branches of g tokens]``, every branch rooted at ``y``. Verification walks the tree
+from the root, SpecInfer-style (Miao et al., 2023: multi-candidate speculative sampling). At a
+node with target ``p``, the children offered by the paths still alive (those whose tokens equal
+the verified prefix) compete in a fixed order: the block's draft first, by its own rule (ratio,
+one-hot, or fixed in chunked mode); then each alive branch's token ``c``, by the one-hot rule on
+what is left, ``r``: accept ``c`` with probability ``r(c) / sum(r)``, else remove ``c`` from ``r``. The
+first accepted child extends the prefix (the paths that disagree with it die); if none is
+accepted, the last token is drawn from the final ``r``. The winning path is then committed like
+greedy's winning branch (its K/V rows moved after ``y``).
+
+Why it is exact: a one-hot chain over deterministic tokens ``c_1..c_m`` on ``r`` outputs a draw
+from ``r``, by induction on ``m`` (point 2 above, with "draw from ``r`` without ``c_1``" realised by the
+chain over ``c_2..c_m``; a token already removed has weight 0 and is rejected). So at a node
+where the block's draft is rejected, the branches only replace the rule's rejection draw (from the
+SJD residual, or from ``p`` without the draft) by another draw from the same distribution, and
+point 1's identity holds as before. The branches' tokens may even depend on this step's drafts:
+the chain's output law is ``r`` whatever its tokens, so the draft's acceptance is still judged
+against the unconditioned ``q``. (The pool is fed with each slot's argmax, not with its samples, so
+candidates are deterministic given the forward in any case.) Every test draws its own number:
+block slot ``i``'s counter judges ``d_{i+1}`` as in the plain op, branch node ``t``'s counter judges
+that node's token, and the residual number of the node where the walk stops draws the last token.
+Where several paths share a prefix their nodes have the same target in exact arithmetic; the walk
+reads the one on the path it follows (the block while it is alive, then the first alive branch).
+After a branch wins, the next block's drafts are fresh samples from that branch's nodes (with
+those distributions as their proposals), and ``fill`` beyond it (deterministic drafts).
+
 Randomness
 ----------
 Every uniform is Philox4x32-10 of a counter ``(sequence, step, slot, draw)`` under the 64-bit key
@@ -325,3 +354,222 @@ def sample_verify_and_commit(
     proposal.copy_(torch.where(covered[..., None], gathered, proposal))
     draft_sampled.copy_(torch.where(active[:, None], covered, draft_sampled))
     return n_accepted
+
+
+# -- sampling over a token tree (candidates): the reference of sample_tree_verify_and_commit ------
+def _tree_path_node(n: int, g: int, path: int, depth: int) -> int:
+    return depth if path < 0 or depth == 0 else n + path * g + depth - 1
+
+
+def _lanes_total(weights: torch.Tensor) -> float:
+    """The C++ ``lanes_sum`` of a float64 weight vector [V] (lane totals, then lanes in order)."""
+    return float(lane_totals(weights[None]).cumsum(dim=1)[0, -1])
+
+
+def _draw(weights: torch.Tensor, uniform: float) -> int:
+    return int(sample_lane_order(weights[None], torch.tensor([uniform], dtype=torch.float64))[0])
+
+
+def _without(weights: torch.Tensor, excluded: list[int]) -> torch.Tensor:
+    if excluded:
+        weights = weights.clone()
+        weights[torch.tensor(excluded, dtype=torch.long)] = 0.0
+    return weights
+
+
+def _walk_tree(probs, proposal, block, candidates, usable, sampled, n_fixed, uniforms):
+    """One row's tree walk (csrc/sampling_verify.h ``walk_tree`` + ``finish_walk``), in plain Python.
+
+    Returns (winner path: -1 block or the branch, accepted count a, last token, fresh sample of a node).
+    """
+    n = block.shape[0]
+    k, g = candidates.shape
+    u_accept, u_residual, u_sample = uniforms
+    positive = [None] * probs.shape[0]
+
+    def p_of(node):
+        if positive[node] is None:
+            positive[node] = _positive(probs[node])
+        return positive[node]
+
+    def sample(node):
+        return _draw(p_of(node), float(u_sample[node]))
+
+    alive = [bool(usable[m]) for m in range(k)]
+    block_alive, path = True, -1
+    depth = 0
+    while True:
+        node = _tree_path_node(n, g, path, depth)
+        p = p_of(node)
+        block_child = block_alive and depth + 1 < n
+        branch_child = depth < g and any(alive)
+        if not block_child and not branch_child:
+            return path, depth + 1, sample(node)
+        rest, excluded = p, []
+        if block_child:
+            draft = int(block[depth + 1])
+            p_total = _lanes_total(p)
+            fixed = depth + 1 <= n_fixed
+            ratio = bool(sampled[depth + 1]) and not fixed
+            q = _positive(proposal[depth + 1])
+            q_d = float(q[draft])
+            p_d = float(p[draft])
+            if fixed:
+                accepted = True
+            elif ratio and q_d > 0.0:
+                q_total = _lanes_total(q)
+                accepted = (float(u_accept[depth]) * q_d) * p_total < p_d * q_total
+            else:
+                accepted = float(u_accept[depth]) * p_total < p_d
+            if accepted:
+                alive = [alive[m] and depth < g and int(candidates[m, depth]) == draft for m in range(k)]
+                depth += 1
+                continue
+            excluded = [draft]
+            token, ratio_rest = -1, False
+            if ratio and q_d > 0.0:
+                residual = _without(_positive(p * q_total - q * p_total), excluded)
+                token = _draw(residual, float(u_residual[depth]))
+                if token >= 0:
+                    rest, ratio_rest = residual, True
+            if token < 0:
+                rest = _without(p, excluded)
+                token = _draw(rest, float(u_residual[depth]))
+                if token < 0:  # no weight outside the draft: it stands
+                    alive = [alive[m] and depth < g and int(candidates[m, depth]) == draft for m in range(k)]
+                    depth += 1
+                    continue
+            block_alive = False
+            if not branch_child:
+                return path, depth + 1, token
+            total = _lanes_total(rest)
+        else:
+            block_alive = False
+            total = _lanes_total(p)
+            ratio_rest = False
+        chosen = None
+        for m in range(k):
+            if not alive[m]:
+                continue
+            token = int(candidates[m, depth])
+            weight = 0.0 if token in excluded else float(rest[token])
+            left = total - weight
+            u = float(u_accept[_tree_path_node(n, g, m, depth + 1)])
+            if total > 0.0 and (u * total < weight or not left > 0.0):
+                chosen = m
+                break
+            excluded.append(token)
+            total = left
+        if chosen is None:
+            if not total > 0.0:
+                return path, depth + 1, sample(node)
+            uniform = float(u_residual[node])
+            token = _draw(_without(rest, excluded), uniform)
+            if token < 0 and ratio_rest:
+                token = _draw(_without(p, excluded), uniform)
+            if token < 0:
+                token = _draw(p, uniform)
+            return path, depth + 1, token
+        token = int(candidates[chosen, depth])
+        alive = [alive[m] and int(candidates[m, depth]) == token for m in range(k)]
+        path = chosen
+        depth += 1
+
+
+def sample_tree_verify_and_commit(
+    probs: torch.Tensor,
+    proposal: torch.Tensor,
+    draft_sampled: torch.Tensor,
+    block: torch.Tensor,
+    candidates: torch.Tensor,
+    usable: torch.Tensor,
+    row: torch.Tensor,
+    fill: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    out_tokens: torch.Tensor,
+    n_generated: torch.Tensor,
+    done: torch.Tensor,
+    eos_ids: torch.Tensor,
+    max_new_tokens: torch.Tensor,
+    n_fixed: torch.Tensor,
+    seed: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    step: torch.Tensor,
+    chunked: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact sampling over the token tree ``[block | k branches of g]``, then greedy's commit of the winner.
+
+    ``probs`` float32 [B, T, V], T = n + k * g: node ``t``'s target distribution in the layout of
+    :func:`jacobi_engine.pool.tree_layout` (block slots ``0..n-1``; branch ``m``'s token ``i`` at
+    ``n + m * g + i``, its parent the token before it, or ``t0``). ``candidates`` int64 [B, k, g],
+    ``usable`` bool [B, k] (unusable branches are ignored). ``row`` int64 [B, W], W = max(n, g + 1):
+    written with the winning path's tokens (-1 past its end) and rewritten by the commit, as
+    ``block`` is (``block = row[:, :n]`` afterwards); ``fill`` int64 [B, W]. The other arguments are
+    :func:`sample_verify_and_commit`'s. Returns (``n_accepted`` int32 [B], ``winner`` int64 [B]:
+    -1 when the block's path won, else the branch).
+
+    At each node the children of the paths still alive compete: the block's draft first, by its
+    rule (ratio, one-hot, or fixed in chunked mode), then each alive branch's token in branch order
+    by the one-hot rule on what is left (SpecInfer's multi-candidate verification). The node's
+    counter slot gives the numbers: block slot ``i``'s uniforms judge the draft ``block[i + 1]`` as in
+    the plain op, branch node ``t``'s accept uniform judges that node's token, and the residual
+    uniform of the node where the walk stops draws the last token. A plain per-row loop (tests only:
+    it reads values on the host); the C++/CUDA op is the implementation.
+    """
+    batch, nodes, vocab = probs.shape
+    n = block.shape[1]
+    g = candidates.shape[2]
+    width = row.shape[1]
+    n_accepted = torch.zeros(batch, dtype=torch.int32, device=block.device)
+    winner = torch.full((batch,), -1, dtype=torch.long, device=block.device)
+    node_ids = torch.arange(nodes, device=block.device)
+    for b in range(batch):
+        if bool(done[b]):
+            continue
+        uniforms = [u[0] for u in slot_uniforms(seed, sequence_ids[b : b + 1], step, node_ids)]
+        path, accepted, last = _walk_tree(
+            probs[b], proposal[b], block[b], candidates[b], usable[b], draft_sampled[b], int(n_fixed[b]), uniforms
+        )
+        length = n if path < 0 else g + 1
+        tokens = [int(block[b, j]) if path < 0 or j == 0 else int(candidates[b, path, j - 1]) for j in range(length)]
+        row[b] = torch.tensor(tokens + [-1] * (width - length), dtype=torch.long)
+        preds = fill[b].clone()
+        for j in range(width):
+            if j < accepted - 1:
+                preds[j] = tokens[j + 1]
+            elif j == accepted - 1:
+                preds[j] = last
+            elif j < length:
+                node = _tree_path_node(n, g, path, j)
+                preds[j] = _draw(_positive(probs[b, node]), float(uniforms[2][node]))
+        one = slice(b, b + 1)
+        accepted_rows = reference.verify_and_commit(
+            preds[None],
+            row[one],
+            fill[one],
+            cache_seqlens[one],
+            out_tokens[one],
+            n_generated[one],
+            done[one],
+            eos_ids,
+            max_new_tokens[one],
+            chunked,
+        )
+        a = int(accepted_rows[0])
+        n_accepted[b] = a
+        winner[b] = path
+        block[b] = row[b, :n]
+        finished = bool(done[b])
+        committed = (not chunked) or a == width or finished
+        if finished:
+            first, offset = n, 0
+        elif committed:
+            first, offset = 1, a - 1
+        else:
+            first, offset = a + 1, -1
+        for j in range(n):
+            covered = j >= first and j >= 1 and j + offset < length
+            draft_sampled[b, j] = covered
+            if covered:
+                proposal[b, j] = probs[b, _tree_path_node(n, g, path, j + offset)]
+    return n_accepted, winner

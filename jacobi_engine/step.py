@@ -242,10 +242,72 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
         scores = model_forward(cache, fed, positions)  # [B, T, V]
     finally:
         cache.tree_mask = cache.tree_depth = None
+    if config.sampling is not None:
+        scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
         scores = _process_tree(config.processing, scores, state, candidates)
-    preds = scores.argmax(dim=-1)  # [B, T]
+    fill = state.guesses.fill()
+    fill = fill.repeat(1, -(-width // n))[:, :width]  # [B, width]: real ids for every freed slot
+    if config.sampling is None:
+        preds = scores.argmax(dim=-1)  # [B, T]
+        block_preds = preds[:, :n]
+        n_accepted, best, use_branch = _verify_tree_greedy(config, state, preds, candidates, usable, fill)
+    else:
+        probs = config.sampling.probabilities(scores)
+        if config.sampling_rule == "one_hot":
+            state.draft_sampled.zero_()
+        n_accepted, winner = ops.sample_tree_verify_and_commit(
+            probs,
+            state.proposal,
+            state.draft_sampled,
+            block,
+            candidates.contiguous(),
+            usable.contiguous(),
+            state.verified_row,
+            fill.contiguous(),
+            cache.cache_seqlens,
+            state.tokens,
+            state.lengths,
+            state.done,
+            state.eos_ids,
+            state.limits,
+            state.verified_in_chunk,
+            state.seed,
+            state.sequence_ids,
+            state.step,
+            config.chunked,
+            backend=config.verify_backend,
+        )
+        use_branch = (winner >= 0) & active
+        best = winner.clamp(min=0)
+        # The pool learns the block's likeliest continuations (deterministic given the forward,
+        # so pooled candidates never depend on this step's random numbers).
+        block_preds = probs[:, :n].argmax(dim=-1)
+    # The winning branch's K/V sit after the block; the committed path needs them right after t0.
+    branch_start = starts + n + best.to(torch.long) * g
+    source = torch.where(use_branch, branch_start, starts + 1)
+    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, backend=config.verify_backend)
+    committed = state.lengths > state.lengths_before
+    rewritten = state.guesses.refine(block, state.lengths, committed & ~state.done)
+    if config.sampling is not None:
+        forget_rewritten_drafts(state, rewritten, committed & ~state.done)
+    _feed_pool(state, fed[:, :n], block_preds, active, g, width)
+    state.candidate_wins += use_branch.sum()
+    _count_newly_verified(config, state, n_accepted, committed)
+    if state.log_accepted is not None:
+        state.log_accepted.index_copy_(0, state.step, n_accepted[None])
+    state.step += 1
 
+
+def _verify_tree_greedy(config: StepConfig, state: StepState, preds, candidates, usable, fill):
+    """Greedy verification of the tree: the longest verified path among the block and the branches wins
+    (the block on ties), and ``ops.verify_and_commit`` commits it. Returns (n_accepted, best, use_branch)."""
+    block = state.block
+    batch, n = block.shape
+    k, g = candidates.shape[1], candidates.shape[2]
+    width = state.verified_row.shape[1]
+    active = ~state.done
+    first = block[:, 0]
     block_preds = preds[:, :n]
     branch_preds = torch.cat([preds[:, None, :1].expand(-1, k, -1), preds[:, n:].reshape(batch, k, g)], dim=2)
     block_accepted = 1 + (block[:, 1:] == block_preds[:, :-1]).to(torch.int32).cumprod(1).sum(1)
@@ -254,8 +316,6 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     best_accepted, best = branch_accepted.max(dim=1)
     use_branch = (best_accepted > block_accepted) & active
 
-    fill = state.guesses.fill()
-    fill = fill.repeat(1, -(-width // n))[:, :width]  # [B, width]: real ids for every freed slot
     no_token = torch.full((batch, width), -1, dtype=torch.long, device=block.device)  # never equals a prediction
     block_row = torch.cat([block, no_token[:, n:]], dim=1)
     block_pred_row = torch.cat([block_preds, fill[:, n:]], dim=1)
@@ -275,18 +335,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     backend = "torch" if torch.compiler.is_compiling() else config.verify_backend
     n_accepted = _verify_greedy(config, state, pred_row, verified_row, fill, backend)
     block.copy_(torch.where(active[:, None], verified_row[:, :n], block))
-    # The winning branch's K/V sit after the block; the committed path needs them right after t0.
-    branch_start = starts + n + best.to(torch.long) * g
-    source = torch.where(use_branch, branch_start, starts + 1)
-    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, backend=config.verify_backend)
-    committed = state.lengths > state.lengths_before
-    state.guesses.refine(block, state.lengths, committed & ~state.done)
-    _feed_pool(state, fed[:, :n], block_preds, active, g, width)
-    state.candidate_wins += use_branch.sum()
-    _count_newly_verified(config, state, n_accepted, committed)
-    if state.log_accepted is not None:
-        state.log_accepted.index_copy_(0, state.step, n_accepted[None])
-    state.step += 1
+    return n_accepted, best, use_branch
 
 
 def _feed_pool(state: StepState, fed_block, block_preds, active, g: int, width: int) -> None:

@@ -95,8 +95,9 @@ def test_decode_step_has_no_sync_or_dynamic_shape(arch, engine_kwargs):
     [
         dict(mode="sliding", init="ngram", verify_backend="native"),
         dict(mode="chunked", init="random_prompt", verify_backend="torch"),
+        dict(mode="sliding", init="ngram", verify_backend="native", candidates=2, candidate_len=3),
     ],
-    ids=["sliding-ngram-native", "chunked-torch"],
+    ids=["sliding-ngram-native", "chunked-torch", "sliding-candidates-native"],
 )
 def test_sampling_step_has_no_sync_or_dynamic_shape(engine_kwargs):
     """The sampling step: processors, every warper, the sampling verify op (or its reference)."""
@@ -105,7 +106,9 @@ def test_sampling_step_has_no_sync_or_dynamic_shape(engine_kwargs):
     engine = JacobiEngine(model, block_size=4, **engine_kwargs)
     settings = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.2)
     ops = record_decode_steps(engine, input_ids, **settings)
-    assert "sample_verify_and_commit" in ops or "cumsum" in ops  # the recorder really saw the sampling step
+    # The recorder really saw the sampling step (the tree op when there are candidates).
+    expected = "sample_tree_verify_and_commit" if engine_kwargs.get("candidates") else "sample_verify_and_commit"
+    assert expected in ops or (engine_kwargs["verify_backend"] == "torch" and "cumsum" in ops)
     bad = sorted(set(ops) & FORBIDDEN)
     assert not bad, f"sampling decode step calls graph-unsafe ops: {bad}"
 

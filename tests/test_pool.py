@@ -189,10 +189,27 @@ def test_graph_warm_up_leaves_no_trace():
     assert plain.stats.candidate_wins == warmed.stats.candidate_wins > 0
 
 
-def test_sampling_with_candidates_is_refused():
+def test_sampling_with_candidates_is_seeded_and_batch_independent():
+    """do_sample=True with candidates: the same seed gives the same tokens, a row's tokens do not
+    depend on its batch, and branches win steps (their distribution: tests/test_sampling.py)."""
     model = tiny_model("llama", vocab_size=VOCAB)
-    engine = JacobiEngine(model, block_size=4, candidates=2, candidate_len=2)
-    with pytest.raises(ValueError, match="do_sample=True with candidates"):
+    input_ids, mask = repetitive_prompts(seed=5)
+    kwargs = dict(block_size=4, candidates=3, candidate_len=3, init="ngram", seed=123)
+    settings = dict(max_new_tokens=24, eos_token_id=[], do_sample=True, temperature=0.7)
+    first = JacobiEngine(model, **kwargs).generate(input_ids, attention_mask=mask, **settings)
+    again = JacobiEngine(model, **kwargs).generate(input_ids, attention_mask=mask, **settings)
+    assert torch.equal(first.sequences, again.sequences)
+    assert first.stats.candidate_wins > 0
+    alone = JacobiEngine(model, **kwargs).generate(input_ids[:1], attention_mask=mask[:1], **settings)
+    assert torch.equal(first.sequences[0], alone.sequences[0])
+    other = JacobiEngine(model, **dict(kwargs, seed=124)).generate(input_ids, attention_mask=mask, **settings)
+    assert not torch.equal(first.sequences, other.sequences)
+
+
+def test_sampling_with_too_many_candidates_is_refused():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    engine = JacobiEngine(model, block_size=4, candidates=33, candidate_len=2, pool_slots=40)
+    with pytest.raises(ValueError, match="candidates"):
         engine.generate(torch.randint(3, 20, (1, 6)), max_new_tokens=4, do_sample=True)
 
 

@@ -10,9 +10,14 @@ How the statistics are set up (tests/sampling_stats.py):
   times are pooled by common prefix. Cases: both modes, block sizes 1/2/3/4/7, temperature, top-k,
   top-p, min-p, a repetition penalty, EOS inside the horizon, random-prompt and n-gram guesses,
   the SJD rule and the one-hot rule.
-* **Power.** The same test must fail for two deliberately biased verifiers: one accepts any draft
-  equal to its target's argmax, the other takes every Jacobi draft as an exact draw (stale
-  proposals ignored). Measured: p < 1e-300 (it underflows to 0) in both modes, for both.
+* **Power.** The same test must fail for deliberately biased verifiers: one accepts any draft
+  equal to its target's argmax, one takes every Jacobi draft as an exact draw (stale proposals
+  ignored), and, with candidate branches, one takes a branch whose first token is its parent's
+  argmax as certain (on two sliding cases with candidates). Measured: p < 1e-300 (it underflows
+  to 0) for every one of them.
+* **Candidates.** Four goodness-of-fit cases run with pooled branches (SpecInfer-style
+  multi-candidate verification, both rules, both modes, a verified row wider than the block), and
+  each asserts that branches won more than 50 steps, so the branch rule produced tokens.
 * **Two-sample, long horizon.** 24 tokens from a vocabulary of 16: 3000 engine samples against 3000
   from ``model.generate(do_sample=True)``, chi-square homogeneity tests of the token at four
   positions, of the last bigram and of the number of distinct tokens (Bonferroni over the six).
@@ -92,6 +97,23 @@ GOF_CASES = {
     "sliding-n4-ngram-penalty-min_p": (dict(block_size=4, init="ngram"), dict(repetition_penalty=1.5, min_p=0.1)),
     "chunked-n4-ngram-top_k-top_p": (dict(block_size=4, mode="chunked", init="ngram"), dict(top_k=4, top_p=0.9)),
     "sliding-n4-one_hot-rule": (dict(block_size=4, sampling_rule="one_hot"), dict(temperature=0.7)),
+    # With candidates (a small pool: 20000 rows of the default 4096 buckets would need 20 GB).
+    "sliding-n4-candidates": (
+        dict(block_size=4, candidates=2, candidate_len=3, pool_buckets=16),
+        dict(temperature=0.7),
+    ),
+    "sliding-n2-long-candidates-top_p": (
+        dict(block_size=2, candidates=3, candidate_len=2, pool_buckets=16),  # a row wider than the block
+        dict(top_p=0.9),
+    ),
+    "chunked-n3-candidates-top_k": (
+        dict(block_size=3, mode="chunked", candidates=2, candidate_len=2, pool_buckets=16),
+        dict(top_k=4),
+    ),
+    "sliding-n4-ngram-candidates-one_hot": (
+        dict(block_size=4, init="ngram", candidates=2, candidate_len=3, sampling_rule="one_hot", pool_buckets=16),
+        dict(repetition_penalty=1.3),
+    ),
 }
 
 
@@ -113,11 +135,16 @@ def test_distribution_is_exact(model, case):
     samples, stats = engine_samples(model, PROMPT, SAMPLES, HORIZON, seed=11, engine_args=engine_args, **settings)
     p_value, n_bins = goodness_of_fit(samples, cells, probabilities)
     assert n_bins >= 10  # enough resolution for the test to mean something
-    print(f"{case}: p = {p_value:.3g}, {n_bins} bins, {stats.tokens_per_forward:.3f} tokens/forward")
+    print(
+        f"{case}: p = {p_value:.3g}, {n_bins} bins, {stats.tokens_per_forward:.3f} tokens/forward, {stats.candidate_wins} branch wins"
+    )
     assert p_value > ALPHA, f"{case}: chi-square p = {p_value:.3g} over {n_bins} bins"
     if engine_args["block_size"] > 2:
         # Drafts really were accepted, so the verify rule (not just slot 0) produced tokens.
         assert stats.tokens_per_forward > 1.05
+    if engine_args.get("candidates"):
+        # Pooled branches won steps, so the multi-candidate rule produced tokens.
+        assert stats.candidate_wins > 50
 
 
 def biased_verify(real):
@@ -147,14 +174,43 @@ def accept_every_jacobi_draft(real):
 BIASED = {"accept-argmax-drafts": biased_verify, "accept-every-jacobi-draft": accept_every_jacobi_draft}
 
 
-@pytest.mark.parametrize("bias", list(BIASED))
-@pytest.mark.parametrize("case", ["sliding-n4-temperature", "chunked-n3-top_k"])
+def accept_argmax_candidates(real):
+    """A wrong multi-candidate verifier: a pooled branch whose first token is its parent's argmax is
+    taken as certain (the node's distribution replaced by a point mass on it)."""
+
+    def verify(probs, proposal, draft_sampled, block, candidates, usable, *args, **kwargs):
+        top = probs[:, 0].argmax(dim=-1)
+        hit = (usable & (candidates[:, :, 0] == top[:, None])).any(dim=1)
+        point = torch.nn.functional.one_hot(top, probs.shape[-1]).to(probs.dtype)
+        probs = probs.clone()
+        probs[:, 0] = torch.where(hit[:, None], point, probs[:, 0])
+        return real(probs, proposal, draft_sampled, block, candidates, usable, *args, **kwargs)
+
+    return verify
+
+
+BIASED_TREE = {"accept-argmax-candidates": accept_argmax_candidates}
+
+
+@pytest.mark.parametrize(
+    "case, bias",
+    [(case, bias) for case in ("sliding-n4-temperature", "chunked-n3-top_k") for bias in BIASED]
+    + [
+        (case, bias)
+        for case in ("sliding-n4-candidates", "sliding-n4-ngram-candidates-one_hot")
+        for bias in BIASED_TREE
+    ],
+)
 def test_power_biased_sampler_fails(model, case, bias, monkeypatch):
     engine_args, settings = GOF_CASES[case]
+    if bias in BIASED_TREE:
+        monkeypatch.setattr(ops, "sample_tree_verify_and_commit", BIASED_TREE[bias](ops.sample_tree_verify_and_commit))
+    else:
+        monkeypatch.setattr(ops, "sample_verify_and_commit", BIASED[bias](ops.sample_verify_and_commit))
     cells, probabilities = exact_for(model, settings)
-    monkeypatch.setattr(ops, "sample_verify_and_commit", BIASED[bias](ops.sample_verify_and_commit))
     samples, _ = engine_samples(model, PROMPT, SAMPLES, HORIZON, seed=11, engine_args=engine_args, **settings)
     p_value, n_bins = goodness_of_fit(samples, cells, probabilities)
+    print(f"{case} / {bias}: p = {p_value:.3g}")
     assert p_value < ALPHA, f"the biased sampler passed: p = {p_value:.3g} over {n_bins} bins"
 
 

@@ -32,7 +32,8 @@ python -c "import jacobi_engine, json; print(json.dumps(jacobi_engine.build_info
 
 phase "GPU tests (kernels vs references on CUDA incl. the sampling verify op bit for bit, engine vs HF greedy, CUDA graphs, candidates, compile=True)"
 timeout 240 python -m pytest -q -x -p no:cacheprovider \
-  tests/test_attention_op.py tests/test_verify_op.py tests/test_sampling_verify_op.py tests/test_gpu_engine.py \
+  tests/test_attention_op.py tests/test_verify_op.py tests/test_sampling_verify_op.py tests/test_sampling_tree_op.py \
+  tests/test_gpu_engine.py \
   tests/test_pool.py \
   tests/test_build.py \
   tests/test_engine_exactness.py -k "not ragged3 or llama" > "$out/tests.log" 2>&1
