@@ -1,6 +1,7 @@
 """The ``jacobi-engine`` command line.
 
-    jacobi-engine demo [--model DIR] [--prompt TEXT]   stream a Jacobi generation and compare with AR
+    jacobi-engine demo [--pair gsm8k|code | --model DIR] [--prompt TEXT]
+                                                        stream a Jacobi generation and compare with AR
     jacobi-engine info                                  build information (compiled kernels, versions)
     jacobi-engine collect ... / train ...               consistency training (jacobi_engine.training)
     jacobi-engine trajectory ...                        draw one Jacobi trajectory

@@ -1,27 +1,34 @@
 """``jacobi-engine demo``: stream one Jacobi generation and compare it with autoregressive decoding.
 
 By default it runs the reference pair shipped in the package (a small GSM8K teacher and its
-consistency-trained CLLM): Jacobi decoding on the CLLM against greedy AR on the teacher. With
-``--model DIR`` it runs any local Hugging Face causal LM (Jacobi and AR on that same model).
-When no shipped pair is installed it falls back to a tiny randomly initialised model, and says so.
+consistency-trained CLLM): Jacobi decoding on the CLLM against greedy AR on the CLLM and on the
+teacher. ``--pair code`` runs the Python-code pair instead (``assets/cllm-code``, prompts: a
+function's signature and docstring, used as is); the pairs' domains live in
+:mod:`jacobi_engine.domains`. With ``--model DIR`` it runs any local Hugging Face causal LM (Jacobi
+and AR on that same model). When no pair is asked for and the GSM8K pair is not installed, it falls
+back to a tiny randomly initialised model, and says so; a ``--pair`` that is not installed is an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "cllm-gsm8k"
+from jacobi_engine import domains
+
+# The GSM8K pair's directory in the installed package (python/benchmarks/bench_step.py's default).
+# The demo itself looks pairs up through jacobi_engine.domains (domains.ASSETS_ROOT).
+ASSETS = domains.ASSETS_ROOT / "cllm-gsm8k"
 DEFAULT_PROMPT_IDS = 24
 
 
-def shipped_pair_available() -> bool:
-    return (ASSETS / "teacher" / "config.json").exists() and (ASSETS / "cllm" / "config.json").exists()
+def shipped_pair_available(pair: str = "gsm8k") -> bool:
+    """Whether the reference pair ``pair`` (``"gsm8k"`` or ``"code"``) is installed."""
+    return domains.get_domain(pair).pair_available()
 
 
 def _load(directory: str | os.PathLike, device: torch.device):
@@ -51,10 +58,28 @@ def _random_model(device: torch.device):
     return LlamaForCausalLM(config).to(device).eval()
 
 
-def _default_question() -> str:
-    questions = ASSETS / "demo_questions.jsonl"
-    with open(questions) as handle:
-        return json.loads(handle.readline())["question"]
+def _default_prompt(domain: domains.Domain) -> str:
+    """The prompt text of the pair's first demo example (a held-out record)."""
+    try:
+        records = domain.demo_records()
+        if not records:
+            raise ValueError(
+                f"{domain.assets / domain.demo_file} holds no examples: reship with `{domain.ship_command}`"
+            )
+        return domain.prompt(records[0])
+    except (OSError, ValueError) as error:  # a damaged install: say what is wrong, not a traceback
+        raise SystemExit(f"--pair {domain.name}: {error}") from error
+
+
+def _chosen_pair(args: argparse.Namespace) -> domains.Domain | None:
+    """The reference pair to run: ``--pair`` (which must be installed), else GSM8K when installed."""
+    if args.pair is not None:
+        domain = domains.get_domain(args.pair)
+        if not domain.pair_available():
+            raise SystemExit(domain.missing_pair_message())
+        return domain
+    domain = domains.get_domain("gsm8k")
+    return domain if domain.pair_available() else None
 
 
 class _TokenCounter:
@@ -95,15 +120,18 @@ def _run(args: argparse.Namespace) -> int:
 
     from jacobi_engine import JacobiEngine
 
+    if args.model and args.pair:
+        raise SystemExit("--model and --pair exclude each other: --pair runs a shipped pair, --model your model")
+    domain = None if args.model else _chosen_pair(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.model:
         jacobi_model, tokenizer = _load(args.model, device)
         ar_model, label = jacobi_model, f"{args.model}"
         pair = ("Jacobi", "AR (HF greedy)")
-    elif shipped_pair_available():
-        jacobi_model, tokenizer = _load(ASSETS / "cllm", device)
-        ar_model, _ = _load(ASSETS / "teacher", device)
-        label = "shipped GSM8K pair: the CLLM, decoded by Jacobi and by HF greedy, and its teacher"
+    elif domain is not None:
+        jacobi_model, tokenizer = _load(domain.assets / "cllm", device)
+        ar_model, _ = _load(domain.assets / "teacher", device)
+        label = f"shipped {domain.title} pair: the CLLM, decoded by Jacobi and by HF greedy, and its teacher"
         pair = ("Jacobi on the CLLM", "AR on the CLLM (HF greedy)")
     else:
         jacobi_model, tokenizer = _random_model(device), None
@@ -115,10 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     if tokenizer is not None:
         if args.prompt is not None:
             text = args.prompt
-        elif shipped_pair_available() and not args.model:
-            from jacobi_engine.gsm8k import format_prompt
-
-            text = format_prompt(_default_question())
+        elif domain is not None:
+            text = _default_prompt(domain)
         else:
             text = "Question:\nWhat is 12 + 30?\nAnswer:\n"
         input_ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
@@ -162,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         (pair[1], own_tokens, own_rate, 1.0),
     ]
     teacher = None
+    quality = domain.quality_short if domain is not None else "quality"
     if ar_model is not jacobi_model:
         teacher_sequences, teacher_seconds = hf_greedy(ar_model)
         teacher_tokens = teacher_sequences.shape[1] - input_ids.shape[1]
@@ -181,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         agree = sum(a == b for a, b in zip(ours, theirs)) / max(len(theirs), 1)
         print(
             f"CLLM (Jacobi) vs teacher (HF greedy): {jacobi_rate / teacher[1]:.2f}x, a different model: its greedy "
-            f"answer shares {agree:.0%} of the teacher's tokens here (held-out accuracy and perplexity: README)"
+            f"answer shares {agree:.0%} of the teacher's tokens here (held-out {quality} and perplexity: README)"
         )
     return 0
 
@@ -189,7 +216,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="stream a Jacobi generation and compare with autoregressive decoding")
     parser.add_argument("--model", help="a local Hugging Face causal LM directory (default: the shipped CLLM pair)")
-    parser.add_argument("--prompt", help="prompt text (default: a held-out GSM8K question)")
+    parser.add_argument(
+        "--pair",
+        choices=domains.PAIRS,
+        default=None,
+        help="the shipped reference pair to run (default: gsm8k; code: the Python-code pair, which must be shipped)",
+    )
+    parser.add_argument(
+        "--prompt", help="prompt text, used as is (default: the pair's first held-out example, in its prompt format)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--mode", choices=["sliding", "chunked"], default="sliding")

@@ -146,6 +146,22 @@ def test_degenerate_model_output_is_filtered(tmp_path, tokenizer, prompts):
     assert sum(batch["dropped"] for batch in manifest["batches"].values()) == 2 * len(prompts)
 
 
+def test_collection_where_every_chunk_is_degenerate_says_so(tmp_path, tokenizer, prompts):
+    model = _model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # greedy repeats token 0: with max_repeat=2 every chunk is degenerate
+    out_dir = tmp_path / "data"
+    with pytest.raises(ValueError, match="no trajectories survived") as caught:
+        _collect(model, tokenizer, prompts[:2], out_dir, eos_token_id=[], max_new_tokens=8, max_repeat=2)
+    message = str(caught.value)
+    assert "dropped as degenerate" in message and "max_repeat" in message
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    dropped = sum(batch["dropped"] for batch in manifest["batches"].values())
+    assert dropped == 2 * 2  # 8 tokens in chunks of 4, two prompts
+    assert f"all {dropped} chunks of the 2 prompts" in message
+    assert not (out_dir / "dataset_info.json").exists()  # no empty dataset left for training to trip on
+
+
 class _Killed(Exception):
     pass
 

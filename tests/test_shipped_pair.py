@@ -15,7 +15,7 @@ import pytest
 import torch
 from models import tiny_model
 
-from jacobi_engine import JacobiEngine, cli, demo
+from jacobi_engine import JacobiEngine, cli, demo, domains
 from jacobi_engine.gsm8k import format_prompt, load_jsonl_gz, repo_data_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_demo_on_a_local_model_with_a_prompt(tmp_path, capsys):
 
 
 def test_demo_without_a_shipped_pair_says_the_model_is_random(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "ASSETS", tmp_path / "nothing-here")
+    monkeypatch.setattr(domains, "ASSETS_ROOT", tmp_path / "nothing-here")
     assert cli.main(["demo", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in out
@@ -188,6 +188,6 @@ def test_bench_generate_rows_on_a_prompts_file(tmp_path):
 def test_bench_generate_rejects_a_malformed_prompts_file(tmp_path):
     bench = _bench_generate()
     prompts = tmp_path / "bad.jsonl"
-    prompts.write_text(json.dumps({"question": "only a question"}) + "\n")
+    prompts.write_text(json.dumps({"answer": "an answer to no question"}) + "\n")  # ("answer" is optional)
     with pytest.raises(SystemExit, match="bad.jsonl:1"):
         bench.main(["--json", str(tmp_path / "x.json"), "--prompts", str(prompts)])

@@ -288,7 +288,10 @@ def _fingerprint(prompt_ids: list[list[int]], label_ids: list[list[int]]) -> str
 
 
 def assemble_dataset(out_dir: str | Path):
-    """Build the dataset from the shards the manifest lists, in batch order, and save it to ``out_dir``."""
+    """Build the dataset from the shards the manifest lists, in batch order, and save it to ``out_dir``.
+
+    Raises ValueError when the shards hold no sample (every chunk dropped as degenerate, or no
+    prompts): an empty dataset is nothing to train on (``train_consistency`` refuses one)."""
     from datasets import Dataset, concatenate_datasets
 
     out_dir = Path(out_dir)
@@ -307,9 +310,29 @@ def assemble_dataset(out_dir: str | Path):
             seen.add(key)
         if rows:
             parts.append(Dataset.from_list(rows, features=features))
-    dataset = concatenate_datasets(parts) if parts else Dataset.from_list([], features=features)
+    if not parts:
+        raise ValueError(_no_samples_message(out_dir, manifest))
+    dataset = concatenate_datasets(parts)
     dataset.save_to_disk(str(out_dir))
     return dataset
+
+
+def _no_samples_message(out_dir: Path, manifest: dict) -> str:
+    """Why a collection holds no sample: no prompts, or every chunk dropped as degenerate."""
+    batches = manifest["batches"].values()
+    prompts = sum(batch["prompts"][1] - batch["prompts"][0] for batch in batches)
+    dropped = sum(batch.get("dropped", 0) for batch in batches)
+    if prompts == 0:
+        return f"no trajectories in {out_dir}: the collection was given no prompts"
+    if dropped == 0:
+        return f"no trajectories in {out_dir}: {prompts} prompts were decoded but no chunk was recorded"
+    max_repeat = manifest["config"]["max_repeat"]
+    return (
+        f"no trajectories survived in {out_dir}: all {dropped} chunks of the {prompts} prompts were dropped as "
+        f"degenerate (their generated text holds {max_repeat} or more identical consecutive tokens). The model "
+        "repeats itself: check it (an untrained teacher?), or collect again into a new output directory with a "
+        "larger max_repeat (--max-repeat); no dataset was saved"
+    )
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -339,7 +362,8 @@ def collect_trajectories(
     has ``max_repeat`` identical consecutive tokens are dropped.
 
     Calling it again with the same arguments on the same ``out_dir`` resumes (or, when the
-    collection is complete, just reassembles the dataset). Returns the ``datasets.Dataset``.
+    collection is complete, just reassembles the dataset). Returns the ``datasets.Dataset``; raises
+    ValueError when no chunk survived the degenerate filter (see :func:`assemble_dataset`).
     With torch.distributed initialised, every process of the group must call it with the same
     arguments and its own model copy; each decodes its share of the batches (module docstring),
     and all of them return the merged dataset.

@@ -1,6 +1,11 @@
-"""End-to-end generation benchmark on held-out GSM8K questions, everything side by side in one process.
+"""End-to-end generation benchmark on a reference pair's held-out prompts, everything side by side in one process.
 
-    python python/benchmarks/bench_generate.py --json OUT.json [--prompts FILE.jsonl] [--limit N]
+    python python/benchmarks/bench_generate.py --json OUT.json [--pair gsm8k|code] [--prompts FILE.jsonl] [--limit N]
+
+``--pair`` (default gsm8k) picks the shipped pair (jacobi_engine/assets/cllm-{pair}: the default
+--teacher and --cllm), its held-out prompts, its prompt format and its quality metric, all from
+jacobi_engine.domains: GSM8K questions in ``format_prompt`` and final-answer accuracy; Python code
+(a function's signature and docstring, used as is) and exact match of the generated body.
 
 Rows (batch size 1, greedy, the same questions for every row; each model is run with every method):
     hf_greedy            model.generate(do_sample=False)
@@ -19,9 +24,12 @@ The timed loop is interleaved: question by question, every method in turn (see `
 Columns: tokens_per_s (new tokens / wall time, prefill included), tokens_per_forward (new tokens /
 model forward calls: counted with a forward hook for HF's methods, by the engine's own
 ``stats.forward_passes`` for ours, which a hook cannot see inside a compiled step),
-quality (final-answer accuracy in points, the number after ``####``), perplexity (of the reference
-answers under that model, answer tokens only, conditioned on the prompt), agreement (fraction of
-generated tokens equal to the same model's HF greedy output, position by position).
+quality (in points: GSM8K final-answer accuracy, the number after ``####``; code exact match of
+the generated body against the reference body, trailing whitespace ignored; the JSON's
+``quality_metric`` names it), perplexity (of the reference answers under that model, answer tokens
+only, conditioned on the prompt in the pair's format), agreement (fraction of generated tokens
+equal to the same model's HF greedy output, position by position). Quality and perplexity count
+the prompts that have a reference answer, and are null when none has.
 Speedups: ``speedup_vs_own_greedy`` divides by the same model's HF greedy tokens/s (the lossless
 speedup: same model, same output); ``speedup_vs_teacher_greedy`` by the teacher's (the CLLM paper's
 measure, which compares two different models: see ``cllm_teacher_agreement`` in the JSON);
@@ -34,11 +42,14 @@ top_p=1.0, at T=0.7 and T=1.0, on both models):
     engine_sample_one_hot    JacobiEngine(block_size=n, sampling_rule="one_hot")
     engine_sample_sjd_ngram  JacobiEngine(block_size=n, init="ngram")
 Every row draws from the same distribution (the model's, exactly); ``speedup_vs_own_sampling``
-divides by the same model's hf_sample tokens/s at the same temperature; accuracy is that of the
+divides by the same model's hf_sample tokens/s at the same temperature; quality is that of the
 samples.
 
-Default questions: the held-out split (shipped in the package), never trained on. --prompts
-takes a JSONL file of {"question", "answer"} lines in the training data's format instead.
+Default prompts: the pair's held-out split (shipped in the package: jacobi_engine/assets/{pair}/
+eval.jsonl.gz), never trained on. --prompts takes a JSONL file instead: ``{"prompt"}`` lines (the
+prompt text, used as is, for either pair) or, for gsm8k, ``{"question"}`` lines (formatted like the
+training data), each with an optional ``"answer"``. Prompts too long for the models' positions
+(prompt + --max-new-tokens, or prompt + answer) are skipped and counted (``skipped_too_long``).
 Also writes a PNG plot next to the JSON.
 """
 
@@ -46,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -55,9 +65,7 @@ from pathlib import Path
 
 import torch
 
-from jacobi_engine import JacobiEngine, build_info
-from jacobi_engine.demo import ASSETS
-from jacobi_engine.gsm8k import extract_final_answer, format_prompt, load_jsonl_gz, repo_data_path
+from jacobi_engine import JacobiEngine, build_info, domains
 
 
 def load_pair(teacher_dir: str, cllm_dir: str):
@@ -71,16 +79,62 @@ def load_pair(teacher_dir: str, cllm_dir: str):
     return tokenizer, models
 
 
-def load_questions(path: str | None, limit: int | None) -> list[dict]:
+def prompt_record(raw, domain: domains.Domain) -> dict:
+    """``{"prompt": text in the pair's format, "answer": reference text or None}`` of one input record."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+    answer = raw.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise ValueError(f"'answer' must be a text, got {type(answer).__name__}")
+    return {"prompt": domain.prompt(raw), "answer": answer}
+
+
+def load_records(path: str | None, domain: domains.Domain) -> list[dict]:
+    """The benchmark's prompts: the pair's held-out split, or the JSONL file ``path`` (blank lines skipped).
+
+    Raises SystemExit naming the file and line of the first malformed record."""
     if path is None:
-        records = load_jsonl_gz(repo_data_path("eval"))
-    else:
-        with open(path) as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
-        for number, record in enumerate(records, 1):
-            if "question" not in record or "answer" not in record:
-                raise SystemExit(f"{path}:{number}: each line needs a 'question' and an 'answer'")
-    return records[:limit] if limit else records
+        return [prompt_record(raw, domain) for raw in domain.held_out()]
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(prompt_record(json.loads(line), domain))
+            except ValueError as error:  # json.JSONDecodeError included
+                hint = "'prompt'" + (" or 'question'" if domain.accepts_question else "")
+                raise SystemExit(
+                    f"{path}:{number}: {error} (--pair {domain.name}: each line needs {hint}, 'answer' is optional)"
+                ) from error
+    if not records:
+        raise SystemExit(f"{path}: no prompts in the file")
+    return records
+
+
+def fit_context(records: list[dict], tokenizer, max_new_tokens: int, max_positions: int | None, answers: bool = True):
+    """(records that fit the models' positions, how many did not): prompt + ``max_new_tokens``, and
+    (with ``answers``, for the answer's perplexity) prompt + answer, must fit in ``max_positions``."""
+    if max_positions is None:
+        return records, 0
+    kept = []
+    for record in records:
+        prompt = len(tokenizer(record["prompt"])["input_ids"])
+        answer = (
+            0
+            if record["answer"] is None or not answers
+            else len(tokenizer(record["answer"], add_special_tokens=False)["input_ids"])
+        )
+        if prompt + max(max_new_tokens, answer) <= max_positions:
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
+def max_positions(models: dict) -> int | None:
+    """The fewest positions among the models' configs (None when none sets a limit)."""
+    limits = [getattr(model.config, "max_position_embeddings", None) for model in models.values()]
+    limits = [limit for limit in limits if limit]
+    return min(limits) if limits else None
 
 
 class ForwardCounter:
@@ -97,19 +151,10 @@ class ForwardCounter:
         self.handle.remove()
 
 
-@torch.inference_mode()
-def answer_perplexity(model, tokenizer, records: list[dict]) -> float:
-    """exp(mean NLL) of the reference answers' tokens (and the closing EOS is not counted)."""
-    total_nll, total_tokens = 0.0, 0
-    for record in records:
-        prompt_ids = tokenizer(format_prompt(record["question"]))["input_ids"]
-        answer_ids = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + answer_ids])
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        targets = torch.tensor(answer_ids)
-        total_nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        total_tokens += len(answer_ids)
-    return math.exp(total_nll / total_tokens)
+def answer_perplexity(model, tokenizer, records: list[dict]) -> float | None:
+    """exp(mean NLL) of the reference answers' tokens, each after its prompt in the pair's format
+    (the closing EOS is not counted); records without an answer are left out, None if all are."""
+    return domains.answer_perplexity(model, tokenizer, [r["prompt"] for r in records], [r["answer"] for r in records])
 
 
 class Method:
@@ -241,7 +286,7 @@ def run_sampling_method(name: str, model, tokenizer, prompts, max_new_tokens: in
     return outputs, seconds, max(counter.calls, 1)
 
 
-def sampling_rows(models, tokenizer, prompts, records, max_new_tokens: int, block_size: int) -> list[dict]:
+def sampling_rows(models, tokenizer, prompts, records, max_new_tokens: int, block_size: int, domain) -> list[dict]:
     rows = []
     for temperature in (0.7, 1.0):
         for model_name in ("teacher", "cllm"):
@@ -257,7 +302,7 @@ def sampling_rows(models, tokenizer, prompts, records, max_new_tokens: int, bloc
                         temperature=temperature,
                         tokens_per_s=tokens / seconds,
                         tokens_per_forward=tokens / calls,
-                        quality=accuracy(outputs, tokenizer, records),
+                        quality=quality(outputs, tokenizer, records, domain),
                         tokens=tokens,
                         seconds=seconds,
                         forwards=calls,
@@ -271,11 +316,14 @@ def sampling_rows(models, tokenizer, prompts, records, max_new_tokens: int, bloc
     rate = {(r["method"], r["model"], r["temperature"]): r["tokens_per_s"] for r in rows}
     for row in rows:
         row["speedup_vs_own_sampling"] = row["tokens_per_s"] / rate[("hf_sample", row["model"], row["temperature"])]
-    print("\n| T | method | model | tokens/s | tokens/forward | accuracy (pts) | vs own HF sampling |\n|" + "---|" * 7)
+    print(
+        f"\n| T | method | model | tokens/s | tokens/forward | {domain.quality_short} (pts) | vs own HF sampling |\n|"
+        + "---|" * 7
+    )
     for r in rows:
         print(
             f"| {r['temperature']} | {r['method']} | {r['model']} | {r['tokens_per_s']:.1f} | "
-            f"{r['tokens_per_forward']:.2f} | {r['quality']:.1f} | {r['speedup_vs_own_sampling']:.2f}x |"
+            f"{r['tokens_per_forward']:.2f} | {_number(r['quality'], 1)} | {r['speedup_vs_own_sampling']:.2f}x |"
         )
     return rows
 
@@ -288,15 +336,17 @@ def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
-def accuracy(outputs: list[list[int]], tokenizer, records: list[dict]) -> float:
-    correct = 0
-    for tokens, record in zip(outputs, records):
-        predicted = extract_final_answer(tokenizer.decode(tokens, skip_special_tokens=True))
-        correct += predicted is not None and predicted == extract_final_answer(record["answer"])
-    return 100.0 * correct / len(records)
+def quality(outputs: list[list[int]], tokenizer, records: list[dict], domain: domains.Domain) -> float | None:
+    """The pair's quality metric (points) of the generated ids against the records' answers."""
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
+    return domain.quality(texts, [record["answer"] for record in records])
 
 
-def plot(rows: list[dict], path: str) -> None:
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -310,7 +360,7 @@ def plot(rows: list[dict], path: str) -> None:
     axes[1].set_ylabel("tokens / forward")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, rotation=30)
-    figure.suptitle("Held-out GSM8K: greedy, prompt lookup and Jacobi decoding")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
@@ -319,10 +369,17 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="write the results here (and a .png next to it)")
-    parser.add_argument("--prompts", help='JSONL of {"question", "answer"} (default: held-out GSM8K)')
-    parser.add_argument("--teacher", default=str(ASSETS / "teacher"))
-    parser.add_argument("--cllm", default=str(ASSETS / "cllm"))
-    parser.add_argument("--limit", type=int, default=100, help="questions to generate for (0: all)")
+    parser.add_argument(
+        "--pair", choices=domains.PAIRS, default="gsm8k", help="reference pair: models, prompts, format, metric"
+    )
+    parser.add_argument(
+        "--prompts",
+        help='JSONL of {"prompt"} (as is) or, for gsm8k, {"question"} lines, "answer" optional '
+        "(default: the pair's held-out split)",
+    )
+    parser.add_argument("--teacher", help="teacher model directory (default: the shipped pair's)")
+    parser.add_argument("--cllm", help="CLLM model directory (default: the shipped pair's)")
+    parser.add_argument("--limit", type=int, default=100, help="prompts to generate for (0: all)")
     parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -334,19 +391,27 @@ def main(argv=None) -> int:
         "--sampling", choices=("on", "only", "off"), default="on", help="the sampling rows: with, only, or without"
     )
     args = parser.parse_args(argv)
+    domain = domains.get_domain(args.pair)
+    args.teacher, args.cllm = model_dir(args.teacher, "teacher", domain), model_dir(args.cllm, "cllm", domain)
+    records = load_records(args.prompts, domain)  # a malformed file fails before the models load
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer, models = load_pair(args.teacher, args.cllm)
     block_size = args.block_size or getattr(models["cllm"].config, "jacobi_block_size", None) or 16
-    records = load_questions(args.prompts, args.limit or None)
-    prompts = [tokenizer(format_prompt(r["question"]), return_tensors="pt").input_ids for r in records]
+    records, skipped = fit_context(records, tokenizer, args.max_new_tokens, max_positions(models))
+    if skipped:
+        print(f"skipped {skipped} prompts too long for the models' positions", flush=True)
+    records = records[: args.limit] if args.limit else records
+    if not records:
+        raise SystemExit("no prompt fits the models' positions: lower --max-new-tokens")
+    prompts = [tokenizer(r["prompt"], return_tensors="pt").input_ids for r in records]
     perplexity = {name: answer_perplexity(model, tokenizer, records) for name, model in models.items()}
     sampled = []
     if args.sampling != "off":
-        sampled = sampling_rows(models, tokenizer, prompts, records, args.max_new_tokens, block_size)
+        sampled = sampling_rows(models, tokenizer, prompts, records, args.max_new_tokens, block_size, domain)
     if args.sampling == "only":
-        return write_result(args, records, block_size, dict(sampling_rows=sampled))
+        return write_result(args, domain, records, skipped, block_size, dict(sampling_rows=sampled))
 
     plan = [
         ("hf_greedy", "teacher", False),
@@ -394,7 +459,7 @@ def main(argv=None) -> int:
                 recompiles=recompiles,
                 tokens_per_s=tokens / seconds,
                 tokens_per_forward=tokens / calls,
-                quality=accuracy(outputs, tokenizer, records),
+                quality=quality(outputs, tokenizer, records, domain),
                 perplexity=perplexity[model_name],
                 agreement=agreement(outputs, greedy[model_name]),
                 tokens=tokens,
@@ -414,26 +479,49 @@ def main(argv=None) -> int:
     cllm_teacher_agreement = agreement(greedy["cllm"], greedy["teacher"])
 
     header = (
-        "| method | model | compile | tokens/s | tokens/forward | accuracy (pts) | perplexity | agreement | "
-        "vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
+        f"| method | model | compile | tokens/s | tokens/forward | {domain.quality_short} (pts) | perplexity | "
+        "agreement | vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
     )
     print("\n" + header + "\n|" + "---|" * 12)
     for r in rows:
         static = r.get("speedup_vs_own_hf_static_compile")
         print(
             f"| {r['method']} | {r['model']} | {'yes' if r['compile'] else 'no'} | {r['tokens_per_s']:.1f} | "
-            f"{r['tokens_per_forward']:.2f} | {r['quality']:.1f} | {r['perplexity']:.3f} | {r['agreement']:.3f} | "
+            f"{r['tokens_per_forward']:.2f} | {_number(r['quality'], 1)} | {_number(r['perplexity'], 3)} | "
+            f"{r['agreement']:.3f} | "
             f"{r['speedup_vs_own_greedy']:.2f}x | {'-' if static is None else f'{static:.2f}x'} | "
             f"{r['speedup_vs_own_prompt_lookup']:.2f}x | {r['speedup_vs_teacher_greedy']:.2f}x |"
         )
     print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
     png = str(Path(args.json).with_suffix(".png"))
-    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png)
+    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png, plot_title(args, domain))
     extra = dict(cllm_teacher_agreement=cllm_teacher_agreement, rows=rows, sampling_rows=sampled)
-    return write_result(args, records, block_size, extra)
+    return write_result(args, domain, records, skipped, block_size, extra)
 
 
-def write_result(args, records, block_size: int, extra: dict) -> int:
+def model_dir(given: str | None, name: str, domain: domains.Domain) -> str:
+    """--teacher / --cllm: the directory given, else the shipped pair's (which must be installed)."""
+    if given is None:
+        if not domain.pair_available():
+            raise SystemExit(domain.missing_pair_message())
+        return str(domain.assets / name)
+    if not Path(given, "config.json").exists():
+        raise SystemExit(f"--{name} {given}: no config.json there (a local Hugging Face model directory is needed)")
+    return given
+
+
+def source_of(args, domain: domains.Domain) -> str:
+    if args.prompts:
+        return args.prompts
+    return f"jacobi_engine/assets/{domain.name}/eval.jsonl.gz (held out)"
+
+
+def plot_title(args, domain: domains.Domain) -> str:
+    prompts = f"{domain.title} prompts of {Path(args.prompts).name}" if args.prompts else f"Held-out {domain.title}"
+    return f"{prompts}: greedy, prompt lookup and Jacobi decoding"
+
+
+def write_result(args, domain: domains.Domain, records, skipped: int, block_size: int, extra: dict) -> int:
     result = dict(
         command=" ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -445,8 +533,12 @@ def write_result(args, records, block_size: int, extra: dict) -> int:
             cpu_count=os.cpu_count(),
             jacobi_engine=build_info(),
         ),
+        pair=domain.name,
         questions=len(records),
-        source=args.prompts or "jacobi_engine/assets/gsm8k/eval.jsonl.gz (held out)",
+        answers=sum(r["answer"] is not None for r in records),
+        skipped_too_long=skipped,
+        source=source_of(args, domain),
+        quality_metric=domain.quality_name,
         block_size=block_size,
         pool=dict(candidates=args.pool[0], candidate_len=args.pool[1]),
         max_new_tokens=args.max_new_tokens,

@@ -1,8 +1,10 @@
 """Sweep of the multi-candidate pool on the shipped CLLM: block size n, candidates k, length g.
 
-    python python/benchmarks/bench_pool.py --json OUT.json [--limit N] [--max-new-tokens N] [--threads 1]
+    python python/benchmarks/bench_pool.py --json OUT.json [--pair gsm8k|code] [--limit N] [--max-new-tokens N] [--threads 1]
 
-Every configuration decodes the same held-out GSM8K questions at batch size 1 (greedy; each
+Every configuration decodes the same held-out prompts of the pair (``--pair``, default gsm8k: its
+CLLM is the default --model, its held-out split and prompt format come from jacobi_engine.domains;
+prompts too long for the model's positions are skipped) at batch size 1 (greedy; each
 engine's output is checked against the CLLM's own HF greedy output, and must agree on 100% of the
 tokens). Reports tokens per forward (new tokens / model calls, counted with a forward hook) and
 tokens/s, against T = n + k * g, the tokens each forward processes. HF greedy on the same model,
@@ -21,11 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import ForwardCounter  # this folder is on sys.path when run as a script
+from bench_generate import ForwardCounter, fit_context, load_records, max_positions, model_dir  # sys.path: this folder
 
-from jacobi_engine import JacobiEngine, build_info
-from jacobi_engine.demo import ASSETS
-from jacobi_engine.gsm8k import format_prompt, load_jsonl_gz, repo_data_path
+from jacobi_engine import JacobiEngine, build_info, domains
 
 DEFAULT_GRID = dict(n=[4, 8, 16], k=[0, 2, 4, 8], g=[4, 8])
 
@@ -52,7 +52,7 @@ def run(model, prompts, max_new_tokens, eos, pad, engine_kwargs):
     return outputs, seconds, counter.calls
 
 
-def plot(rows, path):
+def plot(rows, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +72,7 @@ def plot(rows, path):
     for ax in axes:
         ax.set_xlabel("tokens per forward pass (n + k*g; k = 0, 2, 4, 8 along each line)")
         ax.legend(fontsize=7)
-    figure.suptitle("Candidate pool on the shipped CLLM (held-out GSM8K, batch 1, greedy)")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
@@ -81,7 +81,8 @@ def plot(rows, path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
-    parser.add_argument("--model", default=str(ASSETS / "cllm"))
+    parser.add_argument("--pair", choices=domains.PAIRS, default="gsm8k", help="reference pair: model and prompts")
+    parser.add_argument("--model", help="model directory (default: the pair's shipped CLLM)")
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
@@ -90,14 +91,19 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=DEFAULT_GRID["k"])
     parser.add_argument("--g", type=int, nargs="+", default=DEFAULT_GRID["g"])
     args = parser.parse_args(argv)
+    domain = domains.get_domain(args.pair)
+    name = "the shipped CLLM" if args.model is None else Path(args.model).name
+    args.model = model_dir(args.model, "cllm", domain)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32).eval()
-    records = load_jsonl_gz(repo_data_path("eval"))[: args.limit]
-    prompts = [tokenizer(format_prompt(r["question"]), return_tensors="pt").input_ids for r in records]
+    limit = max_positions({"model": model})
+    records, skipped = fit_context(load_records(None, domain), tokenizer, args.max_new_tokens, limit, answers=False)
+    records = records[: args.limit]
+    prompts = [tokenizer(r["prompt"], return_tensors="pt").input_ids for r in records]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     greedy, greedy_seconds, _ = run(model, prompts, args.max_new_tokens, eos, pad, None)
     greedy_tokens = sum(len(o) for o in greedy)
@@ -139,14 +145,17 @@ def main(argv=None) -> int:
             jacobi_engine=build_info(),
         ),
         model=args.model,
+        pair=domain.name,
         questions=len(records),
+        skipped_too_long=skipped,
         max_new_tokens=args.max_new_tokens,
         init=args.init,
         hf_greedy_tokens_per_s=greedy_rate,
         rows=rows,
     )
     Path(args.json).write_text(json.dumps(result, indent=2))
-    plot(rows, str(Path(args.json).with_suffix(".png")))
+    title = f"Candidate pool on {name} (held-out {domain.title}, batch 1, greedy)"
+    plot(rows, str(Path(args.json).with_suffix(".png")), title)
     print(f"wrote {args.json}")
     return 0
 
