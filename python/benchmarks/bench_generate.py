@@ -41,6 +41,8 @@ top_p=1.0, at T=0.7 and T=1.0, on both models):
     engine_sample_sjd        JacobiEngine(block_size=n), SJD ratio rule for Jacobi drafts
     engine_sample_one_hot    JacobiEngine(block_size=n, sampling_rule="one_hot")
     engine_sample_sjd_ngram  JacobiEngine(block_size=n, init="ngram")
+    engine_sample_pool       JacobiEngine(block_size=n, init="ngram", candidates=k, candidate_len=g)  (--pool K G):
+                             the pool's branches verified by exact multi-candidate sampling
 Every row draws from the same distribution (the model's, exactly); ``speedup_vs_own_sampling``
 divides by the same model's hf_sample tokens/s at the same temperature; quality is that of the
 samples.
@@ -247,10 +249,18 @@ def run_methods(
     return results
 
 
-SAMPLING_METHODS = ("hf_sample", "engine_sample_sjd", "engine_sample_one_hot", "engine_sample_sjd_ngram")
+SAMPLING_METHODS = (
+    "hf_sample",
+    "engine_sample_sjd",
+    "engine_sample_one_hot",
+    "engine_sample_sjd_ngram",
+    "engine_sample_pool",
+)
 
 
-def run_sampling_method(name: str, model, tokenizer, prompts, max_new_tokens: int, block_size: int, temperature):
+def run_sampling_method(
+    name: str, model, tokenizer, prompts, max_new_tokens: int, block_size: int, temperature, pool=(2, 8)
+):
     """Sample every prompt at batch size 1; returns (generated id lists, seconds, forward calls)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     warpers = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
@@ -261,6 +271,9 @@ def run_sampling_method(name: str, model, tokenizer, prompts, max_new_tokens: in
         engine = JacobiEngine(model, block_size=block_size, sampling_rule="one_hot")
     elif name == "engine_sample_sjd_ngram":
         engine = JacobiEngine(model, block_size=block_size, init="ngram")
+    elif name == "engine_sample_pool":
+        k, g = pool
+        engine = JacobiEngine(model, block_size=block_size, init="ngram", candidates=k, candidate_len=g)
 
     def generate(input_ids):
         if engine is not None:
@@ -286,13 +299,15 @@ def run_sampling_method(name: str, model, tokenizer, prompts, max_new_tokens: in
     return outputs, seconds, max(counter.calls, 1)
 
 
-def sampling_rows(models, tokenizer, prompts, records, max_new_tokens: int, block_size: int, domain) -> list[dict]:
+def sampling_rows(
+    models, tokenizer, prompts, records, max_new_tokens: int, block_size: int, domain, pool=(2, 8)
+) -> list[dict]:
     rows = []
     for temperature in (0.7, 1.0):
         for model_name in ("teacher", "cllm"):
             for method in SAMPLING_METHODS:
                 outputs, seconds, calls = run_sampling_method(
-                    method, models[model_name], tokenizer, prompts, max_new_tokens, block_size, temperature
+                    method, models[model_name], tokenizer, prompts, max_new_tokens, block_size, temperature, pool
                 )
                 tokens = sum(len(o) for o in outputs)
                 rows.append(
@@ -409,7 +424,9 @@ def main(argv=None) -> int:
     perplexity = {name: answer_perplexity(model, tokenizer, records) for name, model in models.items()}
     sampled = []
     if args.sampling != "off":
-        sampled = sampling_rows(models, tokenizer, prompts, records, args.max_new_tokens, block_size, domain)
+        sampled = sampling_rows(
+            models, tokenizer, prompts, records, args.max_new_tokens, block_size, domain, tuple(args.pool)
+        )
     if args.sampling == "only":
         return write_result(args, domain, records, skipped, block_size, dict(sampling_rows=sampled))
 
