@@ -123,6 +123,62 @@ void test_assemble_and_plan() {
   for (int64_t j = 0; j < 4; ++j) EXPECT_TRUE(!plan_covers(plan, j, 4));
 }
 
+// A token tree with point-mass targets, so the walk is decided whatever the random numbers:
+// block [0, 1, 2], branches [2, 1] and [3, 0] (n=3, k=2, g=2, V=4). Node 0 is sure of 3: the
+// block's draft 1 and branch 0's token 2 are rejected, branch 1's 3 is accepted; its node (5) is
+// sure of 0, its next token, which is accepted; its last node (6) is sure of 2: the bonus token.
+struct PointStats {
+  const float* probs;
+  int64_t vocab;
+  const int64_t* block;
+  double p_total(int64_t) { return 1.0; }
+  int64_t sample(int64_t node) { return sample_sequential(ProbWeight{probs + node * vocab}, vocab, 0.5); }
+  SlotUniforms uniforms(int64_t node) const { return slot_uniforms(7, 0, 0, static_cast<uint64_t>(node)); }
+  BlockDecision block_decision(int64_t slot) {
+    return decide_block_sequential(probs + slot * vocab, probs, vocab, block[slot + 1], DraftRule::kOneHot,
+                                   uniforms(slot), p_total(slot));
+  }
+};
+
+struct PointStatsView {
+  PointStats& stats;
+  double p_total(int64_t node) { return stats.p_total(node); }
+  int64_t sample(int64_t node) { return stats.sample(node); }
+  SlotUniforms uniforms(int64_t node) const { return stats.uniforms(node); }
+  BlockDecision block(int64_t slot) { return stats.block_decision(slot); }
+};
+
+void test_tree_walk() {
+  const int64_t vocab = 4;
+  const TreeShape shape{3, 2, 2};
+  std::vector<float> probs(7 * vocab, 0.0f);
+  const int64_t sure[7] = {3, 2, 1, 0, 0, 0, 2};  // the token each node is sure of
+  for (int64_t node = 0; node < 7; ++node) probs[node * vocab + sure[node]] = 1.0f;
+  const int64_t block[3] = {0, 1, 2};
+  const int64_t candidates[4] = {2, 1, 3, 0};
+  const bool usable[2] = {true, true};
+  EXPECT_TRUE(path_node(shape, -1, 2) == 2 && path_node(shape, 1, 0) == 0 && path_node(shape, 1, 2) == 6);
+  PointStats stats{probs.data(), vocab, block};
+  PointStatsView view{stats};
+  const TreeWalk walk = walk_tree(shape, block, candidates, usable, probs.data(), vocab, view);
+  EXPECT_TRUE(walk.winner == 1 && walk.accepted == 3 && walk.last_token == 2);
+  int64_t row[3], preds[3];
+  const int64_t fill[3] = {9, 9, 9};
+  assemble_tree_row(shape, block, candidates, fill, 3, walk, walk.last_token, view, row, preds);
+  EXPECT_TRUE(row[0] == 0 && row[1] == 3 && row[2] == 0);
+  EXPECT_TRUE(preds[0] == 3 && preds[1] == 0 && preds[2] == 2);
+  // Branch 1 unusable: nothing is left at node 0 but 3, which no child offers: the last token is
+  // drawn from what is left (p without the rejected 1 and 2), on the block's path.
+  const bool only_first[2] = {true, false};
+  const TreeWalk second = walk_tree(shape, block, candidates, only_first, probs.data(), vocab, view);
+  EXPECT_TRUE(second.winner == -1 && second.accepted == 1);
+  auto sample_rest = [vocab](const NodeWeight& weight, double u) { return sample_sequential(weight, vocab, u); };
+  EXPECT_TRUE(finish_walk(second, sample_rest) == 3);
+  // A plan after a branch win covers only slots whose source lies on the branch (length g + 1 = 3).
+  const ProposalPlan plan = proposal_plan(true, true, false, 2, 3);  // offset 1
+  EXPECT_TRUE(tree_plan_covers(plan, 1, 3, 3) && !tree_plan_covers(plan, 2, 3, 3));
+}
+
 }  // namespace
 
 int main() {
@@ -132,6 +188,7 @@ int main() {
   test_acceptance_rules();
   test_slot_decisions();
   test_assemble_and_plan();
+  test_tree_walk();
   if (failures) {
     std::fprintf(stderr, "%d failure(s)\n", failures);
     return EXIT_FAILURE;
