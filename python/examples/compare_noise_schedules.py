@@ -5,7 +5,8 @@
 
 Takes round 0 of ``train_cllm_rounds.py`` (trajectories the teacher collected, and the CLLM trained
 on them with ``--noise-schedule random``), trains a second CLLM from the teacher on the very same
-trajectories with every option equal except ``noise_schedule="progressive"`` (and the same seed),
+trajectories with every option equal except ``noise_schedule="progressive"`` (and the same seed);
+``--schedule``, ``--learning-rate``, ``--max-steps`` and ``--name`` train other variants the same way,
 then measures both, and the teacher, on held-out GSM8K questions: plain-Jacobi tokens per forward
 (n=16, random-prompt initial guesses, engine seed 1234, which no training run used) and the held-out
 answer perplexity. Resumable: training checkpoints every 50 steps; rerun the same command.
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ar-data", type=Path, default=None, help="default: ROUND/../ar_data.jsonl")
     parser.add_argument("--limit", type=int, default=30, help="held-out questions measured")
     parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--schedule", choices=("random", "progressive"), default="progressive")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--name", default="progressive", help="the variant's directory under --out, and its key")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -65,21 +69,22 @@ def main(argv=None) -> int:
     ar_data = args.ar_data or args.round.parent / "ar_data.jsonl"
     # The options of train_cllm_rounds.py's round 0 (seed + round index = 0), schedule aside.
     options = dict(
-        loss="global", ar_weight=5.0, ar_data=ar_data, max_steps=args.max_steps, learning_rate=1e-3, batch_size=8,
+        loss="global", ar_weight=5.0, ar_data=ar_data, max_steps=args.max_steps, learning_rate=args.learning_rate,
+        batch_size=8,
         warmup_steps=20, save_steps=50, logging_steps=10, packing=True, seed=0,
     )  # fmt: skip
     started = time.perf_counter()
-    progressive = args.out / "progressive"
-    if not (progressive / "model.safetensors").exists():
+    variant = args.out / args.name
+    if not (variant / "model.safetensors").exists():
         train_consistency(
-            args.teacher, args.round / "data", progressive, resume=True, noise_schedule="progressive", **options
+            args.teacher, args.round / "data", variant, resume=True, noise_schedule=args.schedule, **options
         )
     train_seconds = time.perf_counter() - started
     domain = get_domain("gsm8k")
     records = domain.held_out()[: args.limit]
-    models = {"teacher": args.teacher, "random": args.round / "cllm", "progressive": progressive}
+    models = {"teacher": args.teacher, "random": args.round / "cllm", args.name: variant}
     results = {name: measure(path, records, domain, 16, 256) for name, path in models.items()}
-    for name in ("random", "progressive"):
+    for name in ("random", args.name):
         results[name]["gain_over_teacher"] = (
             results[name]["tokens_per_forward"] / results["teacher"]["tokens_per_forward"]
         )
@@ -89,10 +94,11 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         "round0": done,
         "options": {key: str(value) for key, value in options.items()},
-        "progressive_train_seconds_this_run": train_seconds,
+        "variant": {"name": args.name, "noise_schedule": args.schedule},
+        "variant_train_seconds_this_run": train_seconds,
         "held_out_questions": len(records),
         "results": results,
-        "winner": max(("random", "progressive"), key=lambda name: results[name]["tokens_per_forward"]),
+        "winner": max(("random", args.name), key=lambda name: results[name]["tokens_per_forward"]),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
