@@ -86,7 +86,7 @@ def test_cllm_accepts_more_tokens_and_keeps_perplexity(pair):
             tokens += out.stats.tokens_generated
             forwards += out.stats.forward_passes
         per_forward[name] = tokens / forwards
-    assert per_forward["cllm"] >= per_forward["teacher"] + 0.3, per_forward
+    assert per_forward["cllm"] >= 1.2 * per_forward["teacher"], per_forward  # a regression guard, not the target
 
 
 def test_demo_runs_the_shipped_pair(capsys):

@@ -39,5 +39,6 @@ if [[ "$STAGE" == cllm || "$STAGE" == all ]]; then
 fi
 
 if [[ "$STAGE" == ship || "$STAGE" == all ]]; then
-    python python/examples/ship_reference_pair.py --pair "$DOMAIN" --teacher "$OUT/teacher" --cllm "$OUT/cllm/cllm"
+    python python/examples/ship_reference_pair.py --pair "$DOMAIN" --teacher "$OUT/teacher" --cllm "$OUT/cllm/cllm" \
+        --save-dtype bfloat16
 fi

@@ -4,8 +4,8 @@
     python python/examples/ship_reference_pair.py --pair code --teacher runs/v2/code/teacher --cllm runs/v2/code/cllm/cllm
 
 Copies each model's config, generation config, safetensors weights and tokenizer (nothing else:
-no checkpoints, no optimizer state) to jacobi_engine/assets/cllm-{pair}/{teacher,cllm}/, refuses
-weights over 10 MB, and writes the first held-out examples: demo_questions.jsonl
+no checkpoints, no optimizer state) to jacobi_engine/assets/cllm-{pair}/{teacher,cllm}/, with the
+weights re-stored in ``--save-dtype`` when given (the v2 pairs: bfloat16), refuses weights over 10 MB, and writes the first held-out examples: demo_questions.jsonl
 (``{"question", "answer"}``, GSM8K) or demo_prompts.jsonl (``{"prompt", "answer"}``, code).
 """
 
@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,8 +24,28 @@ FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenize
 MAX_BYTES = 10 * 1000 * 1000
 
 
-def ship(source: Path, target: Path) -> None:
+def stored_as(source: Path, dtype: str | None, scratch: Path) -> Path:
+    """``source`` itself, or (``dtype`` given) a copy of it with its weights stored in that dtype."""
+    if dtype is None:
+        return source
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=getattr(torch, dtype))
+    model.save_pretrained(str(scratch), safe_serialization=True)
+    for name in FILES:
+        if not (scratch / name).exists():
+            shutil.copyfile(source / name, scratch / name)
+    return scratch
+
+
+def ship(source: Path, target: Path, dtype: str | None = None) -> None:
     target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        _ship(source, stored_as(source, dtype, Path(scratch)), target)
+
+
+def _ship(provenance_source: Path, source: Path, target: Path) -> None:
     for name in FILES:
         path = source / name
         if not path.exists():
@@ -32,7 +53,7 @@ def ship(source: Path, target: Path) -> None:
         if name == "model.safetensors" and path.stat().st_size > MAX_BYTES:
             raise SystemExit(f"{path} is {path.stat().st_size} bytes, over the 10 MB limit")
         shutil.copyfile(path, target / name)
-    metrics = source / "metrics.json"
+    metrics = provenance_source / "metrics.json"
     if metrics.exists():  # provenance: the command and numbers that produced these weights
         data = json.loads(metrics.read_text())
         summary = {key: data[key] for key in ("command", "timings", "dev_check", "eval") if key in data}
@@ -47,13 +68,19 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--cllm", required=True)
     parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument(
+        "--save-dtype",
+        choices=("bfloat16", "float16"),
+        default=None,
+        help="store the weights in this dtype (default: as trained; the engine loads them in float32 on CPU)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from jacobi_engine.gsm8k import load_jsonl_gz, repo_data_path
 
     assets = ASSETS_ROOT / f"cllm-{args.pair}"
-    ship(Path(args.teacher), assets / "teacher")
-    ship(Path(args.cllm), assets / "cllm")
+    ship(Path(args.teacher), assets / "teacher", args.save_dtype)
+    ship(Path(args.cllm), assets / "cllm", args.save_dtype)
     cllm_metrics = Path(args.cllm).parent / "metrics.json"
     if cllm_metrics.exists():
         shutil.copyfile(cllm_metrics, assets / "cllm" / "provenance.json")
