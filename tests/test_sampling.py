@@ -25,8 +25,8 @@ How the statistics are set up (tests/sampling_stats.py):
 
 Every test uses fixed seeds, so it is deterministic. A correct sampler fails one of them with
 probability ``ALPHA`` = 1e-4 per test (over the choice of seed); with the three rule-level tests
-of test_sampling_verify_op.py there are 14 such tests, so a change that merely redraws the random
-numbers trips them with probability below 0.14%.
+of test_sampling_verify_op.py and the four of test_sampling_tree_op.py there are 22 such tests, so a
+change that merely redraws the random numbers trips them with probability below 0.22%.
 The whole file runs in about 40 s on 2 cores.
 """
 
