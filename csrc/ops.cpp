@@ -158,6 +158,19 @@ TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
 
 namespace jacobi_engine {
 
+// The chunk's verified prefix and the Philox counter, shared by both sampling ops.
+void check_counter_args(int64_t batch, const at::Tensor& n_fixed, const at::Tensor& seed,
+                        const at::Tensor& sequence_ids, const at::Tensor& step) {
+  TORCH_CHECK_TYPE(n_fixed.scalar_type() == at::kInt, "n_fixed must be int32");
+  TORCH_CHECK_VALUE(n_fixed.dim() == 1 && n_fixed.size(0) == batch && n_fixed.is_contiguous(),
+                    "n_fixed must be a contiguous [B=", batch, "] tensor");
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && step.scalar_type() == at::kLong, "seed and step must be int64");
+  TORCH_CHECK_VALUE(seed.numel() == 1 && step.numel() == 1, "seed and step must hold one value each");
+  TORCH_CHECK_TYPE(sequence_ids.scalar_type() == at::kLong, "sequence_ids must be int64");
+  TORCH_CHECK_VALUE(sequence_ids.dim() == 1 && sequence_ids.size(0) == batch && sequence_ids.is_contiguous(),
+                    "sequence_ids must be a contiguous [B=", batch, "] tensor");
+}
+
 void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
                               const at::Tensor& block, const at::Tensor& n_fixed, const at::Tensor& seed,
                               const at::Tensor& sequence_ids, const at::Tensor& step) {
@@ -173,14 +186,7 @@ void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposa
   TORCH_CHECK_TYPE(draft_sampled.scalar_type() == at::kBool, "draft_sampled must be bool");
   TORCH_CHECK_VALUE(draft_sampled.sizes() == block.sizes() && draft_sampled.is_contiguous(),
                     "draft_sampled must be a contiguous tensor of the block's shape ", block.sizes());
-  TORCH_CHECK_TYPE(n_fixed.scalar_type() == at::kInt, "n_fixed must be int32");
-  TORCH_CHECK_VALUE(n_fixed.dim() == 1 && n_fixed.size(0) == batch && n_fixed.is_contiguous(),
-                    "n_fixed must be a contiguous [B=", batch, "] tensor");
-  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && step.scalar_type() == at::kLong, "seed and step must be int64");
-  TORCH_CHECK_VALUE(seed.numel() == 1 && step.numel() == 1, "seed and step must hold one value each");
-  TORCH_CHECK_TYPE(sequence_ids.scalar_type() == at::kLong, "sequence_ids must be int64");
-  TORCH_CHECK_VALUE(sequence_ids.dim() == 1 && sequence_ids.size(0) == batch && sequence_ids.is_contiguous(),
-                    "sequence_ids must be a contiguous [B=", batch, "] tensor");
+  check_counter_args(batch, n_fixed, seed, sequence_ids, step);
   for (const at::Tensor* t : {&probs, &proposal, &draft_sampled, &n_fixed, &seed, &sequence_ids, &step}) {
     TORCH_CHECK_VALUE(t->device() == block.device(), "all sample_verify_and_commit inputs must be on ",
                       block.device(), ", got one on ", t->device());
@@ -311,14 +317,7 @@ void check_sample_tree_args(const at::Tensor& probs, const at::Tensor& proposal,
   TORCH_CHECK_TYPE(draft_sampled.scalar_type() == at::kBool, "draft_sampled must be bool");
   TORCH_CHECK_VALUE(draft_sampled.sizes() == block.sizes() && draft_sampled.is_contiguous(),
                     "draft_sampled must be a contiguous tensor of the block's shape ", block.sizes());
-  TORCH_CHECK_TYPE(n_fixed.scalar_type() == at::kInt, "n_fixed must be int32");
-  TORCH_CHECK_VALUE(n_fixed.dim() == 1 && n_fixed.size(0) == batch && n_fixed.is_contiguous(),
-                    "n_fixed must be a contiguous [B=", batch, "] tensor");
-  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong && step.scalar_type() == at::kLong, "seed and step must be int64");
-  TORCH_CHECK_VALUE(seed.numel() == 1 && step.numel() == 1, "seed and step must hold one value each");
-  TORCH_CHECK_TYPE(sequence_ids.scalar_type() == at::kLong, "sequence_ids must be int64");
-  TORCH_CHECK_VALUE(sequence_ids.dim() == 1 && sequence_ids.size(0) == batch && sequence_ids.is_contiguous(),
-                    "sequence_ids must be a contiguous [B=", batch, "] tensor");
+  check_counter_args(batch, n_fixed, seed, sequence_ids, step);
   for (const at::Tensor* t :
        {&probs, &proposal, &draft_sampled, &candidates, &usable, &row, &n_fixed, &seed, &sequence_ids, &step}) {
     TORCH_CHECK_VALUE(t->device() == block.device(), "all sample_tree_verify_and_commit inputs must be on ",

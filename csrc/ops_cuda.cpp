@@ -107,6 +107,31 @@ void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const a
   }
 }
 
+// Greedy's commit arguments for the sampling ops, which hand it verified tokens (the argmax form).
+VerifyLaunch argmax_commit_launch(at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
+                                  at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
+                                  const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
+                                  at::Tensor& n_accepted, bool chunked) {
+  VerifyLaunch commit{};
+  commit.score_type = ScoreType::kArgmax;
+  commit.block = block.data_ptr<int64_t>();
+  commit.fill = fill.data_ptr<int64_t>();
+  commit.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  commit.out = out_tokens.data_ptr<int64_t>();
+  commit.out_stride_b = out_tokens.stride(0);
+  commit.out_stride_j = out_tokens.stride(1);
+  commit.n_generated = n_generated.data_ptr<int32_t>();
+  commit.done = done.data_ptr<bool>();
+  commit.eos_ids = eos_ids.data_ptr<int64_t>();
+  commit.n_eos = eos_ids.numel();
+  commit.n_accepted = n_accepted.data_ptr<int32_t>();
+  commit.batch = block.size(0);
+  commit.n = block.size(1);
+  commit.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
+  commit.chunked = chunked;
+  return commit;
+}
+
 at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled,
                                          at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
                                          at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
@@ -129,23 +154,8 @@ at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& pr
   at::Tensor plan = at::empty({batch * 2}, block.options());
 
   SampleVerifyLaunch args{};
-  VerifyLaunch& commit = args.commit;
-  commit.score_type = ScoreType::kArgmax;
-  commit.block = block.data_ptr<int64_t>();
-  commit.fill = fill_c.data_ptr<int64_t>();
-  commit.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  commit.out = out_tokens.data_ptr<int64_t>();
-  commit.out_stride_b = out_tokens.stride(0);
-  commit.out_stride_j = out_tokens.stride(1);
-  commit.n_generated = n_generated.data_ptr<int32_t>();
-  commit.done = done.data_ptr<bool>();
-  commit.eos_ids = eos_c.data_ptr<int64_t>();
-  commit.n_eos = eos_c.numel();
-  commit.n_accepted = n_accepted.data_ptr<int32_t>();
-  commit.batch = batch;
-  commit.n = n;
-  commit.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
-  commit.chunked = chunked;
+  args.commit = argmax_commit_launch(block, fill_c, cache_seqlens, out_tokens, n_generated, done, eos_c,
+                                    max_new_tokens, n_accepted, chunked);
   args.probs = probs.data_ptr<float>();
   args.proposal = proposal.data_ptr<float>();
   args.draft_sampled = draft_sampled.data_ptr<bool>();
@@ -194,23 +204,9 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cuda(
   at::Tensor plan = at::empty({batch * 2}, block.options());
 
   SampleTreeLaunch args{};
-  VerifyLaunch& commit = args.commit;
-  commit.score_type = ScoreType::kArgmax;
-  commit.block = row.data_ptr<int64_t>();
-  commit.fill = fill_c.data_ptr<int64_t>();
-  commit.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  commit.out = out_tokens.data_ptr<int64_t>();
-  commit.out_stride_b = out_tokens.stride(0);
-  commit.out_stride_j = out_tokens.stride(1);
-  commit.n_generated = n_generated.data_ptr<int32_t>();
-  commit.done = done.data_ptr<bool>();
-  commit.eos_ids = eos_c.data_ptr<int64_t>();
-  commit.n_eos = eos_c.numel();
-  commit.n_accepted = n_accepted.data_ptr<int32_t>();
-  commit.batch = batch;
-  commit.n = row.size(1);
-  commit.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
-  commit.chunked = chunked;
+  // The commit's block is the verified row (width max(n, g + 1)).
+  args.commit = argmax_commit_launch(row, fill_c, cache_seqlens, out_tokens, n_generated, done, eos_c,
+                                    max_new_tokens, n_accepted, chunked);
   args.probs = probs.data_ptr<float>();
   args.proposal = proposal.data_ptr<float>();
   args.draft_sampled = draft_sampled.data_ptr<bool>();
