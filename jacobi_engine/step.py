@@ -217,10 +217,12 @@ def _count_newly_verified(config: StepConfig, state: StepState, n_accepted, comm
 def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     """A Jacobi step that also verifies ``k`` pooled candidates of ``g`` tokens (:mod:`jacobi_engine.pool`).
 
-    One forward over the token tree ``[block | branch 1 | ... | branch k]``; the longest verified
-    path among the block and the branches wins (the block on ties). The winner is handed to
+    One forward over the token tree ``[block | branch 1 | ... | branch k]``. Greedy: the longest
+    verified path among the block and the branches wins (the block on ties) and is handed to
     ``ops.verify_and_commit`` as the row it verifies, so EOS, limits, modes and the next block
-    follow the plain rules; a winning branch's K/V then move to the rows after ``t0``.
+    follow the plain rules. Sampling: ``ops.sample_tree_verify_and_commit`` walks the tree with
+    exact multi-candidate verification (:mod:`jacobi_engine.sampling`) and commits the winning path
+    the same way. Either way a winning branch's K/V then move to the rows after ``t0``.
     """
     block, cache = state.block, state.cache
     batch, n = block.shape
