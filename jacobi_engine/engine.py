@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -477,6 +478,16 @@ class JacobiEngine:
     def _compile(self, entry: _StepCacheEntry) -> float:
         """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
         if entry.compiled is not None or entry.compile_failed is not None:
+            return 0.0
+        if entry.config.sampling is not None and entry.config.candidates:
+            # Not verified: the compiled tree sampling step drew other tokens than the eager one with
+            # top-k in one test, and whether that is rounding in the warpers was not established.
+            entry.compile_failed = "sampling with candidates is decoded eagerly (compile=True does not cover it yet)"
+            warnings.warn(
+                f"compile=True: {entry.compile_failed}; its tokens follow the exact sampling rule as in eager mode",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             return 0.0
         # Static shapes only: the host-side bounds would be baked into the graph (and recompile it).
         self._unbound(entry.state)

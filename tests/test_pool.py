@@ -238,3 +238,17 @@ def test_compiled_pool_step_matches_eager_and_hf_without_recompiles():
     assert entry.compiled is not None, entry.compile_failed
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert sum(counters["graph_break"].values()) == breaks
+
+
+def test_compile_with_sampling_and_candidates_decodes_eagerly_with_a_warning():
+    """compile=True does not cover the tree sampling step yet: it runs eagerly, says so, and draws
+    the eager engine's tokens."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive_prompts(seed=6)
+    kwargs = dict(block_size=4, candidates=2, candidate_len=3, init="ngram", seed=9)
+    settings = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=[], do_sample=True, top_k=20)
+    with pytest.warns(RuntimeWarning, match="sampling with candidates is decoded eagerly"):
+        compiled = JacobiEngine(model, compile=True, **kwargs).generate(input_ids, **settings)
+    eager = JacobiEngine(model, **kwargs).generate(input_ids, **settings)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert compiled.stats.compile_seconds == 0
