@@ -158,3 +158,25 @@ def test_step_that_would_recompile_at_every_step_goes_eager_with_a_warning():
 def test_compile_must_be_a_bool():
     with pytest.raises(TypeError, match="compile must be a bool"):
         JacobiEngine(tiny_model("llama"), compile="yes")
+
+
+def test_compiled_sampling_step_draws_the_eager_tokens():
+    """do_sample=True compiled: the warpers and the sampling verify op in one graph, no recompile,
+    and the same tokens as the eager step (counter-based numbers; the same probabilities here)."""
+    model = tiny_model("llama")
+    input_ids, mask = _prompts(model.config.vocab_size, seed=3, batch=2, width=10, ragged=True)
+    kwargs = dict(block_size=4, seed=5)
+    settings = dict(attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=[], do_sample=True)
+    settings.update(temperature=0.8, top_k=20, top_p=0.95)
+    eager = JacobiEngine(model, **kwargs).generate(input_ids, **settings)
+    before = _dynamo_counts()
+    compiled = JacobiEngine(model, compile=True, **kwargs)
+    got = compiled.generate(input_ids, **settings)
+    assert _delta(before) == {"graphs": 1, "breaks": 0}
+    entry = next(iter(compiled._step_cache.values()))
+    assert entry.compiled is not None and entry.compile_failed is None
+    assert torch.equal(got.sequences, eager.sequences)
+    assert got.stats.accepted_histogram == eager.stats.accepted_histogram
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = compiled.generate(input_ids, **settings)
+    assert torch.equal(again.sequences, eager.sequences)
