@@ -1,6 +1,6 @@
 """The reference GSM8K pair shipped in the package, `jacobi-engine demo` and the generation benchmark.
 
-These run the real shipped models (2.4M parameters each) on a few held-out questions, so a wrong
+These run the real shipped models (4.2M parameters each, the v2 pair) on a few held-out questions, so a wrong
 or damaged model in jacobi_engine/assets fails here, not only in the benchmark.
 """
 
