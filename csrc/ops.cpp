@@ -327,12 +327,13 @@ void check_sample_tree_args(const at::Tensor& probs, const at::Tensor& proposal,
 
 namespace {
 
-// Node quantities on demand (each computed once per call, as the GPU computes them beforehand).
+// walk_tree's Stats over one row: node quantities on demand (each computed once per row, as the GPU
+// computes them beforehand). The buffers are sized once per call and reset per row by `start`.
 struct CpuTreeStats {
   TreeShape shape;
   const float* probs;
   const float* proposal;
-  const int64_t* block;
+  const int64_t* block_tokens;
   const bool* sampled;
   int64_t n_fixed;
   int64_t vocab;
@@ -341,6 +342,16 @@ struct CpuTreeStats {
   std::vector<int64_t> samples;
   std::vector<char> known;
 
+  void start(const float* row_probs, const float* row_proposal, const int64_t* row_block, const bool* row_sampled,
+             int64_t row_fixed, uint64_t row_sequence) {
+    probs = row_probs;
+    proposal = row_proposal;
+    block_tokens = row_block;
+    sampled = row_sampled;
+    n_fixed = row_fixed;
+    sequence = row_sequence;
+    std::fill(known.begin(), known.end(), 0);
+  }
   void ensure(int64_t node) {
     if (known[node]) return;
     const float* p = probs + node * vocab;
@@ -362,20 +373,11 @@ struct CpuTreeStats {
   SlotUniforms uniforms(int64_t node) const {
     return slot_uniforms(seed, sequence, step, static_cast<uint64_t>(node));
   }
-  BlockDecision block_decision(int64_t slot) {
+  BlockDecision block(int64_t slot) {
     const DraftRule rule = draft_rule(slot + 1, n_fixed, sampled[slot + 1]);
-    return decide_block_sequential(probs + slot * vocab, proposal + (slot + 1) * vocab, vocab, block[slot + 1], rule,
-                                   uniforms(slot), p_total(slot));
+    return decide_block_sequential(probs + slot * vocab, proposal + (slot + 1) * vocab, vocab,
+                                   block_tokens[slot + 1], rule, uniforms(slot), p_total(slot));
   }
-};
-
-// walk_tree's Stats interface over CpuTreeStats (`block` is a member name there).
-struct CpuTreeStatsView {
-  CpuTreeStats& stats;
-  double p_total(int64_t node) { return stats.p_total(node); }
-  int64_t sample(int64_t node) { return stats.sample(node); }
-  SlotUniforms uniforms(int64_t node) const { return stats.uniforms(node); }
-  BlockDecision block(int64_t slot) { return stats.block_decision(slot); }
 };
 
 std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
@@ -407,6 +409,14 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
   const bool* usable_ptr = usable.data_ptr<bool>();
   const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
   std::vector<int64_t> preds(width);
+  CpuTreeStats stats{};  // the row pointers are set by start()
+  stats.shape = shape;
+  stats.vocab = vocab;
+  stats.seed = seed_value;
+  stats.step = step_value;
+  stats.totals.resize(nodes);
+  stats.samples.resize(nodes);
+  stats.known.resize(nodes);
   for (int64_t b = 0; b < batch; ++b) {
     bool* row_done = done.data_ptr<bool>() + b;
     if (*row_done) continue;
@@ -415,27 +425,15 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
     int64_t* row_block = block_ptr + b * n;
     bool* row_sampled = sampled_ptr + b * n;
     const int64_t* row_candidates = candidates_ptr + b * shape.k * shape.g;
-    CpuTreeStats stats{shape,
-                       row_probs,
-                       row_proposal,
-                       row_block,
-                       row_sampled,
-                       n_fixed.data_ptr<int32_t>()[b],
-                       vocab,
-                       seed_value,
-                       static_cast<uint64_t>(sequence_ids.data_ptr<int64_t>()[b]),
-                       step_value,
-                       std::vector<double>(nodes),
-                       std::vector<int64_t>(nodes),
-                       std::vector<char>(nodes, 0)};
-    CpuTreeStatsView view{stats};
+    stats.start(row_probs, row_proposal, row_block, row_sampled, n_fixed.data_ptr<int32_t>()[b],
+                static_cast<uint64_t>(sequence_ids.data_ptr<int64_t>()[b]));
     const TreeWalk walk =
-        walk_tree(shape, row_block, row_candidates, usable_ptr + b * shape.k, row_probs, vocab, view);
+        walk_tree(shape, row_block, row_candidates, usable_ptr + b * shape.k, row_probs, vocab, stats);
     auto sample_rest = [vocab](const NodeWeight& weight, double u) { return sample_sequential(weight, vocab, u); };
     const int64_t last = finish_walk(walk, sample_rest);
     int64_t* path_row = row_ptr + b * width;
     assemble_tree_row(shape, row_block, row_candidates, fill_c.data_ptr<int64_t>() + b * width, width, walk, last,
-                      view, path_row, preds.data());
+                      stats, path_row, preds.data());
     VerifyRow commit{preds.data(),           path_row,
                      fill_c.data_ptr<int64_t>() + b * width,
                      cache_seqlens.data_ptr<int32_t>() + b,

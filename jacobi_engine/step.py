@@ -266,7 +266,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
             candidates.contiguous(),
             usable.contiguous(),
             state.verified_row,
-            fill.contiguous(),
+            fill,
             cache.cache_seqlens,
             state.tokens,
             state.lengths,

@@ -130,22 +130,14 @@ void test_assemble_and_plan() {
 struct PointStats {
   const float* probs;
   int64_t vocab;
-  const int64_t* block;
+  const int64_t* block_tokens;
   double p_total(int64_t) { return 1.0; }
   int64_t sample(int64_t node) { return sample_sequential(ProbWeight{probs + node * vocab}, vocab, 0.5); }
   SlotUniforms uniforms(int64_t node) const { return slot_uniforms(7, 0, 0, static_cast<uint64_t>(node)); }
-  BlockDecision block_decision(int64_t slot) {
-    return decide_block_sequential(probs + slot * vocab, probs, vocab, block[slot + 1], DraftRule::kOneHot,
+  BlockDecision block(int64_t slot) {
+    return decide_block_sequential(probs + slot * vocab, probs, vocab, block_tokens[slot + 1], DraftRule::kOneHot,
                                    uniforms(slot), p_total(slot));
   }
-};
-
-struct PointStatsView {
-  PointStats& stats;
-  double p_total(int64_t node) { return stats.p_total(node); }
-  int64_t sample(int64_t node) { return stats.sample(node); }
-  SlotUniforms uniforms(int64_t node) const { return stats.uniforms(node); }
-  BlockDecision block(int64_t slot) { return stats.block_decision(slot); }
 };
 
 void test_tree_walk() {
@@ -159,18 +151,17 @@ void test_tree_walk() {
   const bool usable[2] = {true, true};
   EXPECT_TRUE(path_node(shape, -1, 2) == 2 && path_node(shape, 1, 0) == 0 && path_node(shape, 1, 2) == 6);
   PointStats stats{probs.data(), vocab, block};
-  PointStatsView view{stats};
-  const TreeWalk walk = walk_tree(shape, block, candidates, usable, probs.data(), vocab, view);
+  const TreeWalk walk = walk_tree(shape, block, candidates, usable, probs.data(), vocab, stats);
   EXPECT_TRUE(walk.winner == 1 && walk.accepted == 3 && walk.last_token == 2);
   int64_t row[3], preds[3];
   const int64_t fill[3] = {9, 9, 9};
-  assemble_tree_row(shape, block, candidates, fill, 3, walk, walk.last_token, view, row, preds);
+  assemble_tree_row(shape, block, candidates, fill, 3, walk, walk.last_token, stats, row, preds);
   EXPECT_TRUE(row[0] == 0 && row[1] == 3 && row[2] == 0);
   EXPECT_TRUE(preds[0] == 3 && preds[1] == 0 && preds[2] == 2);
   // Branch 1 unusable: nothing is left at node 0 but 3, which no child offers: the last token is
   // drawn from what is left (p without the rejected 1 and 2), on the block's path.
   const bool only_first[2] = {true, false};
-  const TreeWalk second = walk_tree(shape, block, candidates, only_first, probs.data(), vocab, view);
+  const TreeWalk second = walk_tree(shape, block, candidates, only_first, probs.data(), vocab, stats);
   EXPECT_TRUE(second.winner == -1 && second.accepted == 1);
   auto sample_rest = [vocab](const NodeWeight& weight, double u) { return sample_sequential(weight, vocab, u); };
   EXPECT_TRUE(finish_walk(second, sample_rest) == 3);
