@@ -206,9 +206,12 @@ def _count_newly_verified(config: StepConfig, state: StepState, n_accepted, comm
     """
     emitted = state.lengths - state.lengths_before
     if config.chunked:
+        # In exact arithmetic a verified prefix stays verified. In bf16 (and, rarely, fp32) a near-tie
+        # can flip when the forward's shapes change (the attention's row bound grows), so a chunk's
+        # verified count can drop: count each token once, at the forward that first verified it.
         reached = torch.where(committed, emitted, n_accepted)
-        newly = torch.where(n_accepted > 0, reached - state.verified_in_chunk, 0)
-        state.verified_in_chunk.copy_(torch.where(committed, 0, n_accepted))
+        newly = torch.where(n_accepted > 0, (reached - state.verified_in_chunk).clamp(min=0), 0)
+        state.verified_in_chunk.copy_(torch.where(committed, 0, torch.maximum(n_accepted, state.verified_in_chunk)))
     else:
         newly = torch.where(n_accepted > 0, emitted, 0)
     state.histogram.scatter_add_(0, newly.to(torch.long), torch.ones_like(newly, dtype=torch.long))

@@ -33,8 +33,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from jacobi_engine import models
     from jacobi_engine.training.collect import collect_trajectories, read_prompts
     from jacobi_engine.training.distributed import init_from_launcher, world
 
@@ -42,8 +41,7 @@ def _collect(args: argparse.Namespace) -> int:
     init_from_launcher()
     device = _resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    model, tokenizer = models.load(args.model, dtype=dtype, device=device)
     if args.no_eos:
         eos_token_id = []
     elif args.eos_token_id:
@@ -71,10 +69,11 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jacobi_engine import models
     from jacobi_engine.training.trainer import train_consistency
 
     trainer = train_consistency(
-        args.model,
+        models.resolve(args.model),
         args.data,
         args.out,
         loss=args.loss,
@@ -118,7 +117,12 @@ def register(subparsers) -> None:
         description="Decode prompts with the Jacobi engine (chunked mode) and save every chunk's "
         "trajectory as a Hugging Face dataset. Rerun the same command to resume after an interruption.",
     )
-    collect.add_argument("--model", required=True, help="model directory (save_pretrained layout, with tokenizer)")
+    collect.add_argument(
+        "--model",
+        required=True,
+        help="model: a named model (jacobi_engine.models, e.g. smollm2-135m-instruct), a local folder "
+        "(save_pretrained layout, with tokenizer) or a hub id",
+    )
     collect.add_argument(
         "--prompts", required=True, help='JSONL file: {"prompt": ...} per line, optional "answer"/"label"'
     )
@@ -149,7 +153,7 @@ def register(subparsers) -> None:
         description="Consistency training (CLLM): consistency loss + weighted AR loss, with the Hugging Face "
         "Trainer. Runs under torchrun / accelerate launch for data parallelism.",
     )
-    train.add_argument("--model", required=True, help="model directory to start from")
+    train.add_argument("--model", required=True, help="model to start from: a named model, a local folder or a hub id")
     train.add_argument("--data", required=True, help="dataset directory written by `jacobi-engine collect`")
     train.add_argument("--out", required=True, help="output directory (checkpoints, then the final model)")
     train.add_argument("--loss", choices=("global", "local"), default="global", help="consistency loss (global)")

