@@ -18,8 +18,9 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
     ) from error
 
 from jacobi_engine import ops
-from jacobi_engine.engine import JacobiEngine, JacobiOutput, JacobiStats, generate
+from jacobi_engine.engine import JacobiEngine, generate
 from jacobi_engine.guesses import GuessStrategy, NgramGuess, RandomPromptGuess
+from jacobi_engine.output import JacobiOutput, JacobiStats
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from jacobi_engine import context as forward_context
+
 
 class JacobiCache(Cache):
     """Static KV cache with per-sequence lengths.
@@ -41,15 +43,30 @@ class JacobiCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
-        # A constant 2-D attention mask for models that want one; see JacobiEngine._forward.
+        # A constant 2-D attention mask for models that want one; see prefill.ModelForward.
         self.ones_mask = torch.ones(batch_size, max_seq_len, dtype=torch.long, device=self.device)
-        # Host-side bound on cache_seqlens.max() + block, set by the engine when it knows it
-        # without a sync. The torch attention path reads only that many rows.
-        self.kv_len_bound: int | None = None
-        # The decode step's token-tree layout (block + candidate branches), read by the attention
-        # dispatch; None for a plain causal block (prefill, or no candidates).
-        self.tree_mask: torch.Tensor | None = None  # bool [T, T]
-        self.tree_depth: torch.Tensor | None = None  # int32 [T]
+        self._scratch()
+        self.parent: tuple[JacobiCache, int, int] | None = None  # (cache, start, stop) of a row view
+
+    def rows(self, start: int, stop: int) -> JacobiCache:
+        """A view of rows ``start:stop``: its buffers and ``cache_seqlens`` are slices of this cache's, so a
+        forward on the view (a request's prefill while the other rows keep decoding) writes in place."""
+        view = JacobiCache.__new__(JacobiCache)
+        Cache.__init__(view, layers=[])
+        view.num_layers, view.batch, view.capacity, view.device = (
+            self.num_layers,
+            stop - start,
+            self.capacity,
+            self.device,
+        )
+        view.cache_seqlens = self.cache_seqlens[start:stop]
+        view.ones_mask = self.ones_mask[start:stop]
+        view._scratch()
+        view.parent = (self, start, stop)
+        return view
+
+    def _scratch(self) -> None:
+        """Per-forward bookkeeping of the attention dispatch (see end_forward)."""
         self.current_layer: int | None = None
         # The block K/V each layer's update() returned in the running forward. A layer that reuses
         # another layer's K/V (Gemma-3n's shared-KV layers) calls attention with those very
@@ -64,6 +81,10 @@ class JacobiCache(Cache):
     # -- our interface ---------------------------------------------------------------------
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The [B, S, Hkv, D_k] key and [B, S, Hkv, D_v] value buffers of one layer."""
+        if self.parent is not None:
+            parent, start, stop = self.parent
+            keys, values = parent.layer(layer_idx)
+            return keys[start:stop], values[start:stop]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if keys is None or values is None:
             raise RuntimeError(f"layer {layer_idx} of the Jacobi cache was never written")
@@ -72,7 +93,6 @@ class JacobiCache(Cache):
     def reset(self) -> None:
         """Forget all sequences (buffers are kept and simply overwritten later)."""
         self.cache_seqlens.zero_()
-        self.kv_len_bound = None
         self.attention_checked.clear()
         self.end_forward()
 
@@ -89,11 +109,14 @@ class JacobiCache(Cache):
 
     def key_value_buffers(self) -> list[torch.Tensor]:
         """Every allocated [B, S, Hkv, D] key and value buffer, once each."""
+        if self.parent is not None:
+            parent, start, stop = self.parent
+            return [t[start:stop] for t in parent.key_value_buffers()]
         return [t for t in self.keys + self.values if t is not None]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.key_value_buffers())
 
     # -- transformers.Cache interface -----------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -113,6 +136,10 @@ class JacobiCache(Cache):
 
     def buffers(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """This layer's buffers for block K/V ``[B, Hkv, n, D_k]`` / ``[B, Hkv, n, D_v]``, allocated at first use."""
+        if self.parent is not None:
+            parent, start, stop = self.parent
+            keys, values = parent.buffers(layer_idx, key_states, value_states)
+            return keys[start:stop], values[start:stop]
         n_kv_heads, head_dim, value_dim = key_states.shape[1], key_states.shape[3], value_states.shape[3]
         if self.keys[layer_idx] is None:
             # Zero-filled so that rows never written are finite (see reference.jacobi_attention).
@@ -136,8 +163,10 @@ class JacobiCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Models only use this to infer positions when none are given; the engine always gives
-        # them. Return the host-side bound rather than syncing on cache_seqlens.
-        return 0 if self.kv_len_bound is None else int(self.kv_len_bound)
+        # them. Return the forward's host-side bound rather than syncing on cache_seqlens.
+        ctx = forward_context.current()
+        bound = ctx.kv_len_bound if ctx is not None and ctx.cache is self else None
+        return 0 if bound is None else int(bound)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.capacity
@@ -161,7 +190,8 @@ class JacobiCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return all(k is not None for k in self.keys)
+        owner = self.parent[0] if self.parent is not None else self
+        return all(k is not None for k in owner.keys)
 
     @property
     def is_sliding(self) -> list[bool]:

@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import torch
 
-from jacobi_engine.step import StepConfig, StepState, decode_step
+from jacobi_engine.state import StepState
+from jacobi_engine.step import StepConfig, decode_step
 
 
 def _step_function(model_forward, config: StepConfig, tag: str) -> Callable[[StepState], None]:
@@ -41,7 +42,7 @@ def compile_step(model_forward, config: StepConfig, tag: str) -> Callable[[StepS
     return torch.compile(_step_function(model_forward, config, tag), fullgraph=True, dynamic=False)
 
 
-def first_compiled_call(compiled: Callable[[StepState], None], state: StepState, snapshot, restore, model) -> tuple:
+def first_compiled_call(compiled: Callable[[StepState], None], state: StepState, model) -> tuple:
     """Runs ``compiled`` once on ``state`` (which compiles it), then puts the state back.
 
     Returns ``(compiled or None, seconds, reason)``: None and the reason when the model could not be
@@ -49,7 +50,7 @@ def first_compiled_call(compiled: Callable[[StepState], None], state: StepState,
     so compiling never advances decoding; the K/V the step wrote lie past the committed lengths
     and are overwritten like any rejected guess.
     """
-    saved = snapshot(state)
+    saved = state.snapshot()
     started = time.perf_counter()
     try:
         compiled(state)
@@ -65,7 +66,7 @@ def first_compiled_call(compiled: Callable[[StepState], None], state: StepState,
         )
         return None, time.perf_counter() - started, reason
     finally:
-        restore(saved)
+        state.restore(saved)
     return compiled, time.perf_counter() - started, None
 
 

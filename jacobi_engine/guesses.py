@@ -14,6 +14,9 @@ Write your own by subclassing :class:`GuessStrategy` and passing an instance as
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -26,10 +29,6 @@ class GuessStrategy:
     """
 
     name = "custom"
-    # Host-side bound on the token columns any row knows until the engine's next sync (one past the
-    # longest row), set by the eager loop so that lookups read only those columns. None: read the
-    # whole buffer (a compiled or captured step has static shapes).
-    search_bound: int | None = None
 
     def start(
         self,
@@ -56,9 +55,15 @@ class GuessStrategy:
         """Guesses int64 [B, n] for freed slots (slot ``j`` of the next block takes column ``j``)."""
         raise NotImplementedError
 
-    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    def refine(
+        self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, known_columns: int | None = None
+    ) -> torch.Tensor | None:
         """Optionally rewrite ``block[rows, 1:]`` in place after a commit. ``lengths`` int32 [B]
         is one past each row's last known token. Default: keep the block.
+
+        ``known_columns`` (a Python int, or None) bounds ``lengths.max()`` until the engine's next host
+        sync, so a lookup may read only that many token columns; None (a compiled or captured step,
+        which has static shapes) means the whole buffer. An override may leave the argument out.
 
         Return a bool [B, n - 1] mask of the slots you rewrote: when sampling, those drafts are
         verified as deterministic ones (the exact rule for them). An override that returns None is
@@ -132,7 +137,7 @@ class NgramGuess(RandomPromptGuess):
         self.back = self._keep("back", torch.arange(self.max_ngram, device=device))
         self.slots = self._keep("slots", torch.arange(1, max(block_size, 2), device=device))
 
-    def refine(self, block: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def refine(self, block, lengths, rows, known_columns: int | None = None) -> torch.Tensor:
         """The latest earlier occurrence of the longest suffix (``max_ngram`` .. ``min_ngram`` tokens).
 
         One comparison of the known columns per suffix token, shared by every n-gram length: an
@@ -144,7 +149,7 @@ class NgramGuess(RandomPromptGuess):
             return torch.zeros_like(block[:, 1:], dtype=torch.bool)
         tokens = self.tokens
         width = tokens.shape[1]
-        bound = width if self.search_bound is None else max(1, min(width, int(self.search_bound)))
+        bound = width if known_columns is None else max(1, min(width, int(known_columns)))
         known = tokens[:, :bound]
         end = lengths.to(torch.long)  # one past the last known token
         begin = self.prompt_starts
@@ -173,6 +178,19 @@ class NgramGuess(RandomPromptGuess):
         proposal = tokens.gather(1, source.clamp(min=0, max=width - 1))
         block[:, 1:] = torch.where(in_range, proposal, block[:, 1:])
         return in_range
+
+
+def refine_guesses(strategy: GuessStrategy, block, lengths, rows, known_columns: int | None):
+    """``strategy.refine``, passing ``known_columns`` only to overrides that take it (a compiled step
+    passes None, so the signature is read in eager steps only)."""
+    if known_columns is not None and _takes_known_columns(type(strategy).refine):
+        return strategy.refine(block, lengths, rows, known_columns=known_columns)
+    return strategy.refine(block, lengths, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_known_columns(refine) -> bool:
+    return "known_columns" in inspect.signature(refine).parameters
 
 
 def make_guess_strategy(init: str | GuessStrategy) -> GuessStrategy:

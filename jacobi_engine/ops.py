@@ -40,6 +40,34 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+# The tree sampling verifier's branch limit (csrc/sampling_verify.h kMaxTreeBranches).
+MAX_SAMPLING_CANDIDATES = 32
+
+
+def _native_ops_on(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and bool(_C.build_info().get("cuda_kernels"))
+
+
+def resolve_verify_backend(backend: str, device: torch.device, graph_safe: bool = False) -> str:
+    """``"native"`` or ``"torch"``: ``"auto"`` is the compiled op where it exists for ``device``."""
+    _check_choice("verify_backend", backend, VERIFY_BACKENDS)
+    if backend != "auto":
+        return backend
+    return "native" if _native_ops_on(torch.device(device)) else "torch"
+
+
+def verify_backend_warning(backend: str, device: torch.device) -> str | None:
+    """Why ``"auto"`` falls back to the PyTorch reference on ``device``, or None."""
+    if backend == "auto" and not _native_ops_on(torch.device(device)):
+        return (
+            f"jacobi_engine was built without CUDA kernels, so the verify ops run their PyTorch reference on "
+            f"{device} (slower); rebuild with nvcc available to get them"
+        )
+    return None
+
+
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
     _check_choice("backend", backend, ATTENTION_BACKENDS)
     if backend == "auto":

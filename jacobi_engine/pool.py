@@ -65,9 +65,18 @@ class CandidatePool:
         self.cursor = torch.zeros((batch, buckets), dtype=torch.long, device=device)
         self.slot_range = torch.arange(slots, device=device)
 
-    def reset(self) -> None:
-        self.keys.fill_(-1)
-        self.cursor.zero_()
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Empties the table of every sequence, or of those where ``rows`` (bool [B]) is set."""
+        if rows is None:
+            self.keys.fill_(-1)
+            self.cursor.zero_()
+            return
+        self.keys.masked_fill_(rows[:, None], -1)
+        self.cursor.masked_fill_(rows[:, None], 0)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors insertion mutates (for a snapshot of the decode state)."""
+        return [self.keys, self.ngrams, self.cursor]
 
     def insert(self, keys: torch.Tensor, ngrams: torch.Tensor, valid: torch.Tensor) -> None:
         """Adds ``ngrams`` [B, E, g] after ``keys`` [B, E] where ``valid`` [B, E]; duplicates of an

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jacobi_engine.config import check_int
 from jacobi_engine.sampling import SamplingSpec
 
 # Settings that do not change greedy output (sampling warpers, output formatting, cache and
@@ -44,10 +45,6 @@ _IGNORED = {
     "cache_implementation",
     "cache_config",
     "return_legacy_cache",
-    "output_attentions",
-    "output_hidden_states",
-    "output_scores",
-    "output_logits",
     "return_dict_in_generate",
     "num_assistant_tokens",
     "num_assistant_tokens_schedule",
@@ -74,6 +71,8 @@ _IGNORED = {
     "base_model_prefix",
     "trust_remote_code",
 }
+# Outputs HF can return beside the sequences, which the engine does not produce: refused when asked for.
+_NOT_RETURNED = ("output_attentions", "output_hidden_states", "output_scores", "output_logits")
 # Sampling warpers of HF that change the sampled distribution and that the engine does not implement:
 # refused when sampling, with the value at which HF leaves them out.
 _UNSUPPORTED_WARPERS = {
@@ -91,6 +90,7 @@ _HANDLED = {
     "eos_token_id",
     "pad_token_id",
     "do_sample",
+    *_NOT_RETURNED,
     "num_beams",
     "num_return_sequences",
     "repetition_penalty",
@@ -156,9 +156,15 @@ class GenerationSettings:
 
 
 def _default_value(name: str):
+    """HF's default of a field: what a fresh ``GenerationConfig`` holds, else (transformers >= 5.2x, where
+    fresh fields are None) the global default ``generate`` fills in for an unset field."""
     from transformers import GenerationConfig
 
-    return getattr(GenerationConfig(), name, None)
+    value = getattr(GenerationConfig(), name, None)
+    if value is None:
+        global_defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+        value = global_defaults.get(name)
+    return value
 
 
 def _token_list(name: str, value, vocab_size: int) -> list[int]:
@@ -200,10 +206,16 @@ def resolve_generation(
             raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
         setattr(config, key, value)
 
+    for key in _NOT_RETURNED:
+        if getattr(config, key, False):
+            raise ValueError(
+                f"{key}=True: jacobi_engine returns sequences only, not per-position {key.removeprefix('output_')} "
+                "(a Jacobi step scores a whole block of guesses at once); unset it"
+            )
     # Anything else that is set and would change greedy output is refused by name.
     for key, value in sorted(config.to_dict().items()):
-        if key in _IGNORED or key in _HANDLED or value is None:
-            continue
+        if key in _IGNORED or key in _HANDLED or value is None or key.startswith("_"):
+            continue  # (underscored fields are HF's own state of a prepared config: its token tensors)
         default = _default_value(key)
         if value == default or (value in ((), [], {}) and not default):
             continue
@@ -228,7 +240,7 @@ def resolve_generation(
     )
     if max_new_tokens is None:
         if max_length_given:
-            _check_int("max_length", config.max_length, minimum=1)
+            check_int("max_length", config.max_length, minimum=1)
             max_new_tokens = config.max_length - prompt_width
             if max_new_tokens <= 0:
                 raise ValueError(
@@ -240,7 +252,7 @@ def resolve_generation(
             if max_positions is not None:
                 max_length = min(max_length, max_positions)
             max_new_tokens = max(max_length - prompt_width, 0)
-    _check_int("max_new_tokens", max_new_tokens, minimum=0)
+    check_int("max_new_tokens", max_new_tokens, minimum=0)
 
     eos = config.eos_token_id
     if isinstance(eos, torch.Tensor):
@@ -250,12 +262,12 @@ def resolve_generation(
     if isinstance(pad, torch.Tensor):
         pad = int(pad)
     if pad is not None:
-        _check_int("pad_token_id", pad, minimum=0)
+        check_int("pad_token_id", pad, minimum=0)
 
     min_new = config.min_new_tokens or 0
-    _check_int("min_new_tokens", min_new, minimum=0)
+    check_int("min_new_tokens", min_new, minimum=0)
     min_length = config.min_length or 0
-    _check_int("min_length", min_length, minimum=0)
+    check_int("min_length", min_length, minimum=0)
     if min_new > 0:
         min_length = min_new + prompt_width  # HF replaces min_length when min_new_tokens is set
     penalty = config.repetition_penalty
@@ -264,7 +276,7 @@ def resolve_generation(
             raise ValueError(f"repetition_penalty must be a strictly positive float, got {penalty!r}")
         penalty = None if float(penalty) == 1.0 else float(penalty)
     ngram = config.no_repeat_ngram_size or 0
-    _check_int("no_repeat_ngram_size", ngram, minimum=0)
+    check_int("no_repeat_ngram_size", ngram, minimum=0)
     bad_words: list[tuple[int, ...]] = []
     if config.bad_words_ids is not None:
         if not isinstance(config.bad_words_ids, list) or not config.bad_words_ids:
@@ -342,13 +354,6 @@ def _resolve_sampling(config) -> SamplingSpec:
         top_p=float(top_p),
         min_p=None if min_p is None else float(min_p),
     )
-
-
-def _check_int(name: str, value, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 class LogitsProcessing:

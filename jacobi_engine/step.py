@@ -1,14 +1,10 @@
 """The Jacobi decode step: one function of device state, the unit that is compiled and graph-captured.
 
-:class:`StepState` holds every tensor a step reads and writes, at fixed addresses and shapes for
-a given (batch, capacity, block size, mode, candidates, processors, sampling) key, so that one CUDA graph captured on
-it serves every later ``generate`` call with that key: per-request values (prompt width, limits,
-EOS ids) live in device tensors, never in Python numbers baked into the graph.
-
-Token layout (HF's): ``tokens[b, :width]`` is the prompt exactly as passed (padding included),
-generated token ``g`` sits at column ``width + g``; ``lengths[b]`` is one past row ``b``'s last
-known token (the verify op's fill level), ``limits[b] = width + max_new_tokens``. Block slot 0 is
-always ``tokens[b, lengths[b] - 1]``: known-correct, its K/V not yet in the cache.
+:class:`~jacobi_engine.state.StepState` holds every tensor a step reads and writes, at fixed
+addresses and shapes per state key (token layout: :mod:`jacobi_engine.state`). ``model_forward``
+is the model's forward over tokens at positions (:class:`jacobi_engine.prefill.ModelForward`), on the
+state's cache. :class:`StepBounds` are host-side bounds an eager step may use to read less (a
+compiled or captured step has static shapes and gets none).
 
 Per step (:func:`decode_step`):
 
@@ -33,44 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from jacobi_engine import ops
-from jacobi_engine.cache import JacobiCache
-from jacobi_engine.guesses import GuessStrategy
-from jacobi_engine.pool import CandidatePool, ngrams_of
+from jacobi_engine import ops, sampling
+from jacobi_engine.guesses import GuessStrategy, refine_guesses
+from jacobi_engine.pool import ngrams_of
 from jacobi_engine.processors import LogitsProcessing
 from jacobi_engine.sampling import SamplingSpec
-
-
-@dataclass
-class StepState:
-    """Device state of the decode step. Shapes: B sequences, n block slots, W = token columns."""
-
-    cache: JacobiCache
-    guesses: GuessStrategy
-    tokens: torch.Tensor  # [B, W] int64, HF layout (see module docstring)
-    block: torch.Tensor  # [B, n] int64, slot 0 known-correct
-    lengths: torch.Tensor  # [B] int32, one past the last known token of each row
-    limits: torch.Tensor  # [B] int32, width + max_new_tokens
-    done: torch.Tensor  # [B] bool
-    eos_ids: torch.Tensor  # [E] int64, padded with -1 (never matches)
-    position_limit: torch.Tensor  # [B] int64, largest position id worth feeding
-    pad_lengths: torch.Tensor  # [B] int64, leading padding of each prompt (repetition penalty)
-    histogram: torch.Tensor  # [n + 1] int64, newly verified tokens per (sequence, forward)
-    verified_in_chunk: torch.Tensor  # [B] int32, tokens already verified in the current chunk
-    lengths_before: torch.Tensor  # [B] int32 scratch
-    step: torch.Tensor  # [1] int64, decode steps taken
-    slot_offsets: torch.Tensor  # [n] int64, 0..n-1
-    pool: CandidatePool | None = None  # n-gram candidates, when the engine verifies any
-    verified_row: torch.Tensor | None = None  # [B, max(n, g + 1)] int64, the row the pool step verifies
-    candidate_wins: torch.Tensor | None = None  # () int64, (sequence, forward) pairs a branch won
-    log_blocks: torch.Tensor | None = None  # [max_steps, B, n] blocks fed, when logging
-    log_lengths: torch.Tensor | None = None  # [max_steps, B] lengths before the step
-    log_accepted: torch.Tensor | None = None  # [max_steps, B] accepted counts (0: finished)
-    # Sampling only (see jacobi_engine.sampling):
-    proposal: torch.Tensor | None = None  # [B, n, V] float32, distribution each slot's draft was drawn from
-    draft_sampled: torch.Tensor | None = None  # [B, n] bool, the draft was drawn from `proposal` (else deterministic)
-    seed: torch.Tensor | None = None  # [1] int64, Philox key
-    sequence_ids: torch.Tensor | None = None  # [B] int64, Philox counter word of each row
+from jacobi_engine.state import StepState
 
 
 @dataclass(frozen=True)
@@ -89,27 +53,40 @@ class StepConfig:
     sampling: SamplingSpec | None = None  # None: greedy
     sampling_rule: str = "sjd"  # "one_hot": verify Jacobi drafts like deterministic ones (for comparison)
 
+    @property
+    def tree(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.tree_mask, self.tree_depth) if self.candidates else None
 
-def forward_block(model_forward, state: StepState) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class StepBounds:
+    """Host-side bounds valid until the next host sync: the cache rows any row of the forward reads
+    (attention reads only those) and the token columns any row knows (n-gram lookup reads only those)."""
+
+    kv_len: int
+    known_columns: int
+
+
+def forward_block(model_forward, state: StepState, bounds: StepBounds | None = None) -> torch.Tensor:
     """Logits [B, n, V] of the model over the block at each row's committed length."""
     positions = state.cache.cache_seqlens.to(torch.long)[:, None] + state.slot_offsets
     # Slots past a row's last useful position only hold tokens that are never emitted. Clamping
     # keeps learned position tables in range and, for length-dependent RoPE (which reads the
     # largest position of the forward), keeps the forward in the regime HF's decoding is in.
     positions = torch.minimum(positions, state.position_limit[:, None])
-    return model_forward(state.cache, state.block, positions)
+    return model_forward(state.block, positions, kv_len=None if bounds is None else bounds.kv_len)
 
 
-def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
+def decode_step(model_forward, config: StepConfig, state: StepState, bounds: StepBounds | None = None) -> None:
     """One Jacobi step on device tensors only (see the module docstring)."""
     if config.candidates:
-        _pool_step(model_forward, config, state)
+        _pool_step(model_forward, config, state, bounds)
         return
     if state.log_blocks is not None:
         state.log_blocks.index_copy_(0, state.step, state.block[None])
         state.log_lengths.index_copy_(0, state.step, state.lengths[None])
     state.lengths_before.copy_(state.lengths)
-    scores = forward_block(model_forward, state)
+    scores = forward_block(model_forward, state, bounds)
     if config.sampling is not None:
         scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
@@ -119,7 +96,7 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
     else:
         n_accepted = _sample_verify(config, state, scores)
     committed = state.lengths > state.lengths_before
-    rewritten = state.guesses.refine(state.block, state.lengths, committed & ~state.done)
+    rewritten = _refine(state, committed & ~state.done, bounds)
     if config.sampling is not None:
         forget_rewritten_drafts(state, rewritten, committed & ~state.done)
     _count_newly_verified(config, state, n_accepted, committed)
@@ -183,6 +160,25 @@ def forget_rewritten_drafts(state: StepState, rewritten: torch.Tensor | None, ro
     state.draft_sampled[:, 1:] &= ~rewritten
 
 
+def _refine(state: StepState, rows: torch.Tensor, bounds: StepBounds | None):
+    known = None if bounds is None else bounds.known_columns
+    return refine_guesses(state.guesses, state.block, state.lengths, rows, known)
+
+
+def first_tokens(config: StepConfig, state: StepState, logits: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 [B]: the first new token of each row from its prompt's next-token ``logits`` [B, V], by the
+    step's own rules: the processors at HF's ``cur_len = width``, then argmax, or the warpers and the
+    engine's draw (the prefill's counter, :data:`jacobi_engine.sampling.PREFILL_STEP`) when sampling."""
+    if config.sampling is not None:
+        logits = logits.float()  # as HF: processed and sampled in float32
+    if config.processing is not None:
+        cur_len = torch.full((logits.shape[0], 1), width, dtype=torch.long, device=logits.device)
+        logits = config.processing.apply(logits[:, None], state.tokens, cur_len, state.pad_lengths)[:, 0]
+    if config.sampling is None:
+        return logits.argmax(dim=-1)
+    return sampling.sample_tokens(config.sampling.probabilities(logits), state.seed, state.sequence_ids)
+
+
 def _process(processing: LogitsProcessing, scores: torch.Tensor, state: StepState) -> torch.Tensor:
     """Processed scores: slot j sees HF's input_ids ``tokens[:, :lengths + j]`` with the block's guesses."""
     n = state.block.shape[1]
@@ -215,9 +211,10 @@ def _count_newly_verified(config: StepConfig, state: StepState, n_accepted, comm
     else:
         newly = torch.where(n_accepted > 0, emitted, 0)
     state.histogram.scatter_add_(0, newly.to(torch.long), torch.ones_like(newly, dtype=torch.long))
+    state.row_forwards += (n_accepted > 0).to(torch.int32)
 
 
-def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
+def _pool_step(model_forward, config: StepConfig, state: StepState, bounds: StepBounds | None) -> None:
     """A Jacobi step that also verifies ``k`` pooled candidates of ``g`` tokens (:mod:`jacobi_engine.pool`).
 
     One forward over the token tree ``[block | branch 1 | ... | branch k]``. Greedy: the longest
@@ -242,11 +239,8 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     fed = torch.cat([block, candidates.reshape(batch, k * g)], dim=1)  # [B, T]
     starts = cache.cache_seqlens.to(torch.long)
     positions = torch.minimum(starts[:, None] + config.tree_depth.to(torch.long), state.position_limit[:, None])
-    cache.tree_mask, cache.tree_depth = config.tree_mask, config.tree_depth
-    try:
-        scores = model_forward(cache, fed, positions)  # [B, T, V]
-    finally:
-        cache.tree_mask = cache.tree_depth = None
+    kv_len = None if bounds is None else bounds.kv_len
+    scores = model_forward(fed, positions, kv_len=kv_len, tree=config.tree)  # [B, T, V]
     if config.sampling is not None:
         scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
@@ -293,7 +287,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     source = torch.where(use_branch, branch_start, starts + 1)
     ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, backend=config.verify_backend)
     committed = state.lengths > state.lengths_before
-    rewritten = state.guesses.refine(block, state.lengths, committed & ~state.done)
+    rewritten = _refine(state, committed & ~state.done, bounds)
     if config.sampling is not None:
         forget_rewritten_drafts(state, rewritten, committed & ~state.done)
     _feed_pool(state, fed[:, :n], block_preds, active, g, width)

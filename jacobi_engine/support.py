@@ -97,25 +97,23 @@ def _is_self_attention(module) -> bool:
 
 def _probe(model, info) -> str | None:
     """Runs a prefill and one block through the engine's cache and attention; the error, if any."""
+    from jacobi_engine import ops
     from jacobi_engine.attention import jacobi_attention_enabled
     from jacobi_engine.cache import JacobiCache
+    from jacobi_engine.context import ForwardContext
+    from jacobi_engine.prefill import ModelForward
 
     device = model.get_input_embeddings().weight.device
     cache = JacobiCache(info.num_layers, 1, 8, device)
+    context = ForwardContext(cache, ops.resolve_attention_backend("auto", device))
+    forward = ModelForward(model, info, context)
     tokens = torch.zeros(1, 3, dtype=torch.long, device=device)
     try:
-        with torch.no_grad(), jacobi_attention_enabled(model, cache, "auto"):
+        with torch.no_grad(), jacobi_attention_enabled(model, context):
             for start, width in ((0, 3), (3, 2)):
-                cache.kv_len_bound = start + width
                 positions = torch.arange(start, start + width, device=device)[None]
-                output = model(
-                    input_ids=tokens[:, :width],
-                    position_ids=positions,
-                    attention_mask=cache.ones_mask,
-                    use_cache=True,
-                    **{info.cache_keyword: cache},
-                )
-                if not isinstance(getattr(output, "logits", None), torch.Tensor):
+                logits = forward(tokens[:, :width], positions, kv_len=start + width)
+                if not isinstance(logits, torch.Tensor):
                     return "its forward returns no logits"
                 cache.cache_seqlens.add_(width)
     except Exception as error:  # anything that would otherwise fail inside generate

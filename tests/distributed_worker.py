@@ -64,7 +64,7 @@ def run_tp(out_dir: Path, model_dirs: list[str]) -> None:
         for case in TP_CASES:
             engine = JacobiEngine(model, **case)
             out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=TP_NEW_TOKENS, eos_token_id=[])
-            keys, _ = next(iter(engine._step_cache.values())).state.cache.layer(0)
+            keys, _ = next(iter(engine.cached_states())).state.cache.layer(0)
             outputs.append(
                 {
                     "sequences": out.sequences.tolist(),

@@ -82,7 +82,7 @@ def test_compiled_matches_eager_and_hf_greedy_without_recompiles(arch, engine_ar
             assert _delta(before) == {"graphs": 0, "breaks": 0}
             assert got.stats.compile_seconds == 0
         assert got.stats.forward_passes > 2  # decoding took several compiled steps
-        entry = next(iter(compiled._step_cache.values()))
+        entry = next(iter(compiled.cached_states()))
         assert entry.compiled is not None and entry.compile_failed is None
         assert torch.equal(got.sequences, expected.sequences), f"call {number}: compiled differs from eager"
         assert got.stats.accepted_histogram == expected.stats.accepted_histogram
@@ -120,7 +120,7 @@ def test_model_that_cannot_compile_falls_back_to_eager_with_a_warning():
         RuntimeWarning, match=r"could not be compiled.*decoding eagerly.*Reason: Unsupported: .*graph.break"
     ):
         out = engine.generate(reference_ids, max_new_tokens=MAX_NEW, eos_token_id=2, pad_token_id=0)
-    entry = next(iter(engine._step_cache.values()))
+    entry = next(iter(engine.cached_states()))
     assert entry.compiled is None and "graph_break" in entry.compile_failed
     assert assert_matches_greedy(model, out.sequences, expected, reference_ids, mask, 0) == 0
     # The failure is remembered per entry: the next call neither retries nor warns again.
@@ -149,7 +149,7 @@ def test_step_that_would_recompile_at_every_step_goes_eager_with_a_warning():
     engine = JacobiEngine(model, block_size=4, compile=True)
     with pytest.warns(RuntimeWarning, match=r"would recompile, decoding eagerly"):
         out = engine.generate(input_ids, max_new_tokens=MAX_NEW, eos_token_id=2, pad_token_id=0)
-    entry = next(iter(engine._step_cache.values()))
+    entry = next(iter(engine.cached_states()))
     assert entry.compiled is None and entry.compile_failed
     assert assert_matches_greedy(model, out.sequences, expected, input_ids, mask, 0) == 0
     assert counter.calls >= out.stats.forward_passes  # the eager steps ran the hook
@@ -173,7 +173,7 @@ def test_compiled_sampling_step_draws_the_eager_tokens():
     compiled = JacobiEngine(model, compile=True, **kwargs)
     got = compiled.generate(input_ids, **settings)
     assert _delta(before) == {"graphs": 1, "breaks": 0}
-    entry = next(iter(compiled._step_cache.values()))
+    entry = next(iter(compiled.cached_states()))
     assert entry.compiled is not None and entry.compile_failed is None
     assert torch.equal(got.sequences, eager.sequences)
     assert got.stats.accepted_histogram == eager.stats.accepted_histogram

@@ -157,6 +157,6 @@ def test_finished_rows_stay_inside_the_cache():
         engine = JacobiEngine(model, block_size=block_size)
         out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=40, eos_token_id=[])
         assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
-        (entry,) = engine._step_cache.values()
+        (entry,) = engine.cached_states()
         # Every row emitted all 40 tokens; its cache holds the prompt and all but the last of them.
         assert entry.state.cache.cache_seqlens.tolist() == (mask.sum(1) + 40 - 1).tolist()

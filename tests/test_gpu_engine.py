@@ -90,7 +90,7 @@ def test_cuda_graph_is_captured_once_per_key_and_reused():
         assert_matches_greedy(model, out.sequences, expected, input_ids, None, PAD)
         captures.append(out.stats.capture_seconds)
     assert captures[0] > 0 and captures[1:] == [0.0, 0.0]
-    assert len(engine._step_cache) == 1
+    assert len(engine.cached_states()) == 1
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
@@ -132,7 +132,7 @@ def test_compiled_cuda_engine_matches_hf_without_recompiles(cuda_graph, arch="ll
                 )
             assert out.stats.compile_seconds == 0
         assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
-    entry = next(iter(engine._step_cache.values()))
+    entry = next(iter(engine.cached_states()))
     assert entry.compiled is not None, entry.compile_failed
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert sum(counters["graph_break"].values()) == breaks

@@ -54,17 +54,13 @@ class OpRecorder(TorchDispatchMode):
 
 def record_decode_steps(engine: JacobiEngine, input_ids: torch.Tensor, **generate_kwargs) -> list[str]:
     recorder = OpRecorder()
-    step = engine._step
 
-    def watched(entry):
+    def watched(entry, run_step):
         with recorder:
-            step(entry)
+            run_step()
 
-    engine._step = watched
-    try:
+    with engine.watch_steps(watched):
         engine.generate(input_ids, max_new_tokens=12, eos_token_id=[5], record_trajectory=True, **generate_kwargs)
-    finally:
-        del engine._step
     return recorder.ops
 
 
@@ -116,20 +112,27 @@ def test_sampling_step_has_no_sync_or_dynamic_shape(engine_kwargs):
 def test_recorder_catches_a_sync():
     """The check itself can fail: a step that calls .item() is reported."""
     model = tiny_model("llama")
-    engine = JacobiEngine(model, block_size=4)
-    step = engine._step
-
-    def syncing_step(entry):
-        step(entry)
-        int(entry.state.lengths.sum())
-
-    engine._step = syncing_step
     input_ids = torch.randint(3, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    class Syncing(JacobiEngine):
+        extra = None
+
+        def watch_steps(self, watcher):
+            def with_extra(entry, run_step):
+                def run():
+                    run_step()
+                    self.extra(entry)
+
+                watcher(entry, run)
+
+            return super().watch_steps(with_extra)
+
+    engine = Syncing(model, block_size=4)
+    engine.extra = lambda entry: int(entry.state.lengths.sum())
     assert set(record_decode_steps(engine, input_ids)) & FORBIDDEN == {"item"}
 
-    def masking_step(entry):
-        step(entry)
+    def mask_done(entry):
         entry.state.block[entry.state.done] = 0
 
-    engine._step = masking_step
+    engine.extra = mask_done
     assert set(record_decode_steps(engine, input_ids)) & FORBIDDEN == {"index(bool mask)"}

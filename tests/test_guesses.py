@@ -39,10 +39,8 @@ def test_refine_matches_prompt_lookup_by_hand(max_ngram, min_ngram, bounded):
     block[:, 0] = 99
     strategy = NgramGuess(max_ngram=max_ngram, min_ngram=min_ngram)
     strategy.start(tokens, prompt_starts, prompt_starts + 1, n, torch.Generator().manual_seed(0))
-    if bounded:
-        strategy.search_bound = int(lengths.max())
     refined = block.clone()
-    strategy.refine(refined, lengths, rows)
+    strategy.refine(refined, lengths, rows, known_columns=int(lengths.max()) if bounded else None)
     for b in range(batch):
         expected = [99] + [-7] * (n - 1)
         found = lookup_by_hand(tokens[b].tolist(), int(prompt_starts[b]), int(lengths[b]), max_ngram, min_ngram, n)

@@ -169,21 +169,25 @@ def test_graph_warm_up_leaves_no_trace():
     """CUDA-graph capture warms up on a snapshot of the step state and restores it (engine._capture).
     On CPU: two real steps, then the restore, then decoding must give exactly what a plain run gives
     (tokens and statistics), so the snapshot covers every piece of state a step mutates."""
-    from jacobi_engine.engine import _restore, _snapshot
+    warmed_up = []
 
-    class WarmedUp(JacobiEngine):
-        def _run_eager(self, entry, *args):
-            snapshot = _snapshot(entry.state)
+    def warm_up_first(entry, run_step):
+        if not warmed_up:  # before the first real step: two steps on a snapshot, then the restore
+            snapshot = entry.state.snapshot()
             for _ in range(2):
-                self._step(entry)
-            _restore(snapshot)
-            return super()._run_eager(entry, *args)
+                run_step()
+            entry.state.restore(snapshot)
+            warmed_up.append(True)
+        run_step()
 
     model = tiny_model("gpt2", vocab_size=VOCAB)
     input_ids, mask = repetitive_prompts(seed=4)
     kwargs = dict(block_size=6, candidates=3, candidate_len=4, init="ngram")
     plain = JacobiEngine(model, **kwargs).generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
-    warmed = WarmedUp(model, **kwargs).generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    engine = JacobiEngine(model, **kwargs)
+    with engine.watch_steps(warm_up_first):
+        warmed = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[])
+    assert warmed_up
     assert torch.equal(plain.sequences, warmed.sequences)
     assert plain.stats.accepted_histogram == warmed.stats.accepted_histogram
     assert plain.stats.candidate_wins == warmed.stats.candidate_wins > 0
@@ -234,7 +238,7 @@ def test_compiled_pool_step_matches_eager_and_hf_without_recompiles():
         assert_matches_greedy(model, out.sequences, expected, input_ids, mask, PAD)
         assert torch.equal(out.sequences, eager.sequences)
         assert out.stats.candidate_wins == eager.stats.candidate_wins > 0
-    (entry,) = engine._step_cache.values()
+    (entry,) = engine.cached_states()
     assert entry.compiled is not None, entry.compile_failed
     assert counters["stats"]["unique_graphs"] - graphs == 1
     assert sum(counters["graph_break"].values()) == breaks

@@ -230,11 +230,11 @@ def test_step_cache_reuses_state_across_calls():
         out = engine.generate(input_ids, max_new_tokens=max_new, eos_token_id=[])
         expected = model.generate(input_ids, do_sample=False, max_new_tokens=max_new, eos_token_id=[], pad_token_id=0)
         assert torch.equal(out.sequences, expected)
-        (entry,) = engine._step_cache.values()
+        (entry,) = engine.cached_states()
         outputs.append((entry, entry.state.tokens.data_ptr(), entry.state.cache.layer(0)[0].data_ptr()))
     assert all(item == outputs[0] for item in outputs[1:])
     engine.generate(prompt(batch=3), max_new_tokens=5, eos_token_id=[])  # another batch size: a new entry
-    assert len(engine._step_cache) == 2
+    assert len(engine.cached_states()) == 2
     for batch in range(4, 10):
         engine.generate(prompt(batch=batch), max_new_tokens=3, eos_token_id=[])
-    assert len(engine._step_cache) <= 4  # bounded: old entries (and their caches) are released
+    assert len(engine.cached_states()) <= 4  # bounded: old entries (and their caches) are released

@@ -46,7 +46,9 @@ import transformers
 
 import jacobi_engine
 from jacobi_engine import GuessStrategy, JacobiEngine, build_info
-from jacobi_engine.engine import MAX_CACHED_STEPS
+from jacobi_engine.config import EngineConfig
+
+MAX_CACHED_STEPS = EngineConfig().max_cached_states
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 96

@@ -1,0 +1,133 @@
+"""The engine's settings: :class:`EngineConfig`, frozen and checked once, and the one ``check_int``.
+
+Every ``JacobiEngine(model, **settings)`` keyword is a field here; :func:`split_engine_kwargs` sorts
+a mixed keyword dict into engine settings and generate arguments (the ``generate()`` shortcut, the
+``model.generate`` integration and the server use it, so no caller re-lists the fields).
+
+Bounds: ``block_size`` and ``candidates`` are bounded (:data:`MAX_BLOCK_SIZE`, :data:`MAX_CANDIDATES`,
+:data:`MAX_CANDIDATE_LEN`), so that a typo cannot ask for terabytes: a decode step allocates
+``B x (n + k*g)`` scores of the vocabulary and, with ``record_trajectory``, logs ``steps x B x n``
+tokens. With ``do_sample=True`` the tree verifier handles at most ``ops.MAX_SAMPLING_CANDIDATES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from jacobi_engine.guesses import GuessStrategy
+from jacobi_engine.ops import ATTENTION_BACKENDS, VERIFY_BACKENDS
+from jacobi_engine.sampling import SAMPLING_RULES
+
+MODES = ("sliding", "chunked")
+MAX_BLOCK_SIZE = 1024
+MAX_CANDIDATES = 64
+MAX_CANDIDATE_LEN = 64
+MAX_POOL_ENTRIES = 1 << 20  # pool_buckets * pool_slots per sequence
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False):
+    """Raises TypeError unless ``value`` is an int (not a bool), ValueError unless it is in range."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of a :class:`~jacobi_engine.JacobiEngine` (see its docstring for each one)."""
+
+    block_size: int = 16
+    mode: str = "sliding"
+    init: str | GuessStrategy = "random_prompt"
+    max_seq_len: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+    verify_backend: str = "auto"
+    cuda_graph: bool = False
+    sync_every: int | None = None
+    candidates: int = 0
+    candidate_len: int = 4
+    pool_buckets: int = 4096
+    pool_slots: int = 8
+    sampling_rule: str = "sjd"
+    compile: bool = False
+    max_cached_states: int = 4
+
+    def __post_init__(self):
+        check_int("block_size", self.block_size, minimum=1, maximum=MAX_BLOCK_SIZE)
+        check_choice("mode", self.mode, MODES)
+        if not isinstance(self.init, GuessStrategy) and self.init not in ("random_prompt", "ngram"):
+            raise ValueError(f"init must be 'random_prompt', 'ngram' or a GuessStrategy instance, got {self.init!r}")
+        check_int("max_seq_len", self.max_seq_len, minimum=1, allow_none=True)
+        check_int("seed", self.seed)
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits (torch.Generator), got {self.seed}")
+        check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_choice("verify_backend", self.verify_backend, VERIFY_BACKENDS)
+        check_bool("cuda_graph", self.cuda_graph)
+        check_int("sync_every", self.sync_every, minimum=1, allow_none=True)
+        check_int("candidates", self.candidates, minimum=0, maximum=MAX_CANDIDATES)
+        check_int("candidate_len", self.candidate_len, minimum=1, maximum=MAX_CANDIDATE_LEN)
+        check_int("pool_buckets", self.pool_buckets, minimum=1)
+        check_int("pool_slots", self.pool_slots, minimum=1)
+        if self.pool_buckets * self.pool_slots > MAX_POOL_ENTRIES:
+            raise ValueError(
+                f"pool_buckets * pool_slots = {self.pool_buckets * self.pool_slots} entries per sequence exceeds "
+                f"{MAX_POOL_ENTRIES}"
+            )
+        if self.candidates > self.pool_slots:
+            raise ValueError(
+                f"candidates={self.candidates} exceeds pool_slots={self.pool_slots} (entries looked up per key)"
+            )
+        if self.candidates and self.mode == "chunked" and self.candidate_len > self.block_size - 1:
+            raise ValueError(
+                f"candidate_len={self.candidate_len} must be <= block_size - 1 = {self.block_size - 1} in chunked "
+                "mode (a branch verifies part of the current chunk)"
+            )
+        check_choice("sampling_rule", self.sampling_rule, SAMPLING_RULES)
+        check_bool("compile", self.compile)
+        check_int("max_cached_states", self.max_cached_states, minimum=1)
+
+    # -- derived sizes: each formula written once ------------------------------------------------
+    @property
+    def tree_tokens(self) -> int:
+        """Tokens per decode forward, and cache rows it appends: the block and every branch."""
+        return self.block_size + self.candidates * self.candidate_len
+
+    @property
+    def verified_width(self) -> int:
+        """The longest row one step can verify: the block, or ``t0`` and a branch."""
+        return max(self.block_size, self.candidate_len + 1) if self.candidates else self.block_size
+
+    @property
+    def steps_between_syncs(self) -> int:
+        return self.sync_every if self.sync_every is not None else (8 if self.cuda_graph else 1)
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def split_engine_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """``(engine settings, the rest)`` of a keyword dict."""
+    engine = {key: value for key, value in kwargs.items() if key in ENGINE_FIELDS}
+    rest = {key: value for key, value in kwargs.items() if key not in ENGINE_FIELDS}
+    return engine, rest
