@@ -5,6 +5,7 @@
     jacobi-engine info                                  build information (compiled kernels, versions)
     jacobi-engine collect ... / train ...               consistency training (jacobi_engine.training)
     jacobi-engine trajectory ...                        draw one Jacobi trajectory
+    jacobi-engine serve --model NAME ...                OpenAI-compatible server (continuous batching)
 
 Each subcommand lives in the module that owns it and registers itself through a
 ``register(subparsers)`` function.
@@ -30,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = subparsers.add_parser("info", help="print build information")
     info.set_defaults(handler=_info)
 
-    from jacobi_engine import demo, trajectory_plot
+    from jacobi_engine import demo, serve, trajectory_plot
 
     demo.register(subparsers)
+    serve.register(subparsers)
     trajectory_plot.register(subparsers)
     try:
         from jacobi_engine.training import commands as training_commands

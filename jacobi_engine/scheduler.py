@@ -70,6 +70,7 @@ class RequestHandle:
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    error: str | None = None  # set when the stepping thread failed on this request's batch
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _cancel: bool = field(default=False, repr=False)
 
@@ -92,10 +93,18 @@ class Scheduler:
         max_seq_len: cache rows per request (prompt + new tokens); longer requests are refused.
         generation_config, **generation_kwargs: the generation settings of every request, resolved as
             ``generate`` resolves them (``max_new_tokens`` there is the default of ``add_request``).
+        seed: the random numbers of this scheduler (initial guesses, sampling); default the engine's.
     """
 
     def __init__(
-        self, engine, max_batch: int = 8, max_seq_len: int = 2048, generation_config=None, **generation_kwargs
+        self,
+        engine,
+        max_batch: int = 8,
+        max_seq_len: int = 2048,
+        generation_config=None,
+        *,
+        seed: int | None = None,
+        **generation_kwargs,
     ):
         check_int("max_batch", max_batch, minimum=1)
         check_int("max_seq_len", max_seq_len, minimum=2)
@@ -134,8 +143,10 @@ class Scheduler:
         self._ids = itertools.count()
         self._queue_lock = threading.Lock()
         self._entry = None
+        self.seed = engine.config.seed if seed is None else seed
+        check_int("seed", self.seed)
         self.generator = torch.Generator(device=limits.device)
-        self.generator.manual_seed(engine.config.seed)
+        self.generator.manual_seed(self.seed)
         self.steps_taken = 0
 
     # -- requests ------------------------------------------------------------------------------
@@ -279,7 +290,7 @@ class Scheduler:
                 eos_ids=self.settings.eos_ids,
                 pad_token_id=self.settings.pad_token_id,
                 position_limit=position_limit(engine.limits, lengths, handle.max_new_tokens),
-                seed=engine.config.seed,
+                seed=self.seed,
                 generator=self.generator,
             )
             handle.row, handle.forwards = row, 1
