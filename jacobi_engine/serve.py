@@ -374,8 +374,9 @@ def build_app(backend: Backend):
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         pieces, reason = [], None
-        async for delta, reason in events():
+        async for delta, finish in events():
             pieces.append(delta)
+            reason = finish
         response = {"id": request_id, "object": kind, "created": created, "model": backend.model_name}
         response.update(choices=[choice("".join(pieces), reason, False)], usage=usage(), jacobi=extension())
         return JSONResponse(response)
