@@ -135,6 +135,10 @@ def _write_atomically(target: Path, write, provenance: dict) -> Path:
         for file in tmp.iterdir():
             os.chmod(file, 0o644)
         (tmp / _MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+        if target.exists() and not _trusted(target):  # left by an older, interrupted writer: never trusted
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            os.rename(target, stale / "folder")
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: keep its folder
