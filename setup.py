@@ -115,7 +115,7 @@ def extension():
 
 setup(
     packages=find_packages(include=["jacobi_engine", "jacobi_engine.*"]),
-    package_data={"jacobi_engine": ["assets/**/*"]},
+    package_data={"jacobi_engine": ["assets/**/*", "hub/**/*"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

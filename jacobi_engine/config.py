@@ -48,11 +48,14 @@ def check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of a :class:`~jacobi_engine.JacobiEngine` (see its docstring for each one)."""
 
-    block_size: int = 16
+    block_size: int | str = 16
     mode: str = "sliding"
     init: str | GuessStrategy = "random_prompt"
     max_seq_len: int | None = None
@@ -68,10 +71,35 @@ class EngineConfig:
     sampling_rule: str = "sjd"
     compile: bool = False
     max_cached_states: int = 4
+    block_sizes: tuple[int, ...] | None = None  # what block_size="auto" chooses among
+    candidate_counts: tuple[int, ...] | None = None  # what candidates="auto" chooses among
+    cost_model: object | None = None  # a jacobi_engine.adaptive.CostModel, or the path of a saved one
 
     def __post_init__(self):
-        check_int("block_size", self.block_size, minimum=1, maximum=MAX_BLOCK_SIZE)
+        if self.block_size != AUTO:
+            check_int("block_size", self.block_size, minimum=1, maximum=MAX_BLOCK_SIZE)
+        if self.candidates != AUTO:
+            check_int("candidates", self.candidates, minimum=0, maximum=MAX_CANDIDATES)
         check_choice("mode", self.mode, MODES)
+        if self.adaptive and self.mode == "chunked":
+            raise ValueError(
+                "block_size='auto' and candidates='auto' choose the step per sync, which chunked mode (a chunk "
+                "iterated to its fixed point) does not allow: use mode='sliding'"
+            )
+        for name, values, low, high in (
+            ("block_sizes", self.block_sizes, 1, MAX_BLOCK_SIZE),
+            ("candidate_counts", self.candidate_counts, 0, MAX_CANDIDATES),
+        ):
+            if values is not None:
+                if not isinstance(values, tuple) or not values:
+                    raise TypeError(f"{name} must be a non-empty tuple of ints, got {values!r}")
+                for value in values:
+                    check_int(name, value, minimum=low, maximum=high)
+        if self.cost_model is not None and not isinstance(self.cost_model, str):
+            from jacobi_engine.adaptive import CostModel
+
+            if not isinstance(self.cost_model, CostModel):
+                raise TypeError(f"cost_model must be a CostModel or a path, got {type(self.cost_model).__name__}")
         if not isinstance(self.init, GuessStrategy) and self.init not in ("random_prompt", "ngram"):
             raise ValueError(f"init must be 'random_prompt', 'ngram' or a GuessStrategy instance, got {self.init!r}")
         check_int("max_seq_len", self.max_seq_len, minimum=1, allow_none=True)
@@ -82,7 +110,6 @@ class EngineConfig:
         check_choice("verify_backend", self.verify_backend, VERIFY_BACKENDS)
         check_bool("cuda_graph", self.cuda_graph)
         check_int("sync_every", self.sync_every, minimum=1, allow_none=True)
-        check_int("candidates", self.candidates, minimum=0, maximum=MAX_CANDIDATES)
         check_int("candidate_len", self.candidate_len, minimum=1, maximum=MAX_CANDIDATE_LEN)
         check_int("pool_buckets", self.pool_buckets, minimum=1)
         check_int("pool_slots", self.pool_slots, minimum=1)
@@ -91,9 +118,9 @@ class EngineConfig:
                 f"pool_buckets * pool_slots = {self.pool_buckets * self.pool_slots} entries per sequence exceeds "
                 f"{MAX_POOL_ENTRIES}"
             )
-        if self.candidates > self.pool_slots:
+        if self.max_candidates > self.pool_slots:
             raise ValueError(
-                f"candidates={self.candidates} exceeds pool_slots={self.pool_slots} (entries looked up per key)"
+                f"candidates={self.max_candidates} exceeds pool_slots={self.pool_slots} (entries looked up per key)"
             )
         if self.candidates and self.mode == "chunked" and self.candidate_len > self.block_size - 1:
             raise ValueError(
@@ -106,14 +133,39 @@ class EngineConfig:
 
     # -- derived sizes: each formula written once ------------------------------------------------
     @property
+    def adaptive(self) -> bool:
+        return self.block_size == AUTO or self.candidates == AUTO
+
+    def shapes(self) -> list:
+        """The step shapes (:class:`jacobi_engine.adaptive.Shape`) this engine may run: one, or the auto set."""
+        from jacobi_engine.adaptive import COMPILED_BLOCK_SIZES, DEFAULT_BLOCK_SIZES, DEFAULT_CANDIDATES, Shape
+
+        if self.block_size == AUTO:
+            default = COMPILED_BLOCK_SIZES if (self.compile or self.cuda_graph) else DEFAULT_BLOCK_SIZES
+            blocks = self.block_sizes or default
+        else:
+            blocks = (self.block_size,)
+        counts = (self.candidate_counts or DEFAULT_CANDIDATES) if self.candidates == AUTO else (self.candidates,)
+        return sorted({Shape(n, k, self.candidate_len if k else 0) for n in blocks for k in counts})
+
+    @property
+    def max_block_size(self) -> int:
+        return max(shape.block for shape in self.shapes())
+
+    @property
+    def max_candidates(self) -> int:
+        return max(shape.candidates for shape in self.shapes())
+
+    @property
     def tree_tokens(self) -> int:
-        """Tokens per decode forward, and cache rows it appends: the block and every branch."""
-        return self.block_size + self.candidates * self.candidate_len
+        """Tokens per decode forward (at most), and cache rows it appends: the block and every branch."""
+        return max(shape.tokens for shape in self.shapes())
 
     @property
     def verified_width(self) -> int:
         """The longest row one step can verify: the block, or ``t0`` and a branch."""
-        return max(self.block_size, self.candidate_len + 1) if self.candidates else self.block_size
+        n, k = self.max_block_size, self.max_candidates
+        return max(n, self.candidate_len + 1) if k else n
 
     @property
     def steps_between_syncs(self) -> int:

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from jacobi_engine import ops
+from jacobi_engine.adaptive import CostModel, ShapePolicy, new_cost_model
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.config import EngineConfig, split_engine_kwargs
 from jacobi_engine.context import ForwardContext
@@ -32,7 +33,7 @@ from jacobi_engine.output import JacobiOutput, JacobiStats, Timings, build_outpu
 from jacobi_engine.pool import tree_layout
 from jacobi_engine.prefill import ModelForward, prefill, start_decoding
 from jacobi_engine.processors import LogitsProcessing
-from jacobi_engine.runner import Entry, Runner, StateCache, Stream
+from jacobi_engine.runner import Entry, Runner, StateCache, Stream, Variant
 from jacobi_engine.state import StateKey, allocate, capacity_bucket
 from jacobi_engine.step import StepConfig
 
@@ -99,9 +100,20 @@ class JacobiEngine:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
         self.guess_strategy: GuessStrategy = make_guess_strategy(config.init)
         self.states = StateCache(config.max_cached_states)
-        self.runner = Runner(
-            model, config.block_size, config.candidates, config.candidate_len, config.steps_between_syncs
-        )
+        self.runner = Runner(model, config.verified_width, config.tree_tokens, config.steps_between_syncs)
+        self.cost_model = None
+        if isinstance(config.cost_model, str):
+            self.cost_model = CostModel.load(config.cost_model)
+        elif config.cost_model is not None:
+            self.cost_model = config.cost_model
+        dtype = next(model.parameters()).dtype
+        if self.cost_model is not None and not self.cost_model.matches(device, dtype):
+            raise ValueError(
+                f"cost_model was measured on {self.cost_model.device} in {self.cost_model.dtype}; this model is on "
+                f"{device} in {dtype}: measure a new one (leave cost_model unset)"
+            )
+        if config.adaptive and self.cost_model is None:
+            self.cost_model = new_cost_model(device, dtype)
         self._lock = threading.RLock()
 
     # Settings read as attributes, as before the config existed.
@@ -133,9 +145,9 @@ class JacobiEngine:
         key = StateKey(
             batch=request.batch,
             capacity=capacity,
-            block_size=config.block_size,
+            block_size=config.max_block_size,
             chunked=config.mode == "chunked",
-            candidates=config.candidates,
+            candidates=config.max_candidates,
             candidate_len=config.candidate_len,
             eos_slots=max(4, len(settings.eos_ids)),
             processors=settings.processors if settings.processors.active else None,
@@ -151,32 +163,58 @@ class JacobiEngine:
         config = self.config
         state = allocate(key, self.info.num_layers, self.guess_strategy, config.pool_buckets, config.pool_slots)
         processing = LogitsProcessing(key.processors, key.vocab_size, key.device) if key.processors else None
-        tree_mask, tree_depth = (
-            tree_layout(key.block_size, key.candidates, key.candidate_len, key.device)
-            if key.candidates
-            else (None, None)
-        )
-        step_config = StepConfig(
-            key.block_size,
-            key.chunked,
-            self.verify_backend,
-            processing,
-            candidates=key.candidates,
-            candidate_len=key.candidate_len,
-            tree_mask=tree_mask,
-            tree_depth=tree_depth,
-            sampling=key.sampling,
-            sampling_rule=config.sampling_rule,
-        )
+        variants = {}
+        for shape in config.shapes():
+            tree_mask = tree_depth = None
+            if shape.candidates:
+                tree_mask, tree_depth = tree_layout(shape.block, shape.candidates, shape.candidate_len, key.device)
+            step_config = StepConfig(
+                shape.block,
+                key.chunked,
+                self.verify_backend,
+                processing,
+                candidates=shape.candidates,
+                candidate_len=shape.candidate_len,
+                tree_mask=tree_mask,
+                tree_depth=tree_depth,
+                sampling=key.sampling,
+                sampling_rule=config.sampling_rule,
+            )
+            variants[shape] = Variant(shape, state.view(shape.block, shape.candidates), step_config)
+        widest = max(variants, key=lambda shape: (shape.block, shape.candidates))
         context = ForwardContext(state.cache, ops.resolve_attention_backend(config.attention_backend, key.device))
-        return Entry(key, state, step_config, context, ModelForward(self.model, self.info, context))
+        return Entry(key, state, context, ModelForward(self.model, self.info, context), variants, widest)
+
+    def _start_policy(self, entry: Entry) -> float:
+        """A fresh per-step choice for a call (adaptive engines): times the shapes the cost model lacks for
+        this batch size, on the entry's prefilled state; returns the seconds it took."""
+        if not entry.adaptive:
+            return 0.0
+        started = time.perf_counter()
+        batch, shapes = entry.key.batch, list(entry.variants)
+        missing = self.cost_model.missing(batch, shapes)
+        if missing:
+            for shape, seconds in self.runner.measure_costs(entry, missing).items():
+                self.cost_model.seconds[(batch, shape)] = seconds
+            self.cost_model.cache_length[batch] = int(entry.state.cache.cache_seqlens.max())
+        costs = {shape: self.cost_model.cost(batch, shape) for shape in shapes}
+        entry.policy = ShapePolicy(shapes, costs)
+        entry.histogram = entry.state.histogram.tolist()
+        self.runner.switch(entry, entry.policy.choose())
+        return time.perf_counter() - started if missing else 0.0
+
+    def save_cost_model(self, path) -> None:
+        """Writes the measured step costs (``JacobiEngine(..., cost_model=path)`` reuses them)."""
+        if self.cost_model is None:
+            raise ValueError("this engine has no cost model: it is made by block_size='auto' or candidates='auto'")
+        self.cost_model.save(path)
 
     def _check_sampling_candidates(self, request: Request) -> None:
         limit = ops.MAX_SAMPLING_CANDIDATES
-        if request.settings.sampling is not None and self.config.candidates > limit:
+        if request.settings.sampling is not None and self.config.max_candidates > limit:
             raise ValueError(
                 f"do_sample=True verifies at most {limit} candidates per step (the tree verifier's branch "
-                f"limit), got candidates={self.config.candidates}"
+                f"limit), got candidates={self.config.max_candidates}"
             )
 
     # -- the call ------------------------------------------------------------------------------
@@ -203,6 +241,11 @@ class JacobiEngine:
         with self._lock:
             request = make_request(self.model, self.limits, input_ids, attention_mask, **kwargs)
             self._check_sampling_candidates(request)
+            if request.record_trajectory and self.config.adaptive:
+                raise ValueError(
+                    "record_trajectory=True needs a fixed block_size and candidates (the trajectories of "
+                    "consistency training have one block width), not 'auto'"
+                )
             stream = Stream(request.streamer)
             stream.put(request.prompts.input_ids)
             if request.max_new_tokens == 0:
@@ -210,7 +253,7 @@ class JacobiEngine:
                 config = self.config
                 return empty_output(
                     request.prompts.input_ids,
-                    config.block_size,
+                    config.max_block_size,
                     config.mode,
                     request.return_stats,
                     request.record_trajectory,
@@ -228,6 +271,7 @@ class JacobiEngine:
                 timings,
                 request.return_stats,
                 request.record_trajectory,
+                None if entry.policy is None else entry.policy.summary(),
             )
 
     def _decode(self, entry: Entry, request: Request, stream: Stream) -> Timings:
@@ -237,6 +281,7 @@ class JacobiEngine:
         timings = Timings()
         started = time.perf_counter()
         with jacobi_attention_enabled(self.model, entry.context):
+            self.runner.to_primary(entry, carry=False)  # prefill writes the state itself
             logits = prefill(self.model, self.info, entry.context, state.cache, prompts)
             state.reset_counters()
             generator = torch.Generator(device=state.key.device)
@@ -262,8 +307,9 @@ class JacobiEngine:
                 timings.compile = self.runner.compile(entry)
             if self.config.cuda_graph:
                 timings.capture = self.runner.capture(entry)
+            timings.cost_model = self._start_policy(entry)
             decode_started = time.perf_counter()
-            self.runner.run_until_done(entry, settings.max_new_tokens + self.config.block_size, stream)
+            self.runner.run_until_done(entry, settings.max_new_tokens + self.config.max_block_size, stream)
             sync()
             timings.decode = time.perf_counter() - decode_started
         return timings

@@ -144,7 +144,7 @@ class NgramGuess(RandomPromptGuess):
         occurrence of the last ``k`` tokens ending at column ``e`` is ``eq[i][e - i]`` for ``i < k``,
         where ``eq[i]`` marks the columns equal to the ``i``-th last known token.
         """
-        n = self.block_size
+        n = block.shape[1]  # at most the block_size of start() (an adaptive engine's narrower blocks)
         if n < 2:
             return torch.zeros_like(block[:, 1:], dtype=torch.bool)
         tokens = self.tokens

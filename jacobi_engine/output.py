@@ -25,7 +25,10 @@ class JacobiStats:
     ``capture_seconds`` is the CUDA-graph set-up (warm-up and capture, done once per state),
     ``compile_seconds`` the ``torch.compile`` of the step with ``compile=True`` (once per state, 0
     when the state was already compiled); both are kept out of ``decode_seconds`` (and so out of
-    ``tokens_per_second``). ``candidate_wins`` counts the (sequence, decode forward) pairs where a
+    ``tokens_per_second``); so is ``cost_model_seconds``, the timing of step shapes an adaptive engine
+    measures at its first call of a batch size. ``shapes`` (adaptive engines) gives, per step shape, the
+    sync rounds that chose it, the (row, forward) pairs it ran and their tokens per forward.
+    ``candidate_wins`` counts the (sequence, decode forward) pairs where a
     pooled candidate branch verified more tokens than the block.
     """
 
@@ -41,6 +44,8 @@ class JacobiStats:
     capture_seconds: float = 0.0
     candidate_wins: int = 0
     compile_seconds: float = 0.0
+    cost_model_seconds: float = 0.0
+    shapes: dict | None = None  # block_size/candidates="auto": per step shape, decisions and forwards
 
     @property
     def tokens_per_second(self) -> float:
@@ -67,6 +72,7 @@ class Timings:
     prefill: float = 0.0
     compile: float = 0.0
     capture: float = 0.0
+    cost_model: float = 0.0
     decode: float = 0.0
 
 
@@ -85,6 +91,7 @@ def build_output(
     timings: Timings,
     return_stats: bool,
     record_trajectory: bool,
+    shapes: dict | None = None,
 ) -> JacobiOutput:
     """The output of a call whose rows are all of ``state`` (prompt ``width`` columns each)."""
     batch = state.key.batch
@@ -123,5 +130,7 @@ def build_output(
             capture_seconds=timings.capture,
             candidate_wins=int(state.candidate_wins),
             compile_seconds=timings.compile,
+            cost_model_seconds=timings.cost_model,
+            shapes=shapes,
         )
     return JacobiOutput(sequences, stats, trajectories)

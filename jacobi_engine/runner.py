@@ -1,28 +1,33 @@
 """Running decode steps: the bounded cache of states, one loop for eager steps and graph replays,
-capture and compile with their fallback, the host-side bounds, and the streamer.
+capture and compile with their fallback, the per-step choice of an adaptive engine, the host-side
+bounds, and the streamer.
 
-Each :class:`Entry` is one state (:mod:`jacobi_engine.state`) with what runs on it: its step config,
-its forward context and model forward, and once set up its compiled step and its CUDA graph. The
-:class:`StateCache` keeps the last ``max_cached_states`` entries (LRU) so that calls with the same key
-reuse them (gpt-fast's pattern: a graph captured once per key is replayed by every later call);
-``clear()`` frees them.
+Each :class:`Entry` is one state (:mod:`jacobi_engine.state`) with what runs on it: its forward
+context and model forward, and one :class:`Variant` per step shape it may run (a fixed engine has one;
+``block_size="auto"`` has a few, :mod:`jacobi_engine.adaptive`), each with its step config, its width
+view of the state and, once set up, its compiled step and CUDA graph. The :class:`StateCache` keeps the
+last ``max_cached_states`` entries (LRU) so that calls with the same key reuse them (gpt-fast's
+pattern: a graph captured once per key is replayed by every later call); ``clear()`` frees them.
 
 The loop syncs with the host once per ``sync_every`` steps: it reads whether every row is done, the
-longest cache row and the longest token row (one small transfer), streams new tokens and, between
-syncs, hands eager steps :class:`~jacobi_engine.step.StepBounds` derived from those numbers (a
-compiled or captured step has static shapes and gets none).
+longest cache row and the longest token row (one small transfer, with the histogram of verified
+tokens when the engine chooses its step shape), streams new tokens, lets the policy pick the next
+shape and, between syncs, hands eager steps :class:`~jacobi_engine.step.StepBounds` derived from
+those numbers (a compiled or captured step has static shapes and gets none).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from jacobi_engine.adaptive import Shape, ShapePolicy, measure
 from jacobi_engine.compile import (
     abandon_compiled,
     compile_step,
@@ -37,17 +42,54 @@ from jacobi_engine.step import StepBounds, StepConfig, decode_step
 
 
 @dataclass
-class Entry:
-    """One cached state and what runs on it."""
+class Variant:
+    """One step shape of an entry: its config, its width view of the state, its compiled step and graph."""
 
-    key: StateKey
+    shape: Shape
     state: StepState
     config: StepConfig
-    context: ForwardContext
-    forward: ModelForward
     graph: object | None = None  # torch.cuda.CUDAGraph once captured
     compiled: Callable | None = None  # the torch.compile'd step (compile=True), once compiled
     compile_failed: str | None = None  # why the step could not be compiled (then it runs eagerly)
+
+
+@dataclass
+class Entry:
+    """One cached state and what runs on it (``state`` is the widest view; the others share its buffers)."""
+
+    key: StateKey
+    state: StepState
+    context: ForwardContext
+    forward: ModelForward
+    variants: dict[Shape, Variant]
+    active: Shape
+    policy: ShapePolicy | None = None  # the running choice of an adaptive engine's call
+    histogram: list[int] = field(default_factory=list)  # at the last sync
+
+    @property
+    def variant(self) -> Variant:
+        return self.variants[self.active]
+
+    # The active variant's set-up, as a fixed engine's single entry exposes it.
+    @property
+    def config(self) -> StepConfig:
+        return self.variant.config
+
+    @property
+    def compiled(self):
+        return self.variant.compiled
+
+    @property
+    def compile_failed(self):
+        return self.variant.compile_failed
+
+    @property
+    def graph(self):
+        return self.variant.graph
+
+    @property
+    def adaptive(self) -> bool:
+        return len(self.variants) > 1
 
 
 class StateCache:
@@ -104,138 +146,208 @@ class Stream:
 
 
 class Runner:
-    """Steps, compiles and captures the entries of one engine.
+    """Steps, compiles, captures and times the entries of one engine.
 
     ``step_watcher`` (see :meth:`jacobi_engine.JacobiEngine.watch_steps`) wraps every eager step,
     for tests and profiling.
     """
 
-    def __init__(self, model, block_size: int, candidates: int, candidate_len: int, sync_every: int):
+    def __init__(self, model, advance: int, tree_tokens: int, sync_every: int):
         self.model = model
-        self.advance = max(block_size, candidate_len + 1) if candidates else block_size
-        self.tree_tokens = block_size + candidates * candidate_len
+        self.advance = advance  # the most tokens one step commits
+        self.tree_tokens = tree_tokens  # the most tokens one step appends to the cache
         self.sync_every = sync_every
         self.step_watcher: Callable | None = None
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, entry: Entry, bounds: StepBounds | None) -> None:
+        variant = entry.variant
         if self.step_watcher is not None:
-            self.step_watcher(entry, lambda: self._step(entry, bounds))
+            self.step_watcher(entry, lambda: self._step(entry, variant, bounds))
             return
-        self._step(entry, bounds)
+        self._step(entry, variant, bounds)
 
-    def _step(self, entry: Entry, bounds: StepBounds | None) -> None:
-        if entry.compiled is not None:
+    def _step(self, entry: Entry, variant: Variant, bounds: StepBounds | None) -> None:
+        if variant.compiled is not None:
             try:
                 # A step that would recompile raises instead (compile.compiled_steps): a graph that needs a
                 # new compile at every step (a forward hook counting calls in a Python attribute, which
                 # dynamo bakes in and guards on) is worse than eager.
-                entry.compiled(entry.state)
+                variant.compiled(variant.state)
                 return
             except Exception as error:
                 if not is_step_compile_error(error):  # raised while compiling, before the step ran
                     raise
-                entry.compiled, entry.compile_failed = None, abandon_compiled(error, self.model)
-        decode_step(entry.forward, entry.config, entry.state, bounds)
+                variant.compiled, variant.compile_failed = None, abandon_compiled(error, self.model)
+        decode_step(entry.forward, variant.config, variant.state, bounds)
 
     # -- set-up ------------------------------------------------------------------------------------
     def compile(self, entry: Entry) -> float:
-        """Compiles the entry's step (once per entry); returns the seconds it took (0 if already done)."""
-        if entry.compiled is not None or entry.compile_failed is not None:
+        """Compiles every variant's step (once per variant); returns the seconds it took (0 if done before)."""
+        return sum(self._compile(variant, entry.forward) for variant in entry.variants.values())
+
+    def _compile(self, variant: Variant, forward: ModelForward) -> float:
+        if variant.compiled is not None or variant.compile_failed is not None:
             return 0.0
-        if entry.config.sampling is not None and entry.config.candidates:
+        if variant.config.sampling is not None and variant.config.candidates:
             # Not verified: the compiled tree sampling step drew other tokens than the eager one with
             # top-k in one test, and whether that is rounding in the warpers was not established.
-            entry.compile_failed = "sampling with candidates is decoded eagerly (compile=True does not cover it yet)"
-            import warnings
-
+            variant.compile_failed = "sampling with candidates is decoded eagerly (compile=True does not cover it yet)"
             warnings.warn(
-                f"compile=True: {entry.compile_failed}; its tokens follow the exact sampling rule as in eager mode",
+                f"compile=True: {variant.compile_failed}; its tokens follow the exact sampling rule as in eager mode",
                 RuntimeWarning,
                 stacklevel=5,
             )
             return 0.0
-        compiled = compile_step(entry.forward, entry.config, tag=f"{id(entry):x}")
-        entry.compiled, seconds, entry.compile_failed = first_compiled_call(compiled, entry.state, self.model)
+        compiled = compile_step(forward, variant.config, tag=f"{id(variant):x}")
+        variant.compiled, seconds, variant.compile_failed = first_compiled_call(compiled, variant.state, self.model)
         return seconds
 
     def capture(self, entry: Entry) -> float:
-        """Captures the entry's step in a CUDA graph (once per entry), on the model's device; returns
-        the seconds it took.
+        """Captures every variant's step in a CUDA graph (once per variant), on the model's device;
+        returns the seconds it took.
 
         The warm-up steps (they also JIT-compile Triton kernels) run on a snapshot of the state, which
         is then restored, so set-up never advances decoding; the K/V they wrote lie past the committed
         lengths and are overwritten like any rejected guess.
         """
-        if entry.graph is not None:
-            return 0.0
-        state = entry.state
         started = time.perf_counter()
-        with torch.cuda.device(state.key.device):
-            snapshot = state.snapshot()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), compiled_steps(entry.compiled is not None):
-                for _ in range(2):
-                    self._step(entry, None)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), compiled_steps(entry.compiled is not None):
-                self._step(entry, None)
-            state.restore(snapshot)
-            torch.cuda.synchronize()
-        entry.graph = graph
-        return time.perf_counter() - started
+        done_before = all(variant.graph is not None for variant in entry.variants.values())
+        with torch.cuda.device(entry.state.key.device):
+            for variant in entry.variants.values():
+                if variant.graph is not None:
+                    continue
+                state = variant.state
+                snapshot = state.snapshot()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), compiled_steps(variant.compiled is not None):
+                    for _ in range(2):
+                        self._step(entry, variant, None)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph), compiled_steps(variant.compiled is not None):
+                    self._step(entry, variant, None)
+                state.restore(snapshot)
+                torch.cuda.synchronize()
+                variant.graph = graph
+        return 0.0 if done_before else time.perf_counter() - started
+
+    def measure_costs(self, entry: Entry, shapes) -> dict:
+        """{shape: seconds per step} of ``shapes``, timed on a snapshot of the entry's state (restored)."""
+        state = entry.state
+        device = state.key.device
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        active = entry.active
+
+        def run_step(shape):
+            self.switch(entry, shape)
+            variant = entry.variant
+            with compiled_steps(variant.compiled is not None):
+                if variant.graph is not None:
+                    variant.graph.replay()
+                else:
+                    self._step(entry, variant, None)
+
+        def snapshot():
+            # Every width view's own buffers too: measuring runs steps on them.
+            views = [v.state for v in entry.variants.values() if v.state is not state]
+            return state.snapshot() + [(t, t.clone()) for view in views for t in _own_tensors(view, state)]
+
+        costs = measure(run_step, snapshot, StepState.restore, shapes, sync)
+        entry.active = active
+        return costs
+
+    # -- the per-step choice -----------------------------------------------------------------------
+    def switch(self, entry: Entry, shape: Shape) -> None:
+        """Makes ``shape`` the entry's active variant, carrying the block over (a narrower block drops the
+        last guesses, a wider one gets fresh guesses from the strategy)."""
+        if shape == entry.active:
+            return
+        source, target = entry.variant.state, entry.variants[shape].state
+        if source.block is not target.block:
+            width = min(source.block.shape[1], target.block.shape[1])
+            target.block[:, :width] = source.block[:, :width]
+            if target.block.shape[1] > width:
+                target.block[:, width:] = source.guesses.fill()[:, width : target.block.shape[1]]
+            if target.draft_sampled is not None:
+                target.draft_sampled[:, :width] = source.draft_sampled[:, :width]
+                target.draft_sampled[:, width:] = False
+                target.proposal[:, :width] = source.proposal[:, :width]
+        entry.active = shape
+
+    def widest(self, entry: Entry) -> Shape:
+        return max(entry.variants, key=lambda shape: (shape.block, shape.candidates))
+
+    def to_primary(self, entry: Entry, carry: bool) -> None:
+        """Makes the widest shape (the state itself, which prefill writes) active; ``carry`` keeps the
+        running rows' blocks (a request joining a running batch), else they are about to be rewritten."""
+        if carry:
+            self.switch(entry, self.widest(entry))
+        else:
+            entry.active = self.widest(entry)
+
+    def _choose(self, entry: Entry, histogram: list[int]) -> None:
+        delta = [now - before for now, before in zip(histogram, entry.histogram)]
+        entry.histogram = histogram
+        entry.policy.observe(entry.active, delta)
+        self.switch(entry, entry.policy.choose())
 
     # -- the loop ----------------------------------------------------------------------------------
+    def sync(self, entry: Entry) -> tuple[int, int, int]:
+        """(every row done, the longest cache row, the longest token row) in one host transfer; an
+        adaptive entry also reads the histogram in it and chooses the next steps' shape."""
+        state = entry.state
+        values = [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
+        if entry.policy is None:
+            finished, longest, known = torch.stack(values).tolist()
+            return finished, longest, known
+        read = torch.cat([torch.stack(values), state.histogram]).tolist()
+        finished, longest, known = read[:3]
+        if not finished:
+            self._choose(entry, read[3:])
+        return finished, longest, known
+
     def run_until_done(self, entry: Entry, max_steps: int, stream: Stream) -> None:
         """Steps (or replays the graph) until every row is done, syncing once per ``sync_every`` steps."""
-        state = entry.state
         sync_every = 1 if stream.active else self.sync_every
         taken = 0
-        with self.stepping(entry):
-            while True:
-                finished, longest, known = sync(state)
-                stream.advance(state, known)
-                if finished:
-                    return
-                if taken >= max_steps:  # pragma: no cover
-                    raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
-                steps = min(sync_every, max_steps - taken)
-                self.run_steps(entry, steps, longest, known)
-                taken += steps
-
-    def stepping(self, entry: Entry):
-        """The context that :meth:`run_steps` runs in (recompile guard, the graph's device)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(compiled_steps(entry.compiled is not None))
-        if entry.graph is not None:
-            stack.enter_context(torch.cuda.device(entry.state.key.device))
-        return stack
+        while True:
+            finished, longest, known = self.sync(entry)
+            stream.advance(entry.state, known)
+            if finished:
+                return
+            if taken >= max_steps:  # pragma: no cover
+                raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
+            steps = min(sync_every, max_steps - taken)
+            self.run_steps(entry, steps, longest, known)
+            taken += steps
 
     def run_steps(self, entry: Entry, steps: int, longest: int, known: int) -> None:
-        """``steps`` decode steps (or graph replays) after a sync that read ``longest`` (the longest cache
-        row) and ``known`` (the longest token row)."""
-        if entry.graph is not None:
+        """``steps`` decode steps (or graph replays) of the active variant after a sync that read ``longest``
+        (the longest cache row) and ``known`` (the longest token row)."""
+        variant = entry.variant
+        stack = contextlib.ExitStack()
+        with stack:
+            stack.enter_context(compiled_steps(variant.compiled is not None))
+            if variant.graph is not None:
+                stack.enter_context(torch.cuda.device(entry.state.key.device))
+                for _ in range(steps):
+                    variant.graph.replay()
+                return
+            bounds = None
+            if variant.compiled is None:
+                # Each step commits at most one verified row and appends the whole token tree; the bounds
+                # must hold until the next sync.
+                bounds = StepBounds(
+                    kv_len=longest + self.advance * (steps - 1) + self.tree_tokens,
+                    known_columns=known + self.advance * steps,
+                )
             for _ in range(steps):
-                entry.graph.replay()
-            return
-        bounds = None
-        if entry.compiled is None:
-            # Each step commits at most one verified row and appends the whole token tree; the bounds
-            # must hold until the next sync.
-            bounds = StepBounds(
-                kv_len=longest + self.advance * (steps - 1) + self.tree_tokens,
-                known_columns=known + self.advance * steps,
-            )
-        for _ in range(steps):
-            self.step(entry, bounds)
+                self.step(entry, bounds)
 
 
-def sync(state: StepState) -> tuple[int, int, int]:
-    """(every row done, the longest cache row, the longest token row): one host transfer."""
-    values = torch.stack(
-        [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
-    )
-    finished, longest, known = values.tolist()
-    return finished, longest, known
+def _own_tensors(view: StepState, primary: StepState) -> list[torch.Tensor]:
+    """The tensors of a width view that it does not share with the primary state."""
+    shared = {id(t) for t in vars(primary).values() if isinstance(t, torch.Tensor)}
+    return [t for t in vars(view).values() if isinstance(t, torch.Tensor) and id(t) not in shared]

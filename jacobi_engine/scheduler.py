@@ -42,7 +42,6 @@ from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.config import check_int
 from jacobi_engine.inputs import check_input_ids, check_lengths, make_request, position_limit
 from jacobi_engine.prefill import Prompts, prefill, start_decoding
-from jacobi_engine.runner import sync
 from jacobi_engine.state import StateKey, capacity_bucket
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -211,13 +210,15 @@ class Scheduler:
             finished: list[RequestHandle] = []
             with jacobi_attention_enabled(engine.model, entry.context):
                 self._retire_cancelled(finished)
+                if self._waiting and any(handle is None for handle in self._rows):
+                    running = any(handle is not None for handle in self._rows)
+                    engine.runner.to_primary(entry, carry=running)  # admission writes the state itself
                 self._admit(entry)
                 if not any(handle is not None for handle in self._rows):
                     return finished
-                done, longest, known = sync(state)
+                done, longest, known = engine.runner.sync(entry)
                 if not done:
-                    with engine.runner.stepping(entry):
-                        engine.runner.run_steps(entry, engine.runner.sync_every, longest, known)
+                    engine.runner.run_steps(entry, engine.runner.sync_every, longest, known)
                     self.steps_taken += engine.runner.sync_every
             self._collect(state, finished)
             return finished
@@ -236,9 +237,9 @@ class Scheduler:
         key = StateKey(
             batch=self.max_batch,
             capacity=capacity_bucket(self.max_seq_len),
-            block_size=config.block_size,
+            block_size=config.max_block_size,
             chunked=config.mode == "chunked",
-            candidates=config.candidates,
+            candidates=config.max_candidates,
             candidate_len=config.candidate_len,
             eos_slots=max(4, len(settings.eos_ids)),
             processors=settings.processors if settings.processors.active else None,
@@ -258,6 +259,7 @@ class Scheduler:
         if settings.eos_ids:
             state.eos_ids[: len(settings.eos_ids)] = torch.tensor(settings.eos_ids, device=key.device)
         state.reset_counters()
+        engine._start_policy(entry)
         if config.compile:
             engine.runner.compile(entry)
         if config.cuda_graph:

@@ -19,6 +19,7 @@ known token, ``limits[b] = width + max_new_tokens``. Block slot 0 is always
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -79,11 +80,21 @@ class StateKey:
         return self.capacity + self.block_size
 
 
-def _buffer(shape: Callable[[StateKey], tuple], dtype=torch.long, *, when=None, mutable=False, reset=False, init=None):
+def _buffer(
+    shape: Callable[[StateKey], tuple],
+    dtype=torch.long,
+    *,
+    when=None,
+    mutable=False,
+    reset=False,
+    init=None,
+    per_width=False,
+):
     """A device buffer of the state: ``shape(key)``, zeros (or ``init(key)``) at allocation, present
     when ``when(key)``; ``mutable`` buffers are written by decode steps (and snapshotted); ``reset``
-    ones are zeroed at the start of every call."""
-    spec = dict(shape=shape, dtype=dtype, when=when, mutable=mutable, reset=reset, init=init)
+    ones are zeroed at the start of every call; ``per_width`` ones have a copy of their own in each
+    width view of the state (:meth:`StepState.view`, for engines that choose the block per step)."""
+    spec = dict(shape=shape, dtype=dtype, when=when, mutable=mutable, reset=reset, init=init, per_width=per_width)
     return field(default=None, metadata={"buffer": spec})
 
 
@@ -109,7 +120,7 @@ class StepState:
     pool: CandidatePool | None  # n-gram candidates, when the engine verifies any
     # fmt: off
     tokens: torch.Tensor = _buffer(lambda k: (k.batch, k.width), mutable=True)  # int64, HF layout
-    block: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size), mutable=True)  # int64, slot 0 known-correct
+    block: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size), mutable=True, per_width=True)  # int64, slot 0 known-correct
     lengths: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32, mutable=True)  # one past the last known token
     limits: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32)  # width + max_new_tokens
     done: torch.Tensor = _buffer(lambda k: (k.batch,), torch.bool, mutable=True)
@@ -122,16 +133,16 @@ class StepState:
     row_forwards: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32, mutable=True, reset=True)  # decode forwards per row
     lengths_before: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32)  # scratch of a step
     step: torch.Tensor = _buffer(lambda k: (1,), mutable=True, reset=True)  # int64, decode steps taken
-    slot_offsets: torch.Tensor = _buffer(lambda k: (k.block_size,), init=lambda k: torch.arange(k.block_size))
+    slot_offsets: torch.Tensor = _buffer(lambda k: (k.block_size,), init=lambda k: torch.arange(k.block_size), per_width=True)
     candidate_wins: torch.Tensor = _buffer(lambda k: (), mutable=True, reset=True)  # (row, forward) pairs a branch won
-    verified_row: torch.Tensor = _buffer(lambda k: (k.batch, k.verified_width), when=_candidates)  # the row a pool step verifies
+    verified_row: torch.Tensor = _buffer(lambda k: (k.batch, k.verified_width), when=_candidates, per_width=True)  # the row a pool step verifies
     log_blocks: torch.Tensor = _buffer(lambda k: (k.max_steps, k.batch, k.block_size), when=_logging)  # blocks fed
     log_lengths: torch.Tensor = _buffer(lambda k: (k.max_steps, k.batch), torch.int32, when=_logging)  # lengths before
     log_accepted: torch.Tensor = _buffer(lambda k: (k.max_steps, k.batch), torch.int32, when=_logging)  # 0: finished
     # Sampling (see jacobi_engine.sampling): the distribution each slot's draft was drawn from, whether it was
     # drawn from it (else deterministic), the Philox key and each row's counter word.
-    proposal: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size, k.vocab_size), torch.float32, when=_sampling, mutable=True)
-    draft_sampled: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size), torch.bool, when=_sampling, mutable=True)
+    proposal: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size, k.vocab_size), torch.float32, when=_sampling, mutable=True, per_width=True)
+    draft_sampled: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size), torch.bool, when=_sampling, mutable=True, per_width=True)
     seed: torch.Tensor = _buffer(lambda k: (1,), when=_sampling)
     sequence_ids: torch.Tensor = _buffer(lambda k: (k.batch,), when=_sampling, init=lambda k: torch.arange(k.batch))
     # fmt: on
@@ -164,6 +175,36 @@ class StepState:
         for tensor, saved in snapshot:
             tensor.copy_(saved)
 
+    def view(self, block_size: int, candidates: int) -> StepState:
+        """This state decoding with ``block_size`` slots and ``candidates`` branches (at most the state's):
+        a state sharing every buffer but the per-width ones, which it gets its own of (made once, kept).
+        A step on the view commits into the same tokens, lengths and cache."""
+        key = self.key
+        if not (1 <= block_size <= key.block_size and 0 <= candidates <= key.candidates):
+            raise ValueError(
+                f"a view of {block_size} slots and {candidates} candidates exceeds the state's "
+                f"{key.block_size} and {key.candidates}"
+            )
+        if block_size == key.block_size and candidates == key.candidates:
+            return self
+        views = self.__dict__.setdefault("_views", {})
+        found = views.get((block_size, candidates))
+        if found is not None:
+            return found
+        width_key = dataclasses.replace(key, block_size=block_size, candidates=candidates)
+        changes = {}
+        for spec_field in fields(self):
+            spec = spec_field.metadata.get("buffer")
+            if spec is not None and spec["per_width"] and getattr(self, spec_field.name) is not None:
+                if spec["when"] is None or spec["when"](width_key):
+                    changes[spec_field.name] = _allocate_buffer(spec, width_key)
+                else:
+                    changes[spec_field.name] = None
+        view = dataclasses.replace(self, key=width_key, **changes)
+        view.__dict__["_views"] = views  # a view of a view is one of the same family
+        views[(block_size, candidates)] = view
+        return view
+
     @property
     def nbytes(self) -> int:
         """Device bytes of this state: the KV cache, the pool and every buffer."""
@@ -189,9 +230,11 @@ def allocate(key: StateKey, num_layers: int, guess_strategy: GuessStrategy, pool
         spec = spec_field.metadata.get("buffer")
         if spec is None or (spec["when"] is not None and not spec["when"](key)):
             continue
-        if spec["init"] is not None:
-            value = spec["init"](key).to(device=device, dtype=spec["dtype"])
-        else:
-            value = torch.zeros(spec["shape"](key), dtype=spec["dtype"], device=device)
-        setattr(state, spec_field.name, value)
+        setattr(state, spec_field.name, _allocate_buffer(spec, key))
     return state
+
+
+def _allocate_buffer(spec: dict, key: StateKey) -> torch.Tensor:
+    if spec["init"] is not None:
+        return spec["init"](key).to(device=key.device, dtype=spec["dtype"])
+    return torch.zeros(spec["shape"](key), dtype=spec["dtype"], device=key.device)

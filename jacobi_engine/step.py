@@ -91,14 +91,19 @@ def decode_step(model_forward, config: StepConfig, state: StepState, bounds: Ste
         scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
         scores = _process(config.processing, scores, state)
+    fed = state.block.clone() if state.pool is not None else None  # an adaptive engine's plain step
+    active = ~state.done
     if config.sampling is None:
-        n_accepted = _verify_greedy(config, state, scores, state.block, state.guesses.fill())
+        n_accepted = _verify_greedy(config, state, scores, state.block, _fill(state))
     else:
         n_accepted = _sample_verify(config, state, scores)
     committed = state.lengths > state.lengths_before
     rewritten = _refine(state, committed & ~state.done, bounds)
     if config.sampling is not None:
         forget_rewritten_drafts(state, rewritten, committed & ~state.done)
+    if fed is not None:  # keep the pool learning while steps verify no candidates
+        n = fed.shape[1]
+        _feed_pool(state, fed, scores.argmax(dim=-1), active, state.pool.length, max(n, state.pool.length + 1))
     _count_newly_verified(config, state, n_accepted, committed)
     if state.log_accepted is not None:
         state.log_accepted.index_copy_(0, state.step, n_accepted[None])
@@ -132,7 +137,7 @@ def _sample_verify(config: StepConfig, state: StepState, scores: torch.Tensor) -
         state.proposal,
         state.draft_sampled,
         state.block,
-        state.guesses.fill(),
+        _fill(state),
         state.cache.cache_seqlens,
         state.tokens,
         state.lengths,
@@ -158,6 +163,14 @@ def forget_rewritten_drafts(state: StepState, rewritten: torch.Tensor | None, ro
             return
         rewritten = rows[:, None].expand(-1, state.block.shape[1] - 1)
     state.draft_sampled[:, 1:] &= ~rewritten
+
+
+def _fill(state: StepState) -> torch.Tensor:
+    """The strategy's guesses for freed slots, as wide as the block (a width view of an adaptive engine's
+    state has fewer slots than the strategy was started with)."""
+    fill = state.guesses.fill()
+    n = state.block.shape[1]
+    return fill if fill.shape[1] == n else fill[:, :n].contiguous()
 
 
 def _refine(state: StepState, rows: torch.Tensor, bounds: StepBounds | None):
@@ -245,7 +258,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState, bounds: Step
         scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
         scores = _process_tree(config.processing, scores, state, candidates)
-    fill = state.guesses.fill()
+    fill = _fill(state)
     fill = fill.repeat(1, -(-width // n))[:, :width]  # [B, width]: real ids for every freed slot
     if config.sampling is None:
         preds = scores.argmax(dim=-1)  # [B, T]

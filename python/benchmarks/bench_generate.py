@@ -70,25 +70,37 @@ import torch
 from jacobi_engine import JacobiEngine, build_info, domains
 
 
-def load_pair(teacher_dir: str, cllm_dir: str):
+def load_pair(teacher_dir: str, cllm_dir: str, dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
     models = {
-        name: AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+        name: AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
         for name, path in (("teacher", teacher_dir), ("cllm", cllm_dir))
     }
     return tokenizer, models
 
 
 def prompt_record(raw, domain: domains.Domain) -> dict:
-    """``{"prompt": text in the pair's format, "answer": reference text or None}`` of one input record."""
+    """``{"prompt": text in the pair's format, "answer": reference text or None}`` of one input record (a
+    chat pair's prompt is formatted once the tokenizer is loaded, see :func:`format_chat`)."""
     if not isinstance(raw, dict):
         raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
     answer = raw.get("answer")
     if answer is not None and not isinstance(answer, str):
         raise ValueError(f"'answer' must be a text, got {type(answer).__name__}")
+    if domain.chat:
+        text = raw.get("question", raw.get("prompt"))
+        if not isinstance(text, str):
+            raise ValueError(f"a {domain.name} record needs a 'question' or 'prompt' text")
+        return {"prompt": None, "raw": raw, "answer": answer}
     return {"prompt": domain.prompt(raw), "answer": answer}
+
+
+def format_chat(records: list[dict], tokenizer, domain: domains.Domain) -> None:
+    for record in records:
+        if record["prompt"] is None:
+            record["prompt"] = domain.prompt(record.pop("raw"), tokenizer)
 
 
 def load_records(path: str | None, domain: domains.Domain) -> list[dict]:
@@ -114,14 +126,21 @@ def load_records(path: str | None, domain: domains.Domain) -> list[dict]:
     return records
 
 
-def fit_context(records: list[dict], tokenizer, max_new_tokens: int, max_positions: int | None, answers: bool = True):
+def fit_context(
+    records: list[dict],
+    tokenizer,
+    max_new_tokens: int,
+    max_positions: int | None,
+    answers: bool = True,
+    add_special_tokens: bool = True,
+):
     """(records that fit the models' positions, how many did not): prompt + ``max_new_tokens``, and
     (with ``answers``, for the answer's perplexity) prompt + answer, must fit in ``max_positions``."""
     if max_positions is None:
         return records, 0
     kept = []
     for record in records:
-        prompt = len(tokenizer(record["prompt"])["input_ids"])
+        prompt = len(tokenizer(record["prompt"], add_special_tokens=add_special_tokens)["input_ids"])
         answer = (
             0
             if record["answer"] is None or not answers
@@ -153,10 +172,11 @@ class ForwardCounter:
         self.handle.remove()
 
 
-def answer_perplexity(model, tokenizer, records: list[dict]) -> float | None:
+def answer_perplexity(model, tokenizer, records: list[dict], add_special_tokens: bool = True) -> float | None:
     """exp(mean NLL) of the reference answers' tokens, each after its prompt in the pair's format
     (the closing EOS is not counted); records without an answer are left out, None if all are."""
-    return domains.answer_perplexity(model, tokenizer, [r["prompt"] for r in records], [r["answer"] for r in records])
+    prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
+    return domains.answer_perplexity(model, tokenizer, prompts, answers, add_special_tokens)
 
 
 class Method:
@@ -343,6 +363,17 @@ def sampling_rows(
     return rows
 
 
+def greedy_ids(model, tokenizer, input_ids, max_new_tokens: int) -> list[int]:
+    sequences = model.generate(
+        input_ids,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return sequences[0, input_ids.shape[1] :].tolist()
+
+
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
     same = total = 0
     for ours, theirs in zip(outputs, reference):
@@ -392,11 +423,13 @@ def main(argv=None) -> int:
         help='JSONL of {"prompt"} (as is) or, for gsm8k, {"question"} lines, "answer" optional '
         "(default: the pair's held-out split)",
     )
-    parser.add_argument("--teacher", help="teacher model directory (default: the shipped pair's)")
-    parser.add_argument("--cllm", help="CLLM model directory (default: the shipped pair's)")
-    parser.add_argument("--limit", type=int, default=100, help="prompts to generate for (0: all)")
+    parser.add_argument("--teacher", help="teacher (base) model: a directory or a named model (default: the pair's)")
+    parser.add_argument("--cllm", help="CLLM model: a directory or a named model (default: the pair's)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="prompts to generate for (0: all; default 100, 8 for smollm2)"
+    )
     parser.add_argument("--block-size", type=int, default=None, help="default: the CLLM's training block size")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256, 128 for smollm2")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows (HF's and ours)")
     parser.add_argument(
@@ -405,23 +438,45 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--sampling", choices=("on", "only", "off"), default="on", help="the sampling rows: with, only, or without"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights of both models; bfloat16 rows also report their agreement with float32 HF greedy",
+    )
     args = parser.parse_args(argv)
     domain = domains.get_domain(args.pair)
+    real = domain.chat  # the real model: a 135M forward per token on CPU
+    args.limit = args.limit if args.limit is not None else (8 if real else 100)
+    args.max_new_tokens = args.max_new_tokens or (128 if real else 256)
     args.teacher, args.cllm = model_dir(args.teacher, "teacher", domain), model_dir(args.cllm, "cllm", domain)
     records = load_records(args.prompts, domain)  # a malformed file fails before the models load
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tokenizer, models = load_pair(args.teacher, args.cllm)
+    dtype = getattr(torch, args.dtype)
+    tokenizer, models = load_pair(args.teacher, args.cllm, dtype)
+    format_chat(records, tokenizer, domain)
+    special = not domain.chat
     block_size = args.block_size or getattr(models["cllm"].config, "jacobi_block_size", None) or 16
-    records, skipped = fit_context(records, tokenizer, args.max_new_tokens, max_positions(models))
+    records, skipped = fit_context(
+        records, tokenizer, args.max_new_tokens, max_positions(models), add_special_tokens=special
+    )
     if skipped:
         print(f"skipped {skipped} prompts too long for the models' positions", flush=True)
     records = records[: args.limit] if args.limit else records
     if not records:
         raise SystemExit("no prompt fits the models' positions: lower --max-new-tokens")
-    prompts = [tokenizer(r["prompt"], return_tensors="pt").input_ids for r in records]
-    perplexity = {name: answer_perplexity(model, tokenizer, records) for name, model in models.items()}
+    prompts = [domain.encode(tokenizer, r["prompt"], return_tensors="pt") for r in records]
+    perplexity = {name: answer_perplexity(model, tokenizer, records, special) for name, model in models.items()}
+    fp32_greedy = None
+    if dtype != torch.float32:  # the float32 greedy outputs, for the agreement of every bf16 row
+        _, fp32_models = load_pair(args.teacher, args.cllm, torch.float32)
+        fp32_greedy = {
+            name: [greedy_ids(m, tokenizer, ids, args.max_new_tokens) for ids in prompts]
+            for name, m in fp32_models.items()
+        }
+        del fp32_models
     sampled = []
     if args.sampling != "off":
         sampled = sampling_rows(
@@ -479,6 +534,7 @@ def main(argv=None) -> int:
                 quality=quality(outputs, tokenizer, records, domain),
                 perplexity=perplexity[model_name],
                 agreement=agreement(outputs, greedy[model_name]),
+                agreement_fp32=None if fp32_greedy is None else agreement(outputs, fp32_greedy[model_name]),
                 tokens=tokens,
                 seconds=seconds,
                 forwards=calls,
@@ -495,17 +551,20 @@ def main(argv=None) -> int:
             row["speedup_vs_own_hf_static_compile"] = row["tokens_per_s"] / rate[("hf_static_compile", row["model"])]
     cllm_teacher_agreement = agreement(greedy["cllm"], greedy["teacher"])
 
+    fp32_column = fp32_greedy is not None
     header = (
         f"| method | model | compile | tokens/s | tokens/forward | {domain.quality_short} (pts) | perplexity | "
-        "agreement | vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
+        + ("agreement (bf16 HF greedy) | agreement (fp32 HF greedy) | " if fp32_column else "agreement | ")
+        + "vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
     )
-    print("\n" + header + "\n|" + "---|" * 12)
+    print("\n" + header + "\n|" + "---|" * (13 if fp32_column else 12))
     for r in rows:
         static = r.get("speedup_vs_own_hf_static_compile")
+        agree = f"{r['agreement']:.3f} | " + (f"{r['agreement_fp32']:.3f} | " if fp32_column else "")
         print(
             f"| {r['method']} | {r['model']} | {'yes' if r['compile'] else 'no'} | {r['tokens_per_s']:.1f} | "
             f"{r['tokens_per_forward']:.2f} | {_number(r['quality'], 1)} | {_number(r['perplexity'], 3)} | "
-            f"{r['agreement']:.3f} | "
+            f"{agree}"
             f"{r['speedup_vs_own_greedy']:.2f}x | {'-' if static is None else f'{static:.2f}x'} | "
             f"{r['speedup_vs_own_prompt_lookup']:.2f}x | {r['speedup_vs_teacher_greedy']:.2f}x |"
         )
@@ -517,11 +576,15 @@ def main(argv=None) -> int:
 
 
 def model_dir(given: str | None, name: str, domain: domains.Domain) -> str:
-    """--teacher / --cllm: the directory given, else the shipped pair's (which must be installed)."""
+    """--teacher / --cllm: the directory (or named model) given, else the pair's (which must be installed)."""
+    from jacobi_engine import models
+
+    if given is not None and models.is_named(given):
+        return models.resolve(given)
     if given is None:
         if not domain.pair_available():
             raise SystemExit(domain.missing_pair_message())
-        return str(domain.assets / name)
+        return domain.model_path(name)
     if not Path(given, "config.json").exists():
         raise SystemExit(f"--{name} {given}: no config.json there (a local Hugging Face model directory is needed)")
     return given
@@ -558,6 +621,8 @@ def write_result(args, domain: domains.Domain, records, skipped: int, block_size
         quality_metric=domain.quality_name,
         block_size=block_size,
         pool=dict(candidates=args.pool[0], candidate_len=args.pool[1]),
+        dtype=args.dtype,
+        models=dict(teacher=args.teacher, cllm=args.cllm),
         max_new_tokens=args.max_new_tokens,
         **extra,
     )

@@ -1,0 +1,191 @@
+"""block_size="auto" / candidates="auto": the per-step choice follows the cost model and the running
+statistics, and the output stays exactly HF greedy whatever is chosen, with and without compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from greedy_check import assert_matches_greedy
+from models import tiny_model
+from torch._dynamo.utils import counters
+
+from jacobi_engine import JacobiEngine
+from jacobi_engine.adaptive import CostModel, Shape, ShapePolicy
+
+VOCAB = 64
+
+
+def repetitive(batch=2, width=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(3, 9, (batch, 4), generator=gen)
+    input_ids = base.repeat(1, width // 4 + 1)[:, :width]
+    mask = torch.ones_like(input_ids)
+    mask[0, :2] = 0
+    input_ids[0, :2] = 0
+    return input_ids, mask
+
+
+def observe_geometric(policy, shape, keep=0.9, pairs=200):
+    """Feeds ``pairs`` forwards of ``shape`` whose accepted counts follow P(a >= j) = keep**(j-1)."""
+    width = shape.block
+    delta = [0] * (width + 2)
+    for a in range(1, width + 1):
+        p = keep ** (a - 1) * ((1 - keep) if a < width else 1.0)
+        delta[a] = round(pairs * p)
+    policy.observe(shape, delta)
+
+
+def test_choice_follows_a_synthetic_cost_model():
+    shapes = [Shape(n) for n in (1, 2, 4, 8, 16)]
+    flat = {s: 1.0 for s in shapes}
+    linear = {s: float(s.block) for s in shapes}  # a step costs as many tokens as it carries: AR wins
+    sublinear = {s: 1.0 + 0.05 * s.block for s in shapes}  # memory-bound: width is nearly free
+    for costs, expected in ((flat, Shape(16)), (linear, Shape(1)), (sublinear, Shape(16))):
+        policy = ShapePolicy(shapes, costs, explore_every=0)
+        for shape in shapes:
+            observe_geometric(policy, shape, keep=0.9)
+        assert policy.choose() == expected, costs
+    # Low acceptance: wide blocks verify little more than one token, so AR wins even when width costs little.
+    cheap = {s: 1.0 + 0.1 * s.block for s in shapes}
+    policy = ShapePolicy(shapes, cheap, explore_every=0)
+    for shape in shapes:
+        observe_geometric(policy, shape, keep=0.05)
+    assert policy.choose() == Shape(1)
+
+
+def test_survival_extrapolates_to_unseen_widths():
+    shapes = [Shape(n) for n in (1, 4, 32)]
+    policy = ShapePolicy(shapes, {s: 1.0 for s in shapes}, explore_every=0)
+    observe_geometric(policy, Shape(4), keep=0.8, pairs=2000)
+    # Seen up to 4 slots: S(j) ~ 0.8**(j-1); beyond, the last hazard continues.
+    assert policy.survival(3) == pytest.approx(0.64, abs=0.03)
+    assert policy.block_estimate(32) == pytest.approx(sum(0.8**i for i in range(32)), rel=0.1)
+    assert policy.choose() == Shape(32)
+
+
+def test_engine_follows_an_injected_cost_model():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive()
+    shapes = [Shape(n) for n in (1, 4, 16)]
+    for favoured in (Shape(1), Shape(4)):
+        cost_model = CostModel("cpu", "float32")
+        for shape in shapes:  # everything but the favoured shape is absurdly slow
+            cost_model.seconds[(2, shape)] = 1.0 if shape == favoured else 1000.0
+        engine = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 16), cost_model=cost_model, init="ngram")
+        out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], pad_token_id=0)
+        chosen = max(out.stats.shapes, key=lambda s: out.stats.shapes[s]["decisions"])
+        assert chosen == str(favoured), out.stats.shapes
+        assert out.stats.cost_model_seconds == 0  # nothing left to measure
+
+
+def test_cost_model_is_measured_once_saved_and_loaded(tmp_path):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive()
+    engine = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 8))
+    first = engine.generate(input_ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    assert 0 < first.stats.cost_model_seconds < 10
+    again = engine.generate(input_ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    assert again.stats.cost_model_seconds == 0
+    path = tmp_path / "costs.json"
+    engine.save_cost_model(path)
+    loaded = CostModel.load(path)
+    assert loaded.seconds == engine.cost_model.seconds and set(s for _, s in loaded.seconds) == {
+        Shape(1),
+        Shape(4),
+        Shape(8),
+    }
+    reused = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 8), cost_model=str(path))
+    out = reused.generate(input_ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    assert out.stats.cost_model_seconds == 0 and torch.equal(out.sequences, first.sequences)
+    with pytest.raises(ValueError, match="measured on cpu in bfloat16"):
+        JacobiEngine(model, block_size="auto", cost_model=CostModel("cpu", "bfloat16"))
+    with pytest.raises(ValueError, match="not a jacobi_engine cost model"):
+        (tmp_path / "bad.json").write_text('{"device": "cpu"}')
+        CostModel.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2", "opt", "mistral_sliding", "gpt_neox"])
+@pytest.mark.parametrize(
+    "settings",
+    [dict(block_size="auto"), dict(block_size="auto", candidates="auto", init="ngram", candidate_len=3)],
+    ids=["block", "block+candidates"],
+)
+def test_auto_is_token_identical_to_hf_greedy(arch, settings):
+    model = tiny_model(arch, vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=len(arch))
+    want = model.generate(
+        input_ids, attention_mask=mask, do_sample=False, max_new_tokens=32, eos_token_id=2, pad_token_id=0
+    )
+    # Flat costs: every width looks affordable, so the call explores and switches shapes many times.
+    shapes = JacobiEngine(model, **settings).config.shapes()
+    flat = CostModel("cpu", "float32", {(2, shape): 1.0 for shape in shapes})
+    engine = JacobiEngine(model, cost_model=flat, **settings)
+    out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=32, eos_token_id=2, pad_token_id=0)
+    assert assert_matches_greedy(model, out.sequences, want, input_ids, mask, 0) == 0
+    used = [s for s, v in out.stats.shapes.items() if v["forwards"]]
+    assert len(used) >= 2, out.stats.shapes  # the call really switched between shapes
+
+
+def test_compiled_auto_switches_graphs_without_recompiling():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[], pad_token_id=0)
+    want = model.generate(input_ids, do_sample=False, **kwargs)
+    flat = CostModel("cpu", "float32", {(2, Shape(n)): 1.0 for n in (1, 4, 16)})
+    engine = JacobiEngine(model, block_size="auto", init="ngram", compile=True, cost_model=flat)
+    assert [s.block for s in engine.config.shapes()] == [1, 4, 16]  # the small compiled set
+    graphs = counters["stats"]["unique_graphs"]
+    first = engine.generate(input_ids, **kwargs)
+    assert counters["stats"]["unique_graphs"] - graphs == 3  # one graph per shape
+    assert all(v.compiled is not None for v in engine.cached_states()[0].variants.values())
+    assert assert_matches_greedy(model, first.sequences, want, input_ids, mask, 0) == 0
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = engine.generate(input_ids, **kwargs)
+    assert torch.equal(again.sequences, first.sequences)
+    assert sum(1 for v in again.stats.shapes.values() if v["forwards"]) >= 2
+
+
+def test_auto_sampling_and_scheduler_run():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=4)
+    engine = JacobiEngine(model, block_size="auto", seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, eos_token_id=[], pad_token_id=0, do_sample=True)
+    assert torch.equal(engine.generate(input_ids, **kwargs).sequences, engine.generate(input_ids, **kwargs).sequences)
+    # Greedy calls one after another on one engine, and requests joining a running adaptive batch.
+    engine = JacobiEngine(model, block_size="auto", init="ngram")
+    greedy = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[], pad_token_id=0)
+    want = model.generate(input_ids, do_sample=False, **greedy)
+    for _ in range(3):
+        assert (
+            assert_matches_greedy(model, engine.generate(input_ids, **greedy).sequences, want, input_ids, mask, 0) == 0
+        )
+    scheduler = engine.scheduler(max_batch=2, max_seq_len=64, eos_token_id=[])
+    prompts = [input_ids[1].tolist(), input_ids[1, 3:].tolist(), input_ids[1, 1:7].tolist()]
+    handles = [scheduler.add_request(prompts[0], max_new_tokens=25)]
+    scheduler.step()
+    scheduler.step()
+    handles += [scheduler.add_request(p, max_new_tokens=20) for p in prompts[1:]]
+    scheduler.run()
+    for handle, prompt in zip(handles, prompts):
+        alone = model.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=handle.max_new_tokens,
+            eos_token_id=[],
+            pad_token_id=0,
+        )
+        assert handle.tokens == alone[0, len(prompt) :].tolist()
+
+
+def test_refusals():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="chunked mode"):
+        JacobiEngine(model, block_size="auto", mode="chunked")
+    with pytest.raises(ValueError, match="block_sizes must be <= 1024"):
+        JacobiEngine(model, block_size="auto", block_sizes=(4, 5000))
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        JacobiEngine(model, block_size="fast")
+    with pytest.raises(ValueError, match="record_trajectory"):
+        JacobiEngine(model, block_size="auto").generate(torch.tensor([[3, 4, 5]]), record_trajectory=True)
+    with pytest.raises(ValueError, match="no cost model"):
+        JacobiEngine(model, block_size=4).save_cost_model("x.json")
