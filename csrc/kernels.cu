@@ -93,13 +93,13 @@ __device__ void commit_row(const VerifyLaunch& args, int64_t b, const int64_t* p
                 args.block + b * args.n,
                 args.fill + b * args.n,
                 args.cache_seqlens + b,
-                args.out + b * args.out_stride_b,
-                args.out_stride_j,
-                args.n_generated + b,
+                args.tokens + b * args.tokens_stride_b,
+                args.tokens_stride_j,
+                args.lengths + b,
                 args.done + b,
                 args.eos_ids,
                 args.n_eos};
-  args.n_accepted[b] = verify_commit_row(row, args.n, args.max_new_tokens[b], args.chunked);
+  args.n_accepted[b] = verify_commit_row(row, args.n, args.limits[b], args.chunked);
 }
 
 // Grid (B, n): block (b, i) takes the argmax of logits[b, i]; the last block of row b to

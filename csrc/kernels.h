@@ -21,17 +21,17 @@ struct VerifyLaunch {
   int64_t* block;            // [B, n] contiguous
   const int64_t* fill;       // [B, n] contiguous
   int32_t* cache_seqlens;    // [B]
-  int64_t* out;              // out_tokens, element strides below
-  int64_t out_stride_b;
-  int64_t out_stride_j;
-  int32_t* n_generated;      // [B]
+  int64_t* tokens;           // [B, W], element strides below
+  int64_t tokens_stride_b;
+  int64_t tokens_stride_j;
+  int32_t* lengths;          // [B] one past each row's last known token
   bool* done;                // [B]
   const int64_t* eos_ids;    // [n_eos]
   int64_t n_eos;
   int32_t* n_accepted;       // [B] result
   int64_t batch;
   int64_t n;
-  const int32_t* max_new_tokens;  // [B] per-row limits
+  const int32_t* limits;     // [B] per-row column limits
   bool chunked;
 };
 

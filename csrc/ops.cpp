@@ -13,9 +13,8 @@
 namespace jacobi_engine {
 
 void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const at::Tensor& fill,
-                       const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
-                       const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
-                       const at::Tensor& max_new_tokens) {
+                       const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& done,
+                       const at::Tensor& eos_ids, const at::Tensor& limits, const at::Tensor& cache_seqlens) {
   TORCH_CHECK_VALUE(block.dim() == 2, "block must be [B, n], got ", block.sizes());
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
@@ -38,26 +37,25 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch && cache_seqlens.is_contiguous(),
                     "cache_seqlens must be a contiguous [B=", batch, "] tensor");
-  TORCH_CHECK_TYPE(out_tokens.scalar_type() == at::kLong, "out_tokens must be int64");
-  TORCH_CHECK_VALUE(out_tokens.dim() == 2 && out_tokens.size(0) == batch && out_tokens.size(1) >= 1,
-                    "out_tokens must be [B=", batch, ", >= max(max_new_tokens)], got ", out_tokens.sizes());
-  TORCH_CHECK_TYPE(n_generated.scalar_type() == at::kInt, "n_generated must be int32");
-  TORCH_CHECK_VALUE(n_generated.dim() == 1 && n_generated.size(0) == batch && n_generated.is_contiguous(),
-                    "n_generated must be a contiguous [B=", batch, "] tensor");
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "tokens must be int64");
+  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(0) == batch && tokens.size(1) >= 1,
+                    "tokens must be [B=", batch, ", W >= max(limits)], got ", tokens.sizes());
+  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt, "lengths must be int32");
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == batch && lengths.is_contiguous(),
+                    "lengths must be a contiguous [B=", batch, "] tensor");
   TORCH_CHECK_TYPE(done.scalar_type() == at::kBool, "done must be bool");
   TORCH_CHECK_VALUE(done.dim() == 1 && done.size(0) == batch && done.is_contiguous(),
                     "done must be a contiguous [B=", batch, "] tensor");
   TORCH_CHECK_TYPE(eos_ids.scalar_type() == at::kLong, "eos_ids must be int64");
   TORCH_CHECK_VALUE(eos_ids.dim() == 1, "eos_ids must be 1-D");
   // Per-row limits live on the device so that one captured CUDA graph serves every request; the
-  // caller guarantees 0 <= max_new_tokens[b] <= out_tokens.size(1) (checking the values here
-  // would need a host sync); only emitted tokens are written, so no slack columns are needed.
-  TORCH_CHECK_TYPE(max_new_tokens.scalar_type() == at::kInt, "max_new_tokens must be an int32 tensor");
-  TORCH_CHECK_VALUE(max_new_tokens.dim() == 1 && max_new_tokens.size(0) == batch && max_new_tokens.is_contiguous(),
-                    "max_new_tokens must be a contiguous [B=", batch, "] tensor");
+  // caller guarantees 0 <= limits[b] <= tokens.size(1) (checking the values here would need a
+  // host sync); only emitted tokens are written, so no slack columns are needed.
+  TORCH_CHECK_TYPE(limits.scalar_type() == at::kInt, "limits must be an int32 tensor");
+  TORCH_CHECK_VALUE(limits.dim() == 1 && limits.size(0) == batch && limits.is_contiguous(),
+                    "limits must be a contiguous [B=", batch, "] tensor");
   const auto device = block.device();
-  for (const at::Tensor* t :
-       {&scores, &fill, &cache_seqlens, &out_tokens, &n_generated, &done, &eos_ids, &max_new_tokens}) {
+  for (const at::Tensor* t : {&scores, &fill, &tokens, &lengths, &done, &eos_ids, &limits, &cache_seqlens}) {
     TORCH_CHECK_VALUE(t->device() == device, "all verify_and_commit inputs must be on ", device, ", got one on ",
                       t->device());
   }
@@ -101,10 +99,9 @@ void move_cache_rows_cpu(at::TensorList buffers, const at::Tensor& src, const at
 }
 
 at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
-                                 at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
-                                 at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                 bool chunked) {
-  check_verify_args(scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+                                 at::Tensor& tokens, at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos_ids,
+                                 const at::Tensor& limits, at::Tensor& cache_seqlens, bool chunked) {
+  check_verify_args(scores, block, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens);
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
   const at::Tensor preds = (at::isFloatingType(scores.scalar_type()) ? scores.argmax(-1) : scores).contiguous();
@@ -112,19 +109,19 @@ at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, co
   const at::Tensor eos_c = eos_ids.contiguous();
   at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
 
-  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  const int32_t* limits_ptr = limits.data_ptr<int32_t>();
   const int64_t* preds_ptr = preds.data_ptr<int64_t>();
   int64_t* block_ptr = block.data_ptr<int64_t>();
   const int64_t* fill_ptr = fill_c.data_ptr<int64_t>();
   int32_t* seqlens_ptr = cache_seqlens.data_ptr<int32_t>();
-  int64_t* out_ptr = out_tokens.data_ptr<int64_t>();
-  int32_t* generated_ptr = n_generated.data_ptr<int32_t>();
+  int64_t* out_ptr = tokens.data_ptr<int64_t>();
+  int32_t* generated_ptr = lengths.data_ptr<int32_t>();
   bool* done_ptr = done.data_ptr<bool>();
   int32_t* accepted_ptr = n_accepted.data_ptr<int32_t>();
   for (int64_t b = 0; b < batch; ++b) {
     VerifyRow row{preds_ptr + b * n,       block_ptr + b * n,      fill_ptr + b * n,
-                  seqlens_ptr + b,         out_ptr + b * out_tokens.stride(0),
-                  out_tokens.stride(1),    generated_ptr + b,      done_ptr + b,
+                  seqlens_ptr + b,         out_ptr + b * tokens.stride(0),
+                  tokens.stride(1),        generated_ptr + b,      done_ptr + b,
                   eos_c.data_ptr<int64_t>(), eos_c.numel()};
     accepted_ptr[b] = verify_commit_row(row, n, limits_ptr[b], chunked);
   }
@@ -136,9 +133,8 @@ at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, co
 
 TORCH_LIBRARY(jacobi_engine, m) {
   m.def(
-      "verify_and_commit(Tensor scores, Tensor(a!) block, Tensor fill, Tensor(b!) cache_seqlens, "
-      "Tensor(c!) out_tokens, Tensor(d!) n_generated, Tensor(e!) done, Tensor eos_ids, Tensor max_new_tokens, "
-      "bool chunked) -> Tensor");
+      "verify_and_commit(Tensor scores, Tensor(a!) block, Tensor fill, Tensor(b!) tokens, Tensor(c!) lengths, "
+      "Tensor(d!) done, Tensor eos_ids, Tensor limits, Tensor(e!) cache_seqlens, bool chunked) -> Tensor");
   m.def("move_cache_rows(Tensor(a!)[] buffers, Tensor src, Tensor dst, int rows) -> ()");
 }
 
@@ -195,14 +191,14 @@ void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposa
 
 namespace {
 
-at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled,
-                                        at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
-                                        at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-                                        const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                        const at::Tensor& n_fixed, const at::Tensor& seed,
-                                        const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& block, const at::Tensor& fill,
+                                        at::Tensor& proposal, at::Tensor& draft_sampled, const at::Tensor& n_fixed,
+                                        const at::Tensor& seed, const at::Tensor& sequence_ids,
+                                        const at::Tensor& step, at::Tensor& tokens, at::Tensor& lengths,
+                                        at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+                                        at::Tensor& cache_seqlens, bool chunked) {
   // Greedy's checks need a scores argument; the argmax form has the block's shape.
-  check_verify_args(block, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_verify_args(block, block, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens);
   check_sample_verify_args(probs, proposal, draft_sampled, block, n_fixed, seed, sequence_ids, step);
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
@@ -219,7 +215,7 @@ at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& pro
   int64_t* block_ptr = block.data_ptr<int64_t>();
   const int32_t* fixed_ptr = n_fixed.data_ptr<int32_t>();
   const int64_t* sequence_ptr = sequence_ids.data_ptr<int64_t>();
-  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  const int32_t* limits_ptr = limits.data_ptr<int32_t>();
   std::vector<SlotResult> slots(n);
   std::vector<int64_t> preds(n);
   for (int64_t b = 0; b < batch; ++b) {
@@ -247,8 +243,8 @@ at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& pro
     VerifyRow row{preds.data(),           row_block,
                   fill_c.data_ptr<int64_t>() + b * n,
                   cache_seqlens.data_ptr<int32_t>() + b,
-                  out_tokens.data_ptr<int64_t>() + b * out_tokens.stride(0),
-                  out_tokens.stride(1),   n_generated.data_ptr<int32_t>() + b,
+                  tokens.data_ptr<int64_t>() + b * tokens.stride(0),
+                  tokens.stride(1),       lengths.data_ptr<int32_t>() + b,
                   row_done,               eos_c.data_ptr<int64_t>(),
                   eos_c.numel()};
     const int32_t accepted = verify_commit_row(row, n, limits_ptr[b], chunked);
@@ -269,9 +265,9 @@ at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& pro
 
 TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
   m.def(
-      "sample_verify_and_commit(Tensor probs, Tensor(a!) proposal, Tensor(b!) draft_sampled, Tensor(c!) block, "
-      "Tensor fill, Tensor(d!) cache_seqlens, Tensor(e!) out_tokens, Tensor(f!) n_generated, Tensor(g!) done, "
-      "Tensor eos_ids, Tensor max_new_tokens, Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, "
+      "sample_verify_and_commit(Tensor probs, Tensor(a!) block, Tensor fill, Tensor(b!) proposal, "
+      "Tensor(c!) draft_sampled, Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, Tensor(d!) tokens, "
+      "Tensor(e!) lengths, Tensor(f!) done, Tensor eos_ids, Tensor limits, Tensor(g!) cache_seqlens, "
       "bool chunked) -> Tensor");
 }
 
@@ -381,14 +377,14 @@ struct CpuTreeStats {
 };
 
 std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
-    const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled, at::Tensor& block,
-    const at::Tensor& candidates, const at::Tensor& usable, at::Tensor& row, const at::Tensor& fill,
-    at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-    const at::Tensor& eos_ids, const at::Tensor& max_new_tokens, const at::Tensor& n_fixed, const at::Tensor& seed,
-    const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+    const at::Tensor& probs, at::Tensor& block, const at::Tensor& candidates, const at::Tensor& usable,
+    at::Tensor& row, const at::Tensor& fill, at::Tensor& proposal, at::Tensor& draft_sampled,
+    const at::Tensor& n_fixed, const at::Tensor& seed, const at::Tensor& sequence_ids, const at::Tensor& step,
+    at::Tensor& tokens, at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+    at::Tensor& cache_seqlens, bool chunked) {
   check_sample_tree_args(probs, proposal, draft_sampled, block, candidates, usable, row, n_fixed, seed, sequence_ids,
                          step);
-  check_verify_args(row, row, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_verify_args(row, row, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens);
   const int64_t batch = block.size(0), n = block.size(1);
   const TreeShape shape{n, candidates.size(1), candidates.size(2)};
   const int64_t width = row.size(1);
@@ -407,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
   int64_t* row_ptr = row.data_ptr<int64_t>();
   const int64_t* candidates_ptr = candidates.data_ptr<int64_t>();
   const bool* usable_ptr = usable.data_ptr<bool>();
-  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  const int32_t* limits_ptr = limits.data_ptr<int32_t>();
   std::vector<int64_t> preds(width);
   CpuTreeStats stats{};  // the row pointers are set by start()
   stats.shape = shape;
@@ -437,8 +433,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
     VerifyRow commit{preds.data(),           path_row,
                      fill_c.data_ptr<int64_t>() + b * width,
                      cache_seqlens.data_ptr<int32_t>() + b,
-                     out_tokens.data_ptr<int64_t>() + b * out_tokens.stride(0),
-                     out_tokens.stride(1),   n_generated.data_ptr<int32_t>() + b,
+                     tokens.data_ptr<int64_t>() + b * tokens.stride(0),
+                     tokens.stride(1),       lengths.data_ptr<int32_t>() + b,
                      row_done,               eos_c.data_ptr<int64_t>(),
                      eos_c.numel()};
     const int32_t accepted = verify_commit_row(commit, width, limits_ptr[b], chunked);
@@ -466,10 +462,10 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
 
 TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
   m.def(
-      "sample_tree_verify_and_commit(Tensor probs, Tensor(a!) proposal, Tensor(b!) draft_sampled, Tensor(c!) block, "
-      "Tensor candidates, Tensor usable, Tensor(d!) row, Tensor fill, Tensor(e!) cache_seqlens, "
-      "Tensor(f!) out_tokens, Tensor(g!) n_generated, Tensor(h!) done, Tensor eos_ids, Tensor max_new_tokens, "
-      "Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, bool chunked) -> (Tensor, Tensor)");
+      "sample_tree_verify_and_commit(Tensor probs, Tensor(a!) block, Tensor candidates, Tensor usable, "
+      "Tensor(b!) row, Tensor fill, Tensor(c!) proposal, Tensor(d!) draft_sampled, Tensor n_fixed, Tensor seed, "
+      "Tensor sequence_ids, Tensor step, Tensor(e!) tokens, Tensor(f!) lengths, Tensor(g!) done, Tensor eos_ids, "
+      "Tensor limits, Tensor(h!) cache_seqlens, bool chunked) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {

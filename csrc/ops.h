@@ -9,9 +9,8 @@ namespace jacobi_engine {
 
 // Validates verify_and_commit's arguments; throws ValueError/TypeError naming the argument.
 void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const at::Tensor& fill,
-                       const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
-                       const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
-                       const at::Tensor& max_new_tokens);
+                       const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& done,
+                       const at::Tensor& eos_ids, const at::Tensor& limits, const at::Tensor& cache_seqlens);
 
 // Validates move_cache_rows' arguments (what can be checked without reading device values).
 void check_move_rows_args(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows);

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from jacobi_engine.ops import CommitTarget
 
 
 @dataclass
@@ -206,36 +210,24 @@ def _bounded_sdpa_fake(query, keys, values, visible, cache_seqlens, softmax_scal
 
 
 def verify_and_commit(
-    scores: torch.Tensor,
-    block: torch.Tensor,
-    fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor,
-    chunked: bool,
+    scores: torch.Tensor, block: torch.Tensor, fill: torch.Tensor, target: CommitTarget
 ) -> torch.Tensor:
     """One Jacobi fixed-point check and commit, for every sequence of the batch.
 
     ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
     ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
-    rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees.
-    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >= max(max_new_tokens)] (any row stride),
-    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E]
-    (ids < 0 never match: padding), ``max_new_tokens`` int32 [B] is each sequence's own limit.
+    rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees. ``target``
+    (:class:`jacobi_engine.ops.CommitTarget`) is where the verified tokens go, with the terms used here.
 
-    Per active sequence, with ``p = argmax(scores)``: the accepted count ``a`` is 1 plus the length
-    of the longest prefix with ``block[j+1] == p[j]``. The verified tokens are ``p[:a]``. They are
-    appended to ``out_tokens`` (cut after the first EOS and at ``max_new_tokens``), and the cache
-    length advances by ``a`` (by the emitted count when the sequence finishes), when the step commits: always in sliding mode; in chunked mode
-    only once the whole chunk is verified (``a == n``) or the sequence finishes. A committed
-    block becomes ``[p[a-1], ..., p[n-1], fill[b, n-a+1:]]``; an uncommitted chunk becomes
+    Per active sequence the predictions are ``p = argmax(scores)`` and the accepted count ``a`` is 1
+    plus the length of the longest prefix with ``block[j+1] == p[j]``. A committed block becomes
+    ``[p[a-1], ..., p[n-1], fill[b, n-a+1:]]``; an uncommitted chunk becomes
     ``[block[0], p[0], ..., p[n-2]]`` (the Jacobi update in place).
 
     Returns ``n_accepted`` int32 [B]: ``a`` for sequences active at this step, 0 for finished ones.
     """
+    tokens, lengths, done, eos_ids = target.tokens, target.lengths, target.done, target.eos_ids
+    limits, cache_seqlens, chunked = target.limits, target.cache_seqlens, target.chunked
     batch, n = block.shape
     preds = scores.argmax(dim=-1) if scores.is_floating_point() else scores.to(torch.long)
     matches = (block[:, 1:] == preds[:, :-1]).to(torch.int32)
@@ -251,20 +243,20 @@ def verify_and_commit(
     else:
         has_eos = torch.zeros_like(done)
         first_eos = torch.full_like(n_accepted, n)
-    remaining = max_new_tokens.to(torch.long) - n_generated.to(torch.long)
+    remaining = limits.to(torch.long) - lengths.to(torch.long)
     n_emit = torch.minimum(torch.minimum(n_accepted, first_eos + 1), remaining)
     finished = has_eos | (n_emit >= remaining)
     commit = active & (finished | (n_accepted == n) | (not chunked))
 
-    # Scatter the verified tokens to columns n_generated + j, and the slots not emitted to n spare
+    # Scatter the verified tokens to columns lengths + j, and the slots not emitted to n spare
     # columns past the buffer, so every index is distinct and no shape depends on data
     # (CUDA-graph safe) whatever the buffer's width.
     emit_rows = commit[:, None] & (slots[None, :] < n_emit[:, None])
-    width = out_tokens.shape[1]
-    columns = torch.where(emit_rows, n_generated.to(torch.long)[:, None] + slots[None, :], width + slots[None, :])
-    extended = torch.cat([out_tokens, out_tokens.new_zeros((batch, n))], dim=1)
+    width = tokens.shape[1]
+    columns = torch.where(emit_rows, lengths.to(torch.long)[:, None] + slots[None, :], width + slots[None, :])
+    extended = torch.cat([tokens, tokens.new_zeros((batch, n))], dim=1)
     extended.scatter_(1, columns, preds)
-    out_tokens.copy_(extended[:, :width])
+    tokens.copy_(extended[:, :width])
 
     shift_src = n_accepted[:, None] - 1 + slots[None, :]
     shifted = torch.where(shift_src < n, preds.gather(1, shift_src.clamp(max=n - 1)), fill)
@@ -272,7 +264,7 @@ def verify_and_commit(
     next_block = torch.where(commit[:, None], shifted, jacobi_update)
     block.copy_(torch.where(active[:, None], next_block, block))
 
-    n_generated.add_(torch.where(commit, n_emit, 0).to(n_generated.dtype))
+    lengths.add_(torch.where(commit, n_emit, 0).to(lengths.dtype))
     advance = torch.where(finished, n_emit, n_accepted)
     cache_seqlens.add_(torch.where(commit, advance, 0).to(cache_seqlens.dtype))
     done.logical_or_(commit & finished)

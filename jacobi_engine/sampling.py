@@ -106,13 +106,18 @@ and stay exact provided the drafts are drawn from the stored values; we have not
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from jacobi_engine import reference
+from jacobi_engine._ext import CONSTANTS
 
-SAMPLE_LANES = 256  # csrc/sampling_verify.h kSampleLanes
-PREFILL_STEP = 0xFFFFFFFF  # step word of the first token (drawn after prefill)
+if TYPE_CHECKING:
+    from jacobi_engine.ops import CommitTarget, SamplingState
+
+SAMPLE_LANES = CONSTANTS["sample_lanes"]  # csrc/sampling_verify.h kSampleLanes
+PREFILL_STEP = CONSTANTS["prefill_step"]  # step word of the first token (drawn after prefill)
 _DRAW_VERIFY, _DRAW_SAMPLE = 0, 1
 _MASK32 = 0xFFFFFFFF
 SAMPLING_RULES = ("sjd", "one_hot")
@@ -263,31 +268,14 @@ def sample_tokens(probs: torch.Tensor, seed, sequence_ids: torch.Tensor, step=PR
 
 # -- the reference of the fused op ----------------------------------------------------------------
 def sample_verify_and_commit(
-    probs: torch.Tensor,
-    proposal: torch.Tensor,
-    draft_sampled: torch.Tensor,
-    block: torch.Tensor,
-    fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor,
-    n_fixed: torch.Tensor,
-    seed: torch.Tensor,
-    sequence_ids: torch.Tensor,
-    step: torch.Tensor,
-    chunked: bool,
+    probs: torch.Tensor, block: torch.Tensor, fill: torch.Tensor, sampling: SamplingState, target: CommitTarget
 ) -> torch.Tensor:
     """One exact sampling verification and commit, for every sequence of the batch.
 
     ``probs`` float32 [B, n, V]: slot ``i``'s target distribution (weights, normalised here).
-    ``proposal`` float32 [B, n, V]: ``proposal[b, j]`` is the distribution block slot ``j``'s draft
-    was drawn from, where ``draft_sampled[b, j]`` (bool [B, n]); other drafts are deterministic.
-    ``n_fixed`` int32 [B]: block slots ``1..n_fixed`` already hold verified tokens (chunked mode).
-    ``seed`` int64 [1], ``sequence_ids`` int64 [B], ``step`` int64 [1]: the Philox counter.
-    The other arguments are :func:`jacobi_engine.reference.verify_and_commit`'s, updated the same way.
+    ``sampling`` (:class:`jacobi_engine.ops.SamplingState`): the drafts' proposals and kinds, the chunk's
+    verified prefix ``n_fixed`` and the Philox counter. ``block``, ``fill`` and ``target`` are
+    :func:`jacobi_engine.reference.verify_and_commit`'s, updated the same way.
 
     Verifies drafts in slot order with the ratio rule (sampled drafts) or the one-hot rule
     (deterministic ones), as in the module docstring; ``a`` = 1 + accepted drafts. The verified
@@ -296,9 +284,12 @@ def sample_verify_and_commit(
     active rows, ``proposal``/``draft_sampled`` describe the next block: slots that hold a fresh
     sample get its distribution and True, the others False. Returns ``n_accepted`` int32 [B].
     """
+    proposal, draft_sampled, n_fixed = sampling.proposal, sampling.draft_sampled, sampling.n_fixed
+    seed, sequence_ids, step = sampling.seed, sampling.sequence_ids, sampling.step
+    chunked = target.chunked
     batch, n, vocab = probs.shape
     device = probs.device
-    active = ~done
+    active = ~target.done
     slots = torch.arange(n, device=device)
     u_accept, u_residual, u_sample = slot_uniforms(seed, sequence_ids, step, slots)
     flat = probs.reshape(batch * n, vocab)
@@ -308,12 +299,12 @@ def sample_verify_and_commit(
     corrective = torch.full((batch, n), -1, dtype=torch.long, device=device)
     if n > 1:
         drafts = block[:, 1:]  # [B, n-1]: the draft judged by slot i is block slot i + 1
-        target = probs[:, :-1].to(torch.float64)
-        target = torch.where(target > 0, target, 0.0)
+        target_p = probs[:, :-1].to(torch.float64)
+        target_p = torch.where(target_p > 0, target_p, 0.0)
         q = _positive(proposal[:, 1:])
-        p_total = lane_totals(target.reshape(-1, vocab)).cumsum(dim=1)[:, -1].reshape(batch, n - 1)
+        p_total = lane_totals(target_p.reshape(-1, vocab)).cumsum(dim=1)[:, -1].reshape(batch, n - 1)
         q_total = lane_totals(q.reshape(-1, vocab)).cumsum(dim=1)[:, -1].reshape(batch, n - 1)
-        p_d = target.gather(2, drafts[..., None])[..., 0]
+        p_d = target_p.gather(2, drafts[..., None])[..., 0]
         q_d = q.gather(2, drafts[..., None])[..., 0]
         fixed = slots[None, 1:] <= n_fixed.to(torch.long)[:, None]
         ratio = draft_sampled[:, 1:] & (q_d > 0)
@@ -322,10 +313,10 @@ def sample_verify_and_commit(
         accept_one_hot = u * p_total < p_d
         decided = fixed | torch.where(ratio, accept_ratio, accept_one_hot)
         # Rejection branch: the residual (ratio rule), falling back to p without the draft.
-        residual = target * q_total[..., None] - q * p_total[..., None]
+        residual = target_p * q_total[..., None] - q * p_total[..., None]
         u_res = u_residual[:, :-1].reshape(-1)
         from_residual = sample_lane_order(residual.reshape(-1, vocab), u_res).reshape(batch, n - 1)
-        without_draft = target.scatter(2, drafts[..., None], 0.0)
+        without_draft = target_p.scatter(2, drafts[..., None], 0.0)
         from_rest = sample_lane_order(without_draft.reshape(-1, vocab), u_res).reshape(batch, n - 1)
         use_residual = ratio & (from_residual >= 0) & (from_residual != drafts)
         replacement = torch.where(use_residual, from_residual, from_rest)
@@ -340,10 +331,8 @@ def sample_verify_and_commit(
     preds = torch.where(slots[None, :] < last[:, None], shifted_block, samples)
     preds = torch.where(slots[None, :] == last[:, None], bonus_or_fix[:, None], preds)
 
-    n_accepted = reference.verify_and_commit(
-        preds, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
-    )
-    finished = active & done
+    n_accepted = reference.verify_and_commit(preds, block, fill, target)
+    finished = active & target.done
     committed = active & (finished | (accepted == n) | (not chunked))
     offset = torch.where(committed, last, -1)
     first = torch.where(committed, 1, accepted.to(torch.long) + 1)
@@ -478,24 +467,13 @@ def _walk_tree(probs, proposal, block, candidates, usable, sampled, n_fixed, uni
 
 def sample_tree_verify_and_commit(
     probs: torch.Tensor,
-    proposal: torch.Tensor,
-    draft_sampled: torch.Tensor,
     block: torch.Tensor,
     candidates: torch.Tensor,
     usable: torch.Tensor,
     row: torch.Tensor,
     fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor,
-    n_fixed: torch.Tensor,
-    seed: torch.Tensor,
-    sequence_ids: torch.Tensor,
-    step: torch.Tensor,
-    chunked: bool,
+    sampling: SamplingState,
+    target: CommitTarget,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact sampling over the token tree ``[block | k branches of g]``, then greedy's commit of the winner.
 
@@ -504,8 +482,8 @@ def sample_tree_verify_and_commit(
     ``n + m * g + i``, its parent the token before it, or ``t0``). ``candidates`` int64 [B, k, g],
     ``usable`` bool [B, k] (unusable branches are ignored). ``row`` int64 [B, W], W = max(n, g + 1):
     written with the winning path's tokens (-1 past its end) and rewritten by the commit, as
-    ``block`` is (``block = row[:, :n]`` afterwards); ``fill`` int64 [B, W]. The other arguments are
-    :func:`sample_verify_and_commit`'s. Returns (``n_accepted`` int32 [B], ``winner`` int64 [B]:
+    ``block`` is (``block = row[:, :n]`` afterwards); ``fill`` int64 [B, W]. ``sampling`` and ``target``
+    are :func:`sample_verify_and_commit`'s. Returns (``n_accepted`` int32 [B], ``winner`` int64 [B]:
     -1 when the block's path won, else the branch).
 
     At each node the children of the paths still alive compete: the block's draft first, by its
@@ -516,6 +494,9 @@ def sample_tree_verify_and_commit(
     uniform of the node where the walk stops draws the last token. A plain per-row loop (tests only:
     it reads values on the host); the C++/CUDA op is the implementation.
     """
+    proposal, draft_sampled, n_fixed = sampling.proposal, sampling.draft_sampled, sampling.n_fixed
+    seed, sequence_ids, step = sampling.seed, sampling.sequence_ids, sampling.step
+    done, chunked = target.done, target.chunked
     batch, nodes, vocab = probs.shape
     n = block.shape[1]
     g = candidates.shape[2]
@@ -543,18 +524,7 @@ def sample_tree_verify_and_commit(
                 node = _tree_path_node(n, g, path, j)
                 preds[j] = _draw(_positive(probs[b, node]), float(uniforms[2][node]))
         one = slice(b, b + 1)
-        accepted_rows = reference.verify_and_commit(
-            preds[None],
-            row[one],
-            fill[one],
-            cache_seqlens[one],
-            out_tokens[one],
-            n_generated[one],
-            done[one],
-            eos_ids,
-            max_new_tokens[one],
-            chunked,
-        )
+        accepted_rows = reference.verify_and_commit(preds[None], row[one], fill[one], target.rows(one))
         a = int(accepted_rows[0])
         n_accepted[b] = a
         winner[b] = path

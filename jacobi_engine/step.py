@@ -72,6 +72,26 @@ class StepState:
     seed: torch.Tensor | None = None  # [1] int64, Philox key
     sequence_ids: torch.Tensor | None = None  # [B] int64, Philox counter word of each row
 
+    def __post_init__(self):
+        # The verify ops' commit group over this state's tensors, built once: the targets hold the
+        # very tensors above (one per commit mode; the step's config picks one).
+        self._commit_targets = {
+            chunked: ops.CommitTarget(
+                self.tokens, self.lengths, self.done, self.eos_ids, self.limits, self.cache.cache_seqlens, chunked
+            )
+            for chunked in (False, True)
+        }
+
+    def commit(self, chunked: bool) -> ops.CommitTarget:
+        """The :class:`~jacobi_engine.ops.CommitTarget` of this state in the given commit mode."""
+        return self._commit_targets[chunked]
+
+    def sampling_state(self) -> ops.SamplingState:
+        """The sampling ops' draft state (its tensors are set after allocation, so it is grouped per call)."""
+        return ops.SamplingState(
+            self.proposal, self.draft_sampled, self.verified_in_chunk, self.seed, self.sequence_ids, self.step
+        )
+
 
 @dataclass(frozen=True)
 class StepConfig:
@@ -131,17 +151,7 @@ def decode_step(model_forward, config: StepConfig, state: StepState) -> None:
 def _verify_greedy(config: StepConfig, state: StepState, scores, block, fill, backend=None) -> torch.Tensor:
     """``ops.verify_and_commit`` of ``block`` (the row verified: the block, or a winning branch) on the state."""
     return ops.verify_and_commit(
-        scores,
-        block,
-        fill,
-        state.cache.cache_seqlens,
-        state.tokens,
-        state.lengths,
-        state.done,
-        state.eos_ids,
-        state.limits,
-        config.chunked,
-        backend=backend or config.verify_backend,
+        scores, block, fill, state.commit(config.chunked), backend=backend or config.verify_backend
     )
 
 
@@ -152,21 +162,10 @@ def _sample_verify(config: StepConfig, state: StepState, scores: torch.Tensor) -
         state.draft_sampled.zero_()
     return ops.sample_verify_and_commit(
         probs,
-        state.proposal,
-        state.draft_sampled,
         state.block,
         state.guesses.fill(),
-        state.cache.cache_seqlens,
-        state.tokens,
-        state.lengths,
-        state.done,
-        state.eos_ids,
-        state.limits,
-        state.verified_in_chunk,
-        state.seed,
-        state.sequence_ids,
-        state.step,
-        config.chunked,
+        state.sampling_state(),
+        state.commit(config.chunked),
         backend=config.verify_backend,
     )
 
@@ -263,24 +262,13 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
             state.draft_sampled.zero_()
         n_accepted, winner = ops.sample_tree_verify_and_commit(
             probs,
-            state.proposal,
-            state.draft_sampled,
             block,
             candidates.contiguous(),
             usable.contiguous(),
             state.verified_row,
             fill,
-            cache.cache_seqlens,
-            state.tokens,
-            state.lengths,
-            state.done,
-            state.eos_ids,
-            state.limits,
-            state.verified_in_chunk,
-            state.seed,
-            state.sequence_ids,
-            state.step,
-            config.chunked,
+            state.sampling_state(),
+            state.commit(config.chunked),
             backend=config.verify_backend,
         )
         use_branch = (winner >= 0) & active
