@@ -17,9 +17,13 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
         "Build it from the checkout with `pip install --no-build-isolation -e .`"
     ) from error
 
-CONSTANTS: dict[str, int] = dict(_C.constants())
+CONSTANTS: dict = dict(_C.constants())
+_BUILD_INFO: dict = dict(_C.build_info())
 
 
 def build_info() -> dict:
-    """What was compiled into the extension (``cuda_kernels``, ``cuda_arch``, ``cpu_kernels``)."""
-    return dict(_C.build_info())
+    """What was compiled into the extension (``cuda_kernels``, ``cuda_arch``, ``cpu_kernels``).
+
+    The one lookup of it: :func:`jacobi_engine.ops.resolve_verify_backend` and the package's
+    ``build_info()`` read it here (tests monkeypatch this function to simulate other builds)."""
+    return dict(_BUILD_INFO)

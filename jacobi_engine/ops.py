@@ -9,7 +9,9 @@
     :class:`CommitTarget` (the terms verified, accepted, emitted, committed and limits are defined there);
     the sampling ops take their draft state as a :class:`SamplingState`.
     backends: ``"native"`` (the C++ op on CPU, the CUDA op on GPU), ``"torch"``
-    (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native.
+    (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native where the op was compiled
+    for the device, else torch (:func:`resolve_verify_backend`). Every op takes an int32 [1] error
+    word (``CommitTarget.errors``): see :func:`raise_if_error`.
 
 ``sample_verify_and_commit``  exact speculative sampling over the block + the same commit (csrc/,
     ``torch.ops.jacobi_engine.sample_verify_and_commit``); backends as verify_and_commit's, the
@@ -39,10 +41,107 @@ MAX_SAMPLING_CANDIDATES: int = _ext.CONSTANTS["max_tree_branches"]  # k branches
 SAMPLE_LANES: int = _ext.CONSTANTS["sample_lanes"]  # lanes of the lane-order sampler
 PREFILL_STEP: int = _ext.CONSTANTS["prefill_step"]  # Philox step word of the first token after prefill
 
+# The ops' error word (csrc/op_errors.h): int32 [1]; each op ORs in a bit when a value only the device
+# sees breaks its contract, after clamping it (the ops never index out of bounds). CPU ops raise instead.
+ERROR_BITS: dict[str, int] = dict(_ext.CONSTANTS["error_bits"])  # argument at fault -> bit
+_ERROR_MEANINGS = {
+    "limits": "limits[b] outside [0, tokens.size(1)] (clamped into it)",
+    "lengths": "lengths[b] outside [0, limits[b]] (the row was left as it is)",
+    "block": "a draft block[b, j] (j >= 1) is not a token id of the vocabulary [0, V) (rejected)",
+    "candidates": "a usable candidates[b, m, i] is not a token id of the vocabulary [0, V) (never chosen)",
+    "src/dst": "move_cache_rows: rows outside the cache, or moving forward over themselves (not moved)",
+}
+
+
+def new_error_word(device: torch.device | str) -> torch.Tensor:
+    """A zeroed error word (int32 [1]) on ``device``, for the ops' ``errors`` arguments."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def error_messages(word: int) -> list[str]:
+    """What the bits of an error word say, one line per bit, each naming the argument at fault."""
+    lines = [f"{name}: {_ERROR_MEANINGS[name]}" for name, bit in ERROR_BITS.items() if word & bit]
+    known = sum(ERROR_BITS.values())
+    if word & ~known:
+        lines.append(f"unknown error bits {word & ~known:#x}")
+    return lines
+
+
+def check_error_word(word: int, errors: torch.Tensor | None = None) -> None:
+    """Raises ValueError naming the arguments at fault when ``word`` (an error word read on the host,
+    e.g. in the engine's existing ``torch.stack([...]).tolist()`` sync) has any bit set; ``errors``,
+    when given, is the device word it was read from, and is zeroed first so the next call starts clean."""
+    if word:
+        if errors is not None:
+            errors.zero_()
+        raise ValueError("a verify op received out-of-range values: " + "; ".join(error_messages(word)))
+
+
+def raise_if_error(errors: torch.Tensor, reset: bool = True) -> None:
+    """Reads the error word ``errors`` (int32 [1]; one host sync) and raises ValueError naming the
+    arguments at fault if any bit is set (:func:`check_error_word`), zeroing it first when ``reset``."""
+    check_error_word(int(errors.reshape(-1)[0]), errors if reset else None)
+
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def compiled_for(device: torch.device | str) -> bool:
+    """Whether the extension has compiled verify ops for ``device``'s type: always on CPU, on CUDA only
+    when it was built with nvcc (``jacobi_engine.build_info()['cuda_kernels']``)."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
+        return True
+    return device_type == "cuda" and bool(_ext.build_info()["cuda_kernels"])
+
+
+def resolve_verify_backend(backend: str, device: torch.device | str, graph_safe: bool = False) -> str:
+    """The verify ops' implementation on ``device``: ``"native"`` or ``"torch"``.
+
+    ``"auto"`` is ``"native"`` where the compiled ops exist for the device type (:func:`compiled_for`),
+    else ``"torch"`` (the plain-PyTorch references: the same tokens, slower; warn with
+    :func:`verify_backend_warning`). ``"native"`` where nothing was compiled raises ValueError naming
+    the setting (the dispatcher would raise NotImplementedError at the first verify). ``"torch"`` stays.
+    ``graph_safe``: the caller captures or compiles the step. Every torch path is graph-safe (the tree
+    sampling verify included: :func:`jacobi_engine.sampling.sample_tree_verify_and_commit` has no host
+    reads), so it does not change the answer; it is part of the contract for callers that need it.
+    """
+    _check_choice("verify_backend", backend, VERIFY_BACKENDS)
+    del graph_safe  # every resolution below is graph-safe
+    if backend == "torch":
+        return "torch"
+    if compiled_for(device):
+        return "native"
+    if backend == "native":
+        raise ValueError(
+            f"verify_backend='native' but this jacobi_engine build has no compiled ops for {torch.device(device)} "
+            "(build_info()['cuda_kernels'] is False): rebuild with nvcc (JACOBI_ENGINE_CUDA=1) or use "
+            "verify_backend='auto' or 'torch'"
+        )
+    return "torch"
+
+
+def verify_backend_warning(device: torch.device | str) -> str | None:
+    """The warning to give once when ``verify_backend="auto"`` falls back to the torch references on
+    ``device`` (None when the compiled ops exist there)."""
+    if compiled_for(device):
+        return None
+    return (
+        f"jacobi_engine was built without compiled ops for {torch.device(device).type} "
+        "(build_info()['cuda_kernels'] is False): verify_backend='auto' runs the plain-PyTorch verify "
+        "references there (the same tokens, slower). Rebuild with nvcc and JACOBI_ENGINE_CUDA=1 for the fused kernels."
+    )
+
+
+def _verify_backend(backend: str, device: torch.device) -> str:
+    """The op wrappers' choice: "auto" resolved where compiled ops are missing (eagerly; a compiled or
+    traced step keeps "auto" = native, as resolved by its caller at construction)."""
+    _check_choice("backend", backend, VERIFY_BACKENDS)
+    if backend == "auto" and not torch.compiler.is_compiling():
+        return resolve_verify_backend(backend, device)
+    return backend
 
 
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
@@ -212,6 +311,10 @@ class CommitTarget:
         engine: prompt width + max_new_tokens). A Python int is broadcast to every row.
     ``cache_seqlens`` int32 [B]: committed rows of each sequence's KV cache. Advanced in place.
     ``chunked``: the commit mode (below).
+    ``errors`` int32 [1]: the ops' error word (:data:`ERROR_BITS`; a fresh zeroed word when not given).
+        The CUDA ops cannot check device values without a host sync: they clamp them and set bits here,
+        which :func:`raise_if_error` (or :func:`check_error_word`, at an existing sync) turns into a
+        ValueError naming the argument. The CPU ops raise directly.
 
     Terms, for one row of a step that fed the block ``[t0, d_1, ..., d_{n-1}]`` (``t0`` known):
 
@@ -235,8 +338,11 @@ class CommitTarget:
     limits: torch.Tensor
     cache_seqlens: torch.Tensor
     chunked: bool
+    errors: torch.Tensor | None = None
 
     def __post_init__(self):
+        if self.errors is None and isinstance(self.tokens, torch.Tensor):
+            object.__setattr__(self, "errors", new_error_word(self.tokens.device))
         if isinstance(self.limits, torch.Tensor) or not isinstance(self.tokens, torch.Tensor):
             return  # tensors are checked by the ops themselves
         limit = self.limits
@@ -251,7 +357,16 @@ class CommitTarget:
 
     def op_args(self) -> tuple:
         """The fields in the ops' schema order."""
-        return (self.tokens, self.lengths, self.done, self.eos_ids, self.limits, self.cache_seqlens, self.chunked)
+        return (
+            self.tokens,
+            self.lengths,
+            self.done,
+            self.eos_ids,
+            self.limits,
+            self.cache_seqlens,
+            self.chunked,
+            self.errors,
+        )
 
     def rows(self, index) -> CommitTarget:
         """The target restricted to the rows ``index`` (a slice: views that write through)."""
@@ -263,6 +378,7 @@ class CommitTarget:
             self.limits[index],
             self.cache_seqlens[index],
             self.chunked,
+            self.errors,
         )
 
 
@@ -298,8 +414,7 @@ def verify_and_commit(
     ``block`` int64 [B, n], ``fill`` int64 [B, n]; ``target`` says where and how to commit.
     One launch, no host synchronisation. Returns ``n_accepted`` int32 [B] (0 for finished rows).
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    if backend == "torch":
+    if _verify_backend(backend, block.device) == "torch":
         return reference.verify_and_commit(scores, block, fill, target)
     return torch.ops.jacobi_engine.verify_and_commit(scores, block, fill, *target.op_args())
 
@@ -310,23 +425,32 @@ def _verify_and_commit_fake(scores, block, *_):
 
 
 def move_cache_rows(
-    buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int, backend: str = "auto"
+    buffers: list[torch.Tensor],
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    rows: int,
+    errors: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> None:
     """KV commit of a winning candidate branch; see :func:`jacobi_engine.reference.move_cache_rows`.
 
     backends: ``"native"`` (``torch.ops.jacobi_engine.move_cache_rows``: C++ on CPU, one CUDA launch
     per 64 buffers on GPU, the per-sequence logic shared in csrc/kv_commit.h), ``"torch"`` (the
-    reference); ``"auto"`` = native. No host synchronisation on GPU (CUDA-graph safe).
+    reference); ``"auto"`` = native. No host synchronisation on GPU (CUDA-graph safe) when ``errors``
+    (the caller's int32 [1] error word, see :class:`CommitTarget`) is given; without it the call
+    checks a fresh word itself (one host sync) and raises ValueError for rows outside the cache.
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    if backend == "torch":
-        reference.move_cache_rows(buffers, src, dst, rows)
-        return
-    torch.ops.jacobi_engine.move_cache_rows(buffers, src, dst, rows)
+    word = errors if errors is not None else new_error_word(src.device)
+    if _verify_backend(backend, src.device) == "torch":
+        reference.move_cache_rows(buffers, src, dst, rows, word)
+    else:
+        torch.ops.jacobi_engine.move_cache_rows(buffers, src, dst, rows, word)
+    if errors is None:
+        raise_if_error(word)
 
 
 @torch.library.register_fake("jacobi_engine::move_cache_rows")
-def _move_cache_rows_fake(buffers, src, dst, rows):
+def _move_cache_rows_fake(buffers, src, dst, rows, errors):
     return None
 
 
@@ -345,8 +469,7 @@ def sample_verify_and_commit(
     ``"torch"`` (the reference). One launch pair on CUDA, no host synchronisation. Returns
     ``n_accepted`` int32 [B].
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    if backend == "torch":
+    if _verify_backend(backend, block.device) == "torch":
         from jacobi_engine import sampling as sampling_reference
 
         return sampling_reference.sample_verify_and_commit(probs, block, fill, sampling, target)
@@ -374,11 +497,10 @@ def sample_tree_verify_and_commit(
 
     ``probs`` float32 [B, n + k * g, V], ``block`` int64 [B, n], ``candidates`` int64 [B, k, g], ``usable``
     bool [B, k], ``row``/``fill`` int64 [B, max(n, g + 1)]. ``backend``: ``"native"`` (C++ on CPU, CUDA on
-    GPU; ``"auto"``) or ``"torch"`` (the reference, a per-row loop that reads values on the host: for
-    tests). Returns (``n_accepted`` int32 [B], ``winner`` int64 [B], -1 where the block won).
+    GPU; ``"auto"``) or ``"torch"`` (the vectorized reference: graph-safe, bit for bit the op's).
+    Returns (``n_accepted`` int32 [B], ``winner`` int64 [B], -1 where the block won).
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    if backend == "torch":
+    if _verify_backend(backend, block.device) == "torch":
         from jacobi_engine import sampling as sampling_reference
 
         return sampling_reference.sample_tree_verify_and_commit(

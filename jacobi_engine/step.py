@@ -71,13 +71,25 @@ class StepState:
     draft_sampled: torch.Tensor | None = None  # [B, n] bool, the draft was drawn from `proposal` (else deterministic)
     seed: torch.Tensor | None = None  # [1] int64, Philox key
     sequence_ids: torch.Tensor | None = None  # [B] int64, Philox counter word of each row
+    # [1] int32, the ops' error word (ops.CommitTarget): the engine checks it at its host syncs
+    # (ops.check_error_word / ops.raise_if_error). Made here when not given.
+    errors: torch.Tensor | None = None
 
     def __post_init__(self):
+        if self.errors is None:
+            self.errors = ops.new_error_word(self.tokens.device)
         # The verify ops' commit group over this state's tensors, built once: the targets hold the
         # very tensors above (one per commit mode; the step's config picks one).
         self._commit_targets = {
             chunked: ops.CommitTarget(
-                self.tokens, self.lengths, self.done, self.eos_ids, self.limits, self.cache.cache_seqlens, chunked
+                self.tokens,
+                self.lengths,
+                self.done,
+                self.eos_ids,
+                self.limits,
+                self.cache.cache_seqlens,
+                chunked,
+                self.errors,
             )
             for chunked in (False, True)
         }
@@ -279,7 +291,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState) -> None:
     # The winning branch's K/V sit after the block; the committed path needs them right after t0.
     branch_start = starts + n + best.to(torch.long) * g
     source = torch.where(use_branch, branch_start, starts + 1)
-    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, backend=config.verify_backend)
+    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, state.errors, backend=config.verify_backend)
     committed = state.lengths > state.lengths_before
     rewritten = state.guesses.refine(block, state.lengths, committed & ~state.done)
     if config.sampling is not None:

@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 from sampling_stats import chi2_sf
+from test_graph_safety import FORBIDDEN, OpRecorder
 
-from jacobi_engine import ops
+from jacobi_engine import ops, sampling
 
 ALPHA = 1e-4
 
@@ -116,6 +117,48 @@ def test_native_matches_reference_bit_for_bit(chunk, device):
             assert torch.equal(state[name], value), name
         branch_wins += int((expected_winner >= 0).sum())
     assert branch_wins > 5  # the branch paths were exercised, not only the block's
+
+
+def run_reference(case, reference):
+    tensors = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    tree = (tensors["probs"], tensors["block"], tensors["candidates"], tensors["usable"], tensors["row"])
+    n_accepted, winner = reference(*tree, tensors["fill"], *groups(tensors))
+    return n_accepted, winner, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_vectorized_reference_matches_the_rowwise_statement(chunk):
+    """The graph-safe torch path (backend="torch") against the plain per-row statement of the rule,
+    bit for bit, on random trees (the same cases as the native op's test)."""
+    rng = random.Random(500 + chunk)
+    branch_wins = 0
+    for _ in range(50):
+        case = random_tree_case(rng)
+        expected_accepted, expected_winner, expected = run_reference(
+            case, sampling.sample_tree_verify_and_commit_rowwise
+        )
+        accepted, winner, state = run_reference(case, sampling.sample_tree_verify_and_commit)
+        assert accepted.dtype == expected_accepted.dtype and winner.dtype == expected_winner.dtype
+        assert torch.equal(accepted, expected_accepted)
+        assert torch.equal(winner, expected_winner)
+        for name, value in expected.items():
+            assert torch.equal(state[name], value), name
+        branch_wins += int((expected_winner >= 0).sum())
+    assert branch_wins > 5
+
+
+def test_vectorized_reference_is_graph_safe():
+    """No host read and no data-dependent shape (what a CUDA graph cannot hold), unlike the rowwise one."""
+    case = random_tree_case(random.Random(11))
+    for reference, safe in (
+        (sampling.sample_tree_verify_and_commit, True),
+        (sampling.sample_tree_verify_and_commit_rowwise, False),
+    ):
+        recorder = OpRecorder()
+        with recorder:
+            run_reference(case, reference)
+        bad = set(recorder.ops) & FORBIDDEN
+        assert not bad if safe else bad, (reference.__name__, sorted(bad))
 
 
 @pytest.mark.parametrize("seed", range(3))
