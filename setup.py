@@ -87,7 +87,10 @@ def nvidia_wheel_dirs(kind):
 
 def extension():
     with_cuda = cuda_requested()
-    cxx_flags = ["-O3"]  # the C++ standard is chosen by torch (C++20 from torch 2.13)
+    # The C++ standard is chosen by torch (C++20 from torch 2.13). No contracted multiply-adds on the host:
+    # the shared headers (csrc/sampling_verify.h) must round exactly like the GPU, which uses explicit
+    # __dmul_rn/__dsub_rn, and aarch64 compilers contract a*b+c into an FMA by default.
+    cxx_flags = ["-O3", "-ffp-contract=off"]
     define_macros = []
     sources = list(CPU_SOURCES)
     if not with_cuda:
@@ -109,7 +112,7 @@ def extension():
         include_dirs=nvidia_wheel_dirs("include"),
         library_dirs=nvidia_wheel_dirs("lib"),
         define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-Xcompiler", "-ffp-contract=off"]},
     )
 
 

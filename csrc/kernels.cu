@@ -17,23 +17,40 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Logits are compared in float (exact for fp16/bf16/fp32), fp64 logits in double.
+template <typename T>
+struct Compare {
+  using type = float;
+};
+template <>
+struct Compare<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_compare(float x) { return x; }
+__device__ __forceinline__ float to_compare(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_compare(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_compare(double x) { return x; }
 
 // torch.argmax order: NaN beats everything, ties go to the lower index.
-__device__ __forceinline__ bool better(float x, int64_t ix, float best, int64_t ibest) {
+template <typename A>
+__device__ __forceinline__ bool better(A x, int64_t ix, A best, int64_t ibest) {
   const bool x_nan = isnan(x);
   const bool best_nan = isnan(best);
   if (x_nan || best_nan) return x_nan && (!best_nan || ix < ibest);
   return x > best || (x == best && ix < ibest);
 }
 
-__device__ __forceinline__ void consider(float x, int64_t ix, float& best, int64_t& ibest) {
+template <typename A>
+__device__ __forceinline__ void consider(A x, int64_t ix, A& best, int64_t& ibest) {
   if (better(x, ix, best, ibest)) {
     best = x;
     ibest = ix;
   }
+}
+
+__device__ __forceinline__ void raise_errors(int32_t* errors, uint32_t bits) {
+  if (bits != 0) atomicOr(reinterpret_cast<unsigned int*>(errors), bits);
 }
 
 template <typename T>
@@ -44,7 +61,8 @@ struct alignas(16) Vec16 {
 // Argmax of one row of logits by the whole thread block; the result is valid in thread 0.
 template <typename T>
 __device__ int64_t block_argmax(const T* row, int64_t vocab) {
-  float best = -INFINITY;
+  using A = typename Compare<T>::type;
+  A best = -INFINITY;
   int64_t ibest = INT64_MAX;
   constexpr int kPerVec = 16 / sizeof(T);
   const bool aligned = (reinterpret_cast<uintptr_t>(row) % 16) == 0;
@@ -56,18 +74,18 @@ __device__ int64_t block_argmax(const T* row, int64_t vocab) {
     for (int64_t k = threadIdx.x; k < n_vec; k += kThreads) {
       const Vec16<T> chunk = vec_row[k];
 #pragma unroll
-      for (int e = 0; e < kPerVec; ++e) consider(to_float(chunk.values[e]), k * kPerVec + e, best, ibest);
+      for (int e = 0; e < kPerVec; ++e) consider(to_compare(chunk.values[e]), k * kPerVec + e, best, ibest);
     }
     scalar_begin = n_vec * kPerVec;
   }
-  for (int64_t v = scalar_begin + threadIdx.x; v < vocab; v += kThreads) consider(to_float(row[v]), v, best, ibest);
+  for (int64_t v = scalar_begin + threadIdx.x; v < vocab; v += kThreads) consider(to_compare(row[v]), v, best, ibest);
 
   for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other = __shfl_down_sync(0xffffffffu, best, offset);
+    const A other = __shfl_down_sync(0xffffffffu, best, offset);
     const int64_t other_index = __shfl_down_sync(0xffffffffu, ibest, offset);
     consider(other, other_index, best, ibest);
   }
-  __shared__ float warp_best[kWarps];
+  __shared__ A warp_best[kWarps];
   __shared__ int64_t warp_index[kWarps];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
@@ -77,10 +95,10 @@ __device__ int64_t block_argmax(const T* row, int64_t vocab) {
   }
   __syncthreads();
   if (warp == 0) {
-    best = lane < kWarps ? warp_best[lane] : -INFINITY;
+    best = lane < kWarps ? warp_best[lane] : static_cast<A>(-INFINITY);
     ibest = lane < kWarps ? warp_index[lane] : INT64_MAX;
     for (int offset = 16; offset > 0; offset >>= 1) {
-      const float other = __shfl_down_sync(0xffffffffu, best, offset);
+      const A other = __shfl_down_sync(0xffffffffu, best, offset);
       const int64_t other_index = __shfl_down_sync(0xffffffffu, ibest, offset);
       consider(other, other_index, best, ibest);
     }
@@ -88,18 +106,31 @@ __device__ int64_t block_argmax(const T* row, int64_t vocab) {
   return ibest;
 }
 
+// The row's commit (one thread); out-of-range lengths and limits are clamped and flagged there.
 __device__ void commit_row(const VerifyLaunch& args, int64_t b, const int64_t* preds) {
   VerifyRow row{preds,
                 args.block + b * args.n,
                 args.fill + b * args.n,
                 args.cache_seqlens + b,
-                args.out + b * args.out_stride_b,
-                args.out_stride_j,
-                args.n_generated + b,
+                args.tokens + b * args.tokens_stride_b,
+                args.tokens_stride_j,
+                args.tokens_width,
+                args.lengths + b,
                 args.done + b,
                 args.eos_ids,
                 args.n_eos};
-  args.n_accepted[b] = verify_commit_row(row, args.n, args.max_new_tokens[b], args.chunked);
+  uint32_t errors = 0;
+  args.n_accepted[b] = verify_commit_row(row, args.n, args.limits[b], args.chunked, &errors);
+  raise_errors(args.errors, errors);
+}
+
+// Whether row b takes part in a sampling op: not finished, and its length and limit leave it
+// something to write (else it is left as it is, and the bits of what was out of range are raised).
+__device__ bool row_is_active(const VerifyLaunch& commit, int64_t b, bool report) {
+  if (commit.done[b]) return false;
+  const CommitBounds bounds = commit_bounds(commit.lengths[b], commit.limits[b], commit.tokens_width);
+  if (!bounds.usable && report) raise_errors(commit.errors, bounds.errors);
+  return bounds.usable;
 }
 
 // Grid (B, n): block (b, i) takes the argmax of logits[b, i]; the last block of row b to
@@ -137,19 +168,23 @@ __global__ void verify_commit_argmax_kernel(VerifyLaunch args) {
 }
 
 // Grid (B, buffers): the threads of one block own fixed words of every row of one sequence of one
-// buffer (see kv_commit.h for why that needs no synchronisation).
+// buffer (see kv_commit.h for why that needs no synchronisation). Rows outside the cache are not
+// moved (move_rows checks them) and raise kErrorCacheRows.
 __global__ void move_cache_rows_kernel(MoveRowsLaunch args) {
   const int64_t b = blockIdx.x;
   const int buffer = blockIdx.y;
   const int64_t src = args.src[b];
   const int64_t dst = args.dst[b];
+  const int64_t capacity = args.capacity[buffer];
+  bool moved;
   if (args.word4) {
     int32_t* sequence = static_cast<int32_t*>(args.buffers[buffer]) + b * args.sequence_words[buffer];
-    move_rows(sequence, args.row_words[buffer], src, dst, args.rows, threadIdx.x, blockDim.x);
+    moved = move_rows(sequence, args.row_words[buffer], capacity, src, dst, args.rows, threadIdx.x, blockDim.x);
   } else {
     uint8_t* sequence = static_cast<uint8_t*>(args.buffers[buffer]) + b * args.sequence_words[buffer];
-    move_rows(sequence, args.row_words[buffer], src, dst, args.rows, threadIdx.x, blockDim.x);
+    moved = move_rows(sequence, args.row_words[buffer], capacity, src, dst, args.rows, threadIdx.x, blockDim.x);
   }
+  if (!moved && threadIdx.x == 0) raise_errors(args.errors, kErrorCacheRows);
 }
 
 }  // namespace
@@ -181,6 +216,9 @@ cudaError_t launch_verify_and_commit(const VerifyLaunch& args, cudaStream_t stre
     case ScoreType::kBFloat16:
       verify_commit_logits_kernel<__nv_bfloat16><<<grid, kThreads, shared, stream>>>(args);
       break;
+    case ScoreType::kFloat64:
+      verify_commit_logits_kernel<double><<<grid, kThreads, shared, stream>>>(args);
+      break;
     default:
       return cudaErrorInvalidValue;
   }
@@ -200,13 +238,16 @@ static_assert(kThreads == kSampleLanes, "one thread per sampling lane");
 
 // Grid (B, n): block (b, i) decides slot i (fresh sample; acceptance of the draft in slot i + 1
 // and its replacement); the last block of row b to finish assembles the verified tokens, commits
-// like greedy and records the row's ProposalPlan and next draft kinds.
+// like greedy and records the row's ProposalPlan and next draft kinds. Every sampler call sums its
+// lane totals with all 256 threads (lane t by thread t, the order sample_sequential sums them in),
+// so no thread keeps a [256] array of its own.
 __global__ void __launch_bounds__(kThreads) sample_slots_kernel(SampleVerifyLaunch args) {
   extern __shared__ int64_t row_shared[];  // [n] preds, then [n] SlotResult (last block only)
   __shared__ double totals_p[kSampleLanes];
   __shared__ double totals_q[kSampleLanes];
   __shared__ double p_total, q_total;
   __shared__ int branch;  // 0: accepted, 1: residual (ratio rule), 2: p without the draft
+  __shared__ bool fallback;  // the residual found nothing: draw from p without the draft
   __shared__ bool is_last;
   const VerifyLaunch& commit = args.commit;
   const int64_t n = commit.n;
@@ -214,8 +255,8 @@ __global__ void __launch_bounds__(kThreads) sample_slots_kernel(SampleVerifyLaun
   const int64_t b = blockIdx.x;
   const int64_t i = blockIdx.y;
   const int lane = threadIdx.x;
-  // Nothing of row b is written before all its blocks have arrived, so this read is stable.
-  if (commit.done[b]) {
+  // Nothing of row b is written before all its blocks have arrived, so these reads are stable.
+  if (!row_is_active(commit, b, i == 0 && lane == 0)) {
     if (i == 0 && lane == 0) {
       commit.n_accepted[b] = 0;
       args.plan[2 * b] = 0;
@@ -226,9 +267,12 @@ __global__ void __launch_bounds__(kThreads) sample_slots_kernel(SampleVerifyLaun
   const float* p = args.probs + (b * n + i) * vocab;
   const bool has_draft = i + 1 < n;
   const int64_t draft = has_draft ? commit.block[b * n + i + 1] : -1;
+  const bool valid = !has_draft || in_vocab(draft, vocab);
   const DraftRule rule =
-      has_draft ? draft_rule(i + 1, args.n_fixed[b], args.draft_sampled[b * n + i + 1]) : DraftRule::kFixed;
+      has_draft ? vocab_rule(draft_rule(i + 1, args.n_fixed[b], args.draft_sampled[b * n + i + 1]), draft, vocab)
+                : DraftRule::kFixed;
   const float* q = args.proposal + (b * n + (has_draft ? i + 1 : i)) * vocab;
+  if (!valid && lane == 0) raise_errors(commit.errors, kErrorBlockTokens);
 
   totals_p[lane] = lane_total(ProbWeight{p}, vocab, lane);
   totals_q[lane] = rule == DraftRule::kRatio ? lane_total(ProbWeight{q}, vocab, lane) : 0.0;
@@ -245,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) sample_slots_kernel(SampleVerifyLaun
       p_total = lanes_sum(totals_p);
       q_total = rule == DraftRule::kRatio ? lanes_sum(totals_q) : 0.0;
       q_d = rule == DraftRule::kRatio ? positive(q[draft]) : 0.0;
-      result.accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+      result.accept = accept_draft(rule, u.accept, weight_of(p, draft, vocab), p_total, q_d, q_total);
       if (!result.accept) branch = rule == DraftRule::kRatio && q_d > 0.0 ? 1 : 2;
     }
   }
@@ -255,16 +299,22 @@ __global__ void __launch_bounds__(kThreads) sample_slots_kernel(SampleVerifyLaun
     totals_q[lane] = branch == 1 ? lane_total(ResidualWeight{p, q, p_total, q_total}, vocab, lane)
                                  : lane_total(ExcludeWeight{p, draft}, vocab, lane);
     __syncthreads();
+    int64_t token = -1;
     if (lane == 0) {
-      int64_t token = branch == 1 ? sample_with_totals(ResidualWeight{p, q, p_total, q_total}, vocab, totals_q,
-                                                       u.residual)
-                                  : sample_with_totals(ExcludeWeight{p, draft}, vocab, totals_q, u.residual);
-      // Rounding fallback of corrective_sequential, on one thread (it practically never runs).
-      if (branch == 1 && (token < 0 || token == draft)) {
-        token = sample_sequential(ExcludeWeight{p, draft}, vocab, u.residual);
-      }
+      token = branch == 1 ? sample_with_totals(ResidualWeight{p, q, p_total, q_total}, vocab, totals_q, u.residual)
+                          : sample_with_totals(ExcludeWeight{p, draft}, vocab, totals_q, u.residual);
+      // The rounding fallback of corrective_sequential (it practically never runs).
+      fallback = branch == 1 && (token < 0 || token == draft);
+    }
+    __syncthreads();
+    if (fallback) {
+      totals_q[lane] = lane_total(ExcludeWeight{p, draft}, vocab, lane);
+      __syncthreads();
+      if (lane == 0) token = sample_with_totals(ExcludeWeight{p, draft}, vocab, totals_q, u.residual);
+    }
+    if (lane == 0) {
       result.corrective = token == draft ? -1 : token;
-      result.accept = result.corrective < 0;
+      result.accept = result.corrective < 0 && valid;
     }
   }
   if (lane == 0) {
@@ -342,11 +392,12 @@ __global__ void __launch_bounds__(kThreads) tree_nodes_kernel(SampleTreeLaunch a
   __shared__ double totals[kSampleLanes];
   __shared__ double totals_q[kSampleLanes];
   __shared__ double p_total, q_total;
-  __shared__ int branch;  // 0: accepted, 1: SJD residual, 2: p without the draft
+  __shared__ int branch;     // 0: accepted, 1: SJD residual, 2: p without the draft
+  __shared__ bool fallback;  // the residual found nothing: p without the draft
   const int64_t b = blockIdx.x;
   const int64_t t = blockIdx.y;
   const int lane = threadIdx.x;
-  if (args.commit.done[b]) return;
+  if (!row_is_active(args.commit, b, false)) return;  // the walk kernel reports it
   const int64_t vocab = args.vocab;
   const float* p = args.probs + (b * args.nodes + t) * vocab;
   const uint64_t seed = static_cast<uint64_t>(*args.seed);
@@ -355,8 +406,11 @@ __global__ void __launch_bounds__(kThreads) tree_nodes_kernel(SampleTreeLaunch a
   totals[lane] = lane_total(ProbWeight{p}, vocab, lane);
   const bool has_draft = t + 1 < args.n;
   const int64_t draft = has_draft ? args.block[b * args.n + t + 1] : -1;
+  const bool valid = has_draft && in_vocab(draft, vocab);  // the walk kernel reports invalid drafts
   const DraftRule rule =
-      has_draft ? draft_rule(t + 1, args.n_fixed[b], args.draft_sampled[b * args.n + t + 1]) : DraftRule::kFixed;
+      has_draft
+          ? vocab_rule(draft_rule(t + 1, args.n_fixed[b], args.draft_sampled[b * args.n + t + 1]), draft, vocab)
+          : DraftRule::kFixed;
   const float* q = args.proposal + (b * args.n + (has_draft ? t + 1 : 0)) * vocab;
   totals_q[lane] = rule == DraftRule::kRatio ? lane_total(ProbWeight{q}, vocab, lane) : 0.0;
   __syncthreads();
@@ -371,7 +425,7 @@ __global__ void __launch_bounds__(kThreads) tree_nodes_kernel(SampleTreeLaunch a
     if (has_draft) {
       q_total = rule == DraftRule::kRatio ? lanes_sum(totals_q) : 0.0;
       q_d = rule == DraftRule::kRatio ? positive(q[draft]) : 0.0;
-      const bool accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+      const bool accept = accept_draft(rule, u.accept, weight_of(p, draft, vocab), p_total, q_d, q_total);
       args.slot_accept[b * args.n + t] = accept;
       args.slot_q_total[b * args.n + t] = q_total;
       if (!accept) branch = rule == DraftRule::kRatio && q_d > 0.0 ? 1 : 2;
@@ -379,8 +433,9 @@ __global__ void __launch_bounds__(kThreads) tree_nodes_kernel(SampleTreeLaunch a
   }
   __syncthreads();
   if (branch == 0) return;
+  // decide_block_sequential's rejection branch, with the lane totals in parallel.
   NodeWeight rest = plain_node_weight(p);
-  rest.exclude(draft);
+  if (valid) rest.exclude(draft);
   if (branch == 1) {
     rest.q = q;
     rest.p_total = p_total;
@@ -389,21 +444,27 @@ __global__ void __launch_bounds__(kThreads) tree_nodes_kernel(SampleTreeLaunch a
   }
   totals_q[lane] = lane_total(rest, vocab, lane);  // its reads are done
   __syncthreads();
-  if (lane != 0) return;
-  int64_t token = sample_with_totals(rest, vocab, totals_q, u.residual);
-  double rest_total = lanes_sum(totals_q);
-  bool ratio_rest = branch == 1;
-  if (token < 0 && branch == 1) {  // the rounding fallback (practically never runs): one thread
-    rest.ratio_residual = false;
-    ratio_rest = false;
-    double lanes[kSampleLanes];
-    for (int l = 0; l < kSampleLanes; ++l) lanes[l] = lane_total(rest, vocab, l);
-    token = sample_with_totals(rest, vocab, lanes, u.residual);
-    rest_total = lanes_sum(lanes);
+  int64_t token = -1;
+  double rest_total = 0.0;
+  if (lane == 0) {
+    token = sample_with_totals(rest, vocab, totals_q, u.residual);
+    rest_total = lanes_sum(totals_q);
+    fallback = token < 0 && branch == 1;  // the rounding fallback (practically never runs)
   }
-  args.slot_accept[b * args.n + t] = token < 0;
+  __syncthreads();
+  if (fallback) {
+    rest.ratio_residual = false;
+    totals_q[lane] = lane_total(rest, vocab, lane);
+    __syncthreads();
+    if (lane == 0) {
+      token = sample_with_totals(rest, vocab, totals_q, u.residual);
+      rest_total = lanes_sum(totals_q);
+    }
+  }
+  if (lane != 0) return;
+  args.slot_accept[b * args.n + t] = token < 0 && valid;
   args.slot_corrective[b * args.n + t] = token;
-  args.slot_ratio_rest[b * args.n + t] = ratio_rest;
+  args.slot_ratio_rest[b * args.n + t] = branch == 1 && !fallback;
   args.slot_rest_total[b * args.n + t] = rest_total;
 }
 
@@ -424,7 +485,8 @@ struct GpuTreeStats {
     BlockDecision decision{args->slot_accept[index], -1, plain_node_weight(p), 0.0};
     if (decision.accept) return decision;
     decision.corrective = args->slot_corrective[index];
-    decision.rest.exclude(args->block[index + 1]);
+    const int64_t draft = args->block[index + 1];
+    if (in_vocab(draft, vocab)) decision.rest.exclude(draft);
     if (args->slot_ratio_rest[index]) {
       decision.rest.q = args->proposal + (index + 1) * vocab;
       decision.rest.p_total = args->node_total[b * args->nodes + slot];
@@ -440,10 +502,11 @@ __global__ void __launch_bounds__(kThreads) tree_walk_kernel(SampleTreeLaunch ar
   extern __shared__ int64_t tree_preds[];  // [W]
   __shared__ TreeWalk walk;
   __shared__ double totals[kSampleLanes];
+  __shared__ int64_t last;
   const int64_t b = blockIdx.x;
   const int lane = threadIdx.x;
   const VerifyLaunch& commit = args.commit;
-  if (commit.done[b]) {
+  if (!row_is_active(commit, b, lane == 0)) {
     if (lane == 0) {
       commit.n_accepted[b] = 0;
       args.winner[b] = -1;
@@ -455,26 +518,31 @@ __global__ void __launch_bounds__(kThreads) tree_walk_kernel(SampleTreeLaunch ar
   const TreeShape shape{args.n, args.k, args.g};
   const int64_t* block = args.block + b * args.n;
   const int64_t* candidates = args.candidates + b * args.k * args.g;
+  const bool* usable = args.usable + b * args.k;
   GpuTreeStats stats{&args, b};
   if (lane == 0) {
-    walk = walk_tree(shape, block, candidates, args.usable + b * args.k, args.probs + b * args.nodes * args.vocab,
-                     args.vocab, stats);
+    raise_errors(commit.errors, tree_token_errors(shape, block, candidates, usable, args.vocab));
+    walk = walk_tree(shape, block, candidates, usable, args.probs + b * args.nodes * args.vocab, args.vocab, stats);
+    last = walk.last_token;
   }
   __syncthreads();
-  const bool resample = walk.last_token < 0;
-  if (resample) totals[lane] = lane_total(walk.rest, args.vocab, lane);
-  __syncthreads();
-  if (lane != 0) return;
-  int64_t last = walk.last_token;
-  if (resample) {
-    last = sample_with_totals(walk.rest, args.vocab, totals, walk.rest_uniform);
-    if (last < 0) {  // rounding fallbacks of finish_walk, on one thread
-      auto sample_rest = [&args](const NodeWeight& weight, double u) {
-        return sample_sequential(weight, args.vocab, u);
-      };
-      last = finish_walk(walk, sample_rest);
+  // finish_walk with the lane totals of all threads: what is left, then (if that has no weight)
+  // the same without the SJD ratio, then p itself. Each draw sums what sample_sequential sums.
+  for (int draw = 0; draw < 3; ++draw) {
+    if (last >= 0) break;  // uniform: written by thread 0 before a barrier
+    totals[lane] = lane_total(walk.rest, args.vocab, lane);
+    __syncthreads();
+    if (lane == 0) {
+      last = sample_with_totals(walk.rest, args.vocab, totals, walk.rest_uniform);
+      if (walk.rest.ratio_residual) {
+        walk.rest.ratio_residual = false;
+      } else {
+        walk.rest.n_excluded = 0;
+      }
     }
+    __syncthreads();
   }
+  if (lane != 0) return;
   const int64_t width = commit.n;
   int64_t* row = commit.block + b * width;
   assemble_tree_row(shape, block, candidates, commit.fill + b * width, width, walk, last, stats, row, tree_preds);

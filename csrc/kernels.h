@@ -8,7 +8,7 @@
 
 namespace jacobi_engine {
 
-enum class ScoreType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kArgmax = 3 };
+enum class ScoreType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kArgmax = 3, kFloat64 = 4 };
 
 struct VerifyLaunch {
   const void* scores;        // logits [B, n, V] (element strides below) or int64 argmax [B, n]
@@ -21,18 +21,20 @@ struct VerifyLaunch {
   int64_t* block;            // [B, n] contiguous
   const int64_t* fill;       // [B, n] contiguous
   int32_t* cache_seqlens;    // [B]
-  int64_t* out;              // out_tokens, element strides below
-  int64_t out_stride_b;
-  int64_t out_stride_j;
-  int32_t* n_generated;      // [B]
+  int64_t* tokens;           // [B, W], element strides below
+  int64_t tokens_stride_b;
+  int64_t tokens_stride_j;
+  int64_t tokens_width;      // W: no commit writes at or past it
+  int32_t* lengths;          // [B] one past each row's last known token
   bool* done;                // [B]
   const int64_t* eos_ids;    // [n_eos]
   int64_t n_eos;
   int32_t* n_accepted;       // [B] result
   int64_t batch;
   int64_t n;
-  const int32_t* max_new_tokens;  // [B] per-row limits
+  const int32_t* limits;     // [B] per-row column limits
   bool chunked;
+  int32_t* errors;           // [1] error word (csrc/op_errors.h), ORed into
 };
 
 // Enqueues the fused verify-and-commit on `stream`; returns the launch status.
@@ -45,12 +47,14 @@ struct MoveRowsLaunch {
   void* buffers[kMaxMoveBuffers];      // [B, S, ...] contiguous
   int64_t row_words[kMaxMoveBuffers];  // words per row (word = 4 bytes when word4, else 1 byte)
   int64_t sequence_words[kMaxMoveBuffers];  // words per sequence (S * row_words)
+  int64_t capacity[kMaxMoveBuffers];  // S: rows per sequence
   int n_buffers;
   bool word4;
   const int64_t* src;  // [B]
   const int64_t* dst;  // [B]
   int64_t batch;
   int64_t rows;
+  int32_t* errors;  // [1] error word: kErrorCacheRows for a sequence whose rows leave the cache
 };
 
 cudaError_t launch_move_cache_rows(const MoveRowsLaunch& args, cudaStream_t stream);

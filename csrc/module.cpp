@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "sampling_verify.h"
+
 #ifndef JE_CUDA_ARCH_LIST
 #define JE_CUDA_ARCH_LIST ""
 #endif
@@ -23,4 +25,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cpu_kernels"] = true;
     return info;
   }, "What was compiled into this extension.");
+  // The constants the ops are built around, so that Python reads them instead of copying them.
+  m.def("constants", []() {
+    py::dict constants;
+    constants["max_tree_branches"] = jacobi_engine::kMaxTreeBranches;
+    constants["sample_lanes"] = jacobi_engine::kSampleLanes;
+    constants["prefill_step"] = jacobi_engine::kPrefillStep;
+    py::dict error_bits;  // csrc/op_errors.h: the bits of the ops' error word, by the argument at fault
+    error_bits["limits"] = jacobi_engine::kErrorLimits;
+    error_bits["lengths"] = jacobi_engine::kErrorLengths;
+    error_bits["block"] = jacobi_engine::kErrorBlockTokens;
+    error_bits["candidates"] = jacobi_engine::kErrorCandidates;
+    error_bits["src/dst"] = jacobi_engine::kErrorCacheRows;
+    constants["error_bits"] = error_bits;
+    return constants;
+  }, "The ops' compile-time constants: max_tree_branches, sample_lanes, prefill_step, error_bits.");
 }

@@ -2,20 +2,41 @@
 //
 // torch.ops.jacobi_engine.verify_and_commit: fused Jacobi fixed-point check + commit.
 // torch.ops.jacobi_engine.move_cache_rows: KV commit of a winning candidate branch.
+// torch.ops.jacobi_engine.sample_verify_and_commit / sample_tree_verify_and_commit: exact sampling.
 // The CUDA implementation registers against the same schema in ops_cuda.cpp.
+//
+// Every op takes the int32 [1] error word `errors` last (csrc/op_errors.h). The CPU ops read the
+// values they index with on the host and raise a ValueError naming the argument before writing
+// anything; the CUDA ops cannot without a host sync, so their kernels clamp and set the bits.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "ops.h"
+#include <algorithm>
+#include <vector>
+
 #include "kv_commit.h"
+#include "ops.h"
+#include "sampling_verify.h"
 #include "verify_commit.h"
 
 namespace jacobi_engine {
 
+void check_logits_dtype(at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+                   "scores (logits) must be float32, float16, bfloat16 or float64, got ", dtype);
+}
+
+void check_error_word(const at::Tensor& errors, const at::Device& device) {
+  TORCH_CHECK_TYPE(errors.scalar_type() == at::kInt, "errors must be an int32 tensor, got ", errors.scalar_type());
+  TORCH_CHECK_VALUE(errors.numel() == 1 && errors.is_contiguous(), "errors must hold one int32 word, got ",
+                    errors.sizes());
+  TORCH_CHECK_VALUE(errors.device() == device, "errors must be on ", device, ", got ", errors.device());
+}
+
 void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const at::Tensor& fill,
-                       const at::Tensor& cache_seqlens, const at::Tensor& out_tokens,
-                       const at::Tensor& n_generated, const at::Tensor& done, const at::Tensor& eos_ids,
-                       const at::Tensor& max_new_tokens) {
+                       const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& done,
+                       const at::Tensor& eos_ids, const at::Tensor& limits, const at::Tensor& cache_seqlens,
+                       const at::Tensor& errors) {
   TORCH_CHECK_VALUE(block.dim() == 2, "block must be [B, n], got ", block.sizes());
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
@@ -23,6 +44,7 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
   TORCH_CHECK_TYPE(block.scalar_type() == at::kLong, "block must be int64");
   TORCH_CHECK_VALUE(block.is_contiguous(), "block must be contiguous");
   if (at::isFloatingType(scores.scalar_type())) {
+    check_logits_dtype(scores.scalar_type());
     TORCH_CHECK_VALUE(scores.dim() == 3 && scores.size(0) == batch && scores.size(1) == n && scores.size(2) > 0,
                       "scores (logits) must be [B=", batch, ", n=", n, ", V], got ", scores.sizes());
     TORCH_CHECK_VALUE(scores.stride(2) == 1, "scores (logits) must be contiguous in the vocabulary dimension");
@@ -38,125 +60,150 @@ void check_verify_args(const at::Tensor& scores, const at::Tensor& block, const 
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch && cache_seqlens.is_contiguous(),
                     "cache_seqlens must be a contiguous [B=", batch, "] tensor");
-  TORCH_CHECK_TYPE(out_tokens.scalar_type() == at::kLong, "out_tokens must be int64");
-  TORCH_CHECK_VALUE(out_tokens.dim() == 2 && out_tokens.size(0) == batch && out_tokens.size(1) >= 1,
-                    "out_tokens must be [B=", batch, ", >= max(max_new_tokens)], got ", out_tokens.sizes());
-  TORCH_CHECK_TYPE(n_generated.scalar_type() == at::kInt, "n_generated must be int32");
-  TORCH_CHECK_VALUE(n_generated.dim() == 1 && n_generated.size(0) == batch && n_generated.is_contiguous(),
-                    "n_generated must be a contiguous [B=", batch, "] tensor");
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "tokens must be int64");
+  TORCH_CHECK_VALUE(tokens.dim() == 2 && tokens.size(0) == batch && tokens.size(1) >= 1,
+                    "tokens must be [B=", batch, ", W >= max(limits)], got ", tokens.sizes());
+  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kInt, "lengths must be int32");
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == batch && lengths.is_contiguous(),
+                    "lengths must be a contiguous [B=", batch, "] tensor");
   TORCH_CHECK_TYPE(done.scalar_type() == at::kBool, "done must be bool");
   TORCH_CHECK_VALUE(done.dim() == 1 && done.size(0) == batch && done.is_contiguous(),
                     "done must be a contiguous [B=", batch, "] tensor");
   TORCH_CHECK_TYPE(eos_ids.scalar_type() == at::kLong, "eos_ids must be int64");
   TORCH_CHECK_VALUE(eos_ids.dim() == 1, "eos_ids must be 1-D");
-  // Per-row limits live on the device so that one captured CUDA graph serves every request; the
-  // caller guarantees 0 <= max_new_tokens[b] <= out_tokens.size(1) (checking the values here
-  // would need a host sync); only emitted tokens are written, so no slack columns are needed.
-  TORCH_CHECK_TYPE(max_new_tokens.scalar_type() == at::kInt, "max_new_tokens must be an int32 tensor");
-  TORCH_CHECK_VALUE(max_new_tokens.dim() == 1 && max_new_tokens.size(0) == batch && max_new_tokens.is_contiguous(),
-                    "max_new_tokens must be a contiguous [B=", batch, "] tensor");
+  // Per-row limits live on the device so that one captured CUDA graph serves every request. Their
+  // values (and the lengths') are checked on the host by the CPU ops (check_commit_values) and
+  // clamped by the CUDA kernels, which flag them in `errors` (csrc/verify_commit.h commit_bounds).
+  TORCH_CHECK_TYPE(limits.scalar_type() == at::kInt, "limits must be an int32 tensor");
+  TORCH_CHECK_VALUE(limits.dim() == 1 && limits.size(0) == batch && limits.is_contiguous(),
+                    "limits must be a contiguous [B=", batch, "] tensor");
   const auto device = block.device();
-  for (const at::Tensor* t :
-       {&scores, &fill, &cache_seqlens, &out_tokens, &n_generated, &done, &eos_ids, &max_new_tokens}) {
+  for (const at::Tensor* t : {&scores, &fill, &tokens, &lengths, &done, &eos_ids, &limits, &cache_seqlens}) {
     TORCH_CHECK_VALUE(t->device() == device, "all verify_and_commit inputs must be on ", device, ", got one on ",
                       t->device());
   }
+  check_error_word(errors, device);
 }
 
-void check_move_rows_args(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows) {
+void check_move_rows_args(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows,
+                          const at::Tensor& errors) {
   TORCH_CHECK_VALUE(rows >= 0, "rows must be >= 0, got ", rows);
   TORCH_CHECK_TYPE(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong, "src and dst must be int64");
   TORCH_CHECK_VALUE(src.dim() == 1 && src.is_contiguous() && dst.sizes() == src.sizes() && dst.is_contiguous(),
                     "src and dst must be contiguous [B] tensors of the same shape");
+  TORCH_CHECK_VALUE(dst.device() == src.device(), "src and dst must be on one device");
   for (const at::Tensor& buffer : buffers) {
     TORCH_CHECK_VALUE(buffer.dim() >= 2 && buffer.size(0) == src.size(0) && buffer.is_contiguous(),
                       "buffers must be contiguous [B=", src.size(0), ", S, ...] tensors, got ", buffer.sizes());
-    TORCH_CHECK_VALUE(buffer.device() == src.device() && dst.device() == src.device(),
-                      "buffers, src and dst must be on one device");
+    TORCH_CHECK_VALUE(buffer.device() == src.device(), "buffers, src and dst must be on one device");
   }
+  check_error_word(errors, src.device());
 }
 
 namespace {
 
-void move_cache_rows_cpu(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows) {
-  check_move_rows_args(buffers, src, dst, rows);
+// The CPU ops' host-side check of the commit's values (the CUDA kernels clamp and flag instead).
+// Finished rows are never read, so their values do not matter.
+void check_commit_values(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& done,
+                         const at::Tensor& limits) {
+  const int64_t width = tokens.size(1);
+  const int32_t* length_ptr = lengths.data_ptr<int32_t>();
+  const int32_t* limit_ptr = limits.data_ptr<int32_t>();
+  const bool* done_ptr = done.data_ptr<bool>();
+  for (int64_t b = 0; b < lengths.size(0); ++b) {
+    if (done_ptr[b]) continue;
+    const CommitBounds bounds = commit_bounds(length_ptr[b], limit_ptr[b], width);
+    TORCH_CHECK_VALUE((bounds.errors & kErrorLimits) == 0, "limits[", b, "] = ", limit_ptr[b],
+                      " must lie in [0, tokens.size(1) = ", width, "]");
+    TORCH_CHECK_VALUE((bounds.errors & kErrorLengths) == 0, "lengths[", b, "] = ", length_ptr[b],
+                      " must lie in [0, limits[", b, "] = ", limit_ptr[b], "] (tokens has ", width, " columns)");
+  }
+}
+
+// The drafts (block slots 1..n-1) of the active rows index the distributions: ids in [0, V).
+void check_draft_values(const at::Tensor& block, const at::Tensor& done, int64_t vocab) {
+  const int64_t n = block.size(1);
+  const int64_t* block_ptr = block.data_ptr<int64_t>();
+  const bool* done_ptr = done.data_ptr<bool>();
+  for (int64_t b = 0; b < block.size(0); ++b) {
+    if (done_ptr[b]) continue;
+    for (int64_t j = 1; j < n; ++j) {
+      const int64_t token = block_ptr[b * n + j];
+      TORCH_CHECK_VALUE(in_vocab(token, vocab), "block[", b, ", ", j, "] = ", token,
+                        " is not a token id of the vocabulary [0, ", vocab, ")");
+    }
+  }
+}
+
+void move_cache_rows_cpu(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows,
+                         at::Tensor& errors) {
+  check_move_rows_args(buffers, src, dst, rows, errors);
   const int64_t* src_ptr = src.data_ptr<int64_t>();
   const int64_t* dst_ptr = dst.data_ptr<int64_t>();
+  // Every row of every buffer is checked before any is moved, so a bad row leaves all untouched.
+  for (const at::Tensor& buffer : buffers) {
+    const int64_t capacity = buffer.size(1);
+    for (int64_t b = 0; b < buffer.size(0); ++b) {
+      TORCH_CHECK_VALUE(rows_in_cache(src_ptr[b], dst_ptr[b], rows, capacity), "move_cache_rows: src[", b, "] = ",
+                        src_ptr[b], ", dst[", b, "] = ", dst_ptr[b], ": rows ", src_ptr[b], "..+", rows, " -> ",
+                        dst_ptr[b], " must lie in the cache (", capacity, " rows) and move back when they overlap");
+    }
+  }
   for (const at::Tensor& buffer : buffers) {
     const int64_t capacity = buffer.size(1);
     const int64_t row_bytes = buffer.stride(1) * buffer.element_size();
     for (int64_t b = 0; b < buffer.size(0); ++b) {
-      TORCH_CHECK_VALUE(src_ptr[b] >= 0 && dst_ptr[b] >= 0 && src_ptr[b] + rows <= capacity &&
-                            dst_ptr[b] + rows <= capacity && (dst_ptr[b] <= src_ptr[b] || dst_ptr[b] >= src_ptr[b] + rows),
-                        "move_cache_rows: rows ", src_ptr[b], "..+", rows, " -> ", dst_ptr[b],
-                        " must lie in the cache (", capacity, " rows) and move back when they overlap");
       uint8_t* sequence = static_cast<uint8_t*>(buffer.data_ptr()) + b * buffer.stride(0) * buffer.element_size();
       if (row_bytes % 4 == 0) {
-        move_rows(reinterpret_cast<int32_t*>(sequence), row_bytes / 4, src_ptr[b], dst_ptr[b], rows, 0, 1);
+        move_rows(reinterpret_cast<int32_t*>(sequence), row_bytes / 4, capacity, src_ptr[b], dst_ptr[b], rows, 0, 1);
       } else {
-        move_rows(sequence, row_bytes, src_ptr[b], dst_ptr[b], rows, 0, 1);
+        move_rows(sequence, row_bytes, capacity, src_ptr[b], dst_ptr[b], rows, 0, 1);
       }
     }
   }
 }
 
+// The commit's per-row view of the target's tensors (the CommitTarget of jacobi_engine/ops.py).
+VerifyRow commit_view(const int64_t* preds, int64_t* block, const int64_t* fill, at::Tensor& tokens,
+                      at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos, at::Tensor& cache_seqlens,
+                      int64_t b) {
+  return VerifyRow{preds,
+                   block,
+                   fill,
+                   cache_seqlens.data_ptr<int32_t>() + b,
+                   tokens.data_ptr<int64_t>() + b * tokens.stride(0),
+                   tokens.stride(1),
+                   tokens.size(1),
+                   lengths.data_ptr<int32_t>() + b,
+                   done.data_ptr<bool>() + b,
+                   eos.data_ptr<int64_t>(),
+                   eos.numel()};
+}
+
 at::Tensor verify_and_commit_cpu(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
-                                 at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
-                                 at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                 bool chunked) {
-  check_verify_args(scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+                                 at::Tensor& tokens, at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos_ids,
+                                 const at::Tensor& limits, at::Tensor& cache_seqlens, bool chunked,
+                                 at::Tensor& errors) {
+  check_verify_args(scores, block, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens, errors);
+  check_commit_values(tokens, lengths, done, limits);
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
   const at::Tensor preds = (at::isFloatingType(scores.scalar_type()) ? scores.argmax(-1) : scores).contiguous();
   const at::Tensor fill_c = fill.contiguous();
   const at::Tensor eos_c = eos_ids.contiguous();
   at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
-
-  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
-  const int64_t* preds_ptr = preds.data_ptr<int64_t>();
-  int64_t* block_ptr = block.data_ptr<int64_t>();
-  const int64_t* fill_ptr = fill_c.data_ptr<int64_t>();
-  int32_t* seqlens_ptr = cache_seqlens.data_ptr<int32_t>();
-  int64_t* out_ptr = out_tokens.data_ptr<int64_t>();
-  int32_t* generated_ptr = n_generated.data_ptr<int32_t>();
-  bool* done_ptr = done.data_ptr<bool>();
-  int32_t* accepted_ptr = n_accepted.data_ptr<int32_t>();
+  const int32_t* limits_ptr = limits.data_ptr<int32_t>();
+  uint32_t row_errors = 0;  // stays 0: the values were checked above
   for (int64_t b = 0; b < batch; ++b) {
-    VerifyRow row{preds_ptr + b * n,       block_ptr + b * n,      fill_ptr + b * n,
-                  seqlens_ptr + b,         out_ptr + b * out_tokens.stride(0),
-                  out_tokens.stride(1),    generated_ptr + b,      done_ptr + b,
-                  eos_c.data_ptr<int64_t>(), eos_c.numel()};
-    accepted_ptr[b] = verify_commit_row(row, n, limits_ptr[b], chunked);
+    const VerifyRow row = commit_view(preds.data_ptr<int64_t>() + b * n, block.data_ptr<int64_t>() + b * n,
+                                      fill_c.data_ptr<int64_t>() + b * n, tokens, lengths, done, eos_c,
+                                      cache_seqlens, b);
+    n_accepted.data_ptr<int32_t>()[b] = verify_commit_row(row, n, limits_ptr[b], chunked, &row_errors);
   }
   return n_accepted;
 }
 
 }  // namespace
-}  // namespace jacobi_engine
-
-TORCH_LIBRARY(jacobi_engine, m) {
-  m.def(
-      "verify_and_commit(Tensor scores, Tensor(a!) block, Tensor fill, Tensor(b!) cache_seqlens, "
-      "Tensor(c!) out_tokens, Tensor(d!) n_generated, Tensor(e!) done, Tensor eos_ids, Tensor max_new_tokens, "
-      "bool chunked) -> Tensor");
-  m.def("move_cache_rows(Tensor(a!)[] buffers, Tensor src, Tensor dst, int rows) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
-  m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cpu);
-  m.impl("move_cache_rows", &jacobi_engine::move_cache_rows_cpu);
-}
-
-// ---------------------------------------------------------------------------------------------
-// torch.ops.jacobi_engine.sample_verify_and_commit: exact speculative sampling over the block, then
-// greedy's commit (see csrc/sampling_verify.h and jacobi_engine/sampling.py for the contract).
-
-#include <algorithm>
-#include <vector>
-
-#include "sampling_verify.h"
-
-namespace jacobi_engine {
 
 // The chunk's verified prefix and the Philox counter, shared by both sampling ops.
 void check_counter_args(int64_t batch, const at::Tensor& n_fixed, const at::Tensor& seed,
@@ -195,18 +242,20 @@ void check_sample_verify_args(const at::Tensor& probs, const at::Tensor& proposa
 
 namespace {
 
-at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled,
-                                        at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
-                                        at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-                                        const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                        const at::Tensor& n_fixed, const at::Tensor& seed,
-                                        const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& block, const at::Tensor& fill,
+                                        at::Tensor& proposal, at::Tensor& draft_sampled, const at::Tensor& n_fixed,
+                                        const at::Tensor& seed, const at::Tensor& sequence_ids,
+                                        const at::Tensor& step, at::Tensor& tokens, at::Tensor& lengths,
+                                        at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+                                        at::Tensor& cache_seqlens, bool chunked, at::Tensor& errors) {
   // Greedy's checks need a scores argument; the argmax form has the block's shape.
-  check_verify_args(block, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_verify_args(block, block, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens, errors);
   check_sample_verify_args(probs, proposal, draft_sampled, block, n_fixed, seed, sequence_ids, step);
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
   const int64_t vocab = probs.size(2);
+  check_commit_values(tokens, lengths, done, limits);
+  check_draft_values(block, done, vocab);
   const at::Tensor fill_c = fill.contiguous();
   const at::Tensor eos_c = eos_ids.contiguous();
   at::Tensor n_accepted = at::empty({batch}, block.options().dtype(at::kInt));
@@ -219,7 +268,8 @@ at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& pro
   int64_t* block_ptr = block.data_ptr<int64_t>();
   const int32_t* fixed_ptr = n_fixed.data_ptr<int32_t>();
   const int64_t* sequence_ptr = sequence_ids.data_ptr<int64_t>();
-  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  const int32_t* limits_ptr = limits.data_ptr<int32_t>();
+  uint32_t row_errors = 0;  // stays 0: the values were checked above
   std::vector<SlotResult> slots(n);
   std::vector<int64_t> preds(n);
   for (int64_t b = 0; b < batch; ++b) {
@@ -236,22 +286,18 @@ at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& pro
     // Slots past the first rejection only contribute their fresh sample, but each slot's numbers
     // come from its own counter, so computing all of them (as the GPU does) changes nothing.
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t draft = i + 1 < n ? row_block[i + 1] : -1;
-      const DraftRule rule = draft_rule(i + 1, fixed_ptr[b], i + 1 < n && row_sampled[i + 1]);
+      const bool has_draft = i + 1 < n;
+      const int64_t draft = has_draft ? row_block[i + 1] : -1;
+      const DraftRule rule = draft_rule(i + 1, fixed_ptr[b], has_draft && row_sampled[i + 1]);
       const SlotUniforms u =
           slot_uniforms(seed_value, static_cast<uint64_t>(sequence_ptr[b]), step_value, static_cast<uint64_t>(i));
-      slots[i] = decide_slot_sequential(row_probs + i * vocab, row_proposal + (i + 1 < n ? i + 1 : i) * vocab, vocab,
-                                        draft, rule, u);
+      slots[i] = decide_slot_sequential(row_probs + i * vocab, row_proposal + (has_draft ? i + 1 : i) * vocab, vocab,
+                                        has_draft, draft, rule, u);
     }
     assemble_preds(slots.data(), row_block, n, preds.data());
-    VerifyRow row{preds.data(),           row_block,
-                  fill_c.data_ptr<int64_t>() + b * n,
-                  cache_seqlens.data_ptr<int32_t>() + b,
-                  out_tokens.data_ptr<int64_t>() + b * out_tokens.stride(0),
-                  out_tokens.stride(1),   n_generated.data_ptr<int32_t>() + b,
-                  row_done,               eos_c.data_ptr<int64_t>(),
-                  eos_c.numel()};
-    const int32_t accepted = verify_commit_row(row, n, limits_ptr[b], chunked);
+    const VerifyRow row = commit_view(preds.data(), row_block, fill_c.data_ptr<int64_t>() + b * n, tokens, lengths,
+                                      done, eos_c, cache_seqlens, b);
+    const int32_t accepted = verify_commit_row(row, n, limits_ptr[b], chunked, &row_errors);
     *accepted_ptr = accepted;
     const bool finished = *row_done;
     const ProposalPlan plan = proposal_plan(true, !chunked || accepted == n || finished, finished, accepted, n);
@@ -265,26 +311,11 @@ at::Tensor sample_verify_and_commit_cpu(const at::Tensor& probs, at::Tensor& pro
 }
 
 }  // namespace
-}  // namespace jacobi_engine
-
-TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
-  m.def(
-      "sample_verify_and_commit(Tensor probs, Tensor(a!) proposal, Tensor(b!) draft_sampled, Tensor(c!) block, "
-      "Tensor fill, Tensor(d!) cache_seqlens, Tensor(e!) out_tokens, Tensor(f!) n_generated, Tensor(g!) done, "
-      "Tensor eos_ids, Tensor max_new_tokens, Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, "
-      "bool chunked) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
-  m.impl("sample_verify_and_commit", &jacobi_engine::sample_verify_and_commit_cpu);
-}
 
 // ---------------------------------------------------------------------------------------------
 // torch.ops.jacobi_engine.sample_tree_verify_and_commit: exact sampling over the token tree
 // [block | k branches of g] (csrc/sampling_verify.h walk_tree), then greedy's commit of the
 // winning path, as the greedy pool step does (jacobi_engine/step.py).
-
-namespace jacobi_engine {
 
 void check_sample_tree_args(const at::Tensor& probs, const at::Tensor& proposal, const at::Tensor& draft_sampled,
                             const at::Tensor& block, const at::Tensor& candidates, const at::Tensor& usable,
@@ -310,6 +341,8 @@ void check_sample_tree_args(const at::Tensor& probs, const at::Tensor& proposal,
                         probs.is_contiguous(),
                     "probs must be a contiguous [B=", batch, ", n + k * g=", n + k * g, ", V] tensor, got ",
                     probs.sizes());
+  // The walk keeps excluded token ids in int32 (csrc/sampling_verify.h NodeWeight).
+  TORCH_CHECK_VALUE(probs.size(2) <= INT32_MAX, "probs: a vocabulary of ", probs.size(2), " tokens is too large");
   TORCH_CHECK_TYPE(proposal.scalar_type() == at::kFloat, "proposal must be float32, got ", proposal.scalar_type());
   TORCH_CHECK_VALUE(proposal.dim() == 3 && proposal.size(0) == batch && proposal.size(1) == n &&
                         proposal.size(2) == probs.size(2) && proposal.is_contiguous(),
@@ -380,20 +413,43 @@ struct CpuTreeStats {
   }
 };
 
+// The usable branches' tokens index the distributions too: ids in [0, V).
+void check_candidate_values(const at::Tensor& candidates, const at::Tensor& usable, const at::Tensor& done,
+                            int64_t vocab) {
+  const int64_t k = candidates.size(1), g = candidates.size(2);
+  const int64_t* candidates_ptr = candidates.data_ptr<int64_t>();
+  const bool* usable_ptr = usable.data_ptr<bool>();
+  const bool* done_ptr = done.data_ptr<bool>();
+  for (int64_t b = 0; b < candidates.size(0); ++b) {
+    if (done_ptr[b]) continue;
+    for (int64_t m = 0; m < k; ++m) {
+      if (!usable_ptr[b * k + m]) continue;
+      for (int64_t i = 0; i < g; ++i) {
+        const int64_t token = candidates_ptr[(b * k + m) * g + i];
+        TORCH_CHECK_VALUE(in_vocab(token, vocab), "candidates[", b, ", ", m, ", ", i, "] = ", token,
+                          " is not a token id of the vocabulary [0, ", vocab, ") (its branch is usable)");
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
-    const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled, at::Tensor& block,
-    const at::Tensor& candidates, const at::Tensor& usable, at::Tensor& row, const at::Tensor& fill,
-    at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-    const at::Tensor& eos_ids, const at::Tensor& max_new_tokens, const at::Tensor& n_fixed, const at::Tensor& seed,
-    const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+    const at::Tensor& probs, at::Tensor& block, const at::Tensor& candidates, const at::Tensor& usable,
+    at::Tensor& row, const at::Tensor& fill, at::Tensor& proposal, at::Tensor& draft_sampled,
+    const at::Tensor& n_fixed, const at::Tensor& seed, const at::Tensor& sequence_ids, const at::Tensor& step,
+    at::Tensor& tokens, at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+    at::Tensor& cache_seqlens, bool chunked, at::Tensor& errors) {
   check_sample_tree_args(probs, proposal, draft_sampled, block, candidates, usable, row, n_fixed, seed, sequence_ids,
                          step);
-  check_verify_args(row, row, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_verify_args(row, row, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens, errors);
   const int64_t batch = block.size(0), n = block.size(1);
   const TreeShape shape{n, candidates.size(1), candidates.size(2)};
   const int64_t width = row.size(1);
   const int64_t nodes = probs.size(1);
   const int64_t vocab = probs.size(2);
+  check_commit_values(tokens, lengths, done, limits);
+  check_draft_values(block, done, vocab);
+  check_candidate_values(candidates, usable, done, vocab);
   const at::Tensor fill_c = fill.contiguous();
   const at::Tensor eos_c = eos_ids.contiguous();
   at::Tensor n_accepted = at::zeros({batch}, block.options().dtype(at::kInt));
@@ -407,7 +463,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
   int64_t* row_ptr = row.data_ptr<int64_t>();
   const int64_t* candidates_ptr = candidates.data_ptr<int64_t>();
   const bool* usable_ptr = usable.data_ptr<bool>();
-  const int32_t* limits_ptr = max_new_tokens.data_ptr<int32_t>();
+  const int32_t* limits_ptr = limits.data_ptr<int32_t>();
+  uint32_t row_errors = 0;  // stays 0: the values were checked above
   std::vector<int64_t> preds(width);
   CpuTreeStats stats{};  // the row pointers are set by start()
   stats.shape = shape;
@@ -434,14 +491,9 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
     int64_t* path_row = row_ptr + b * width;
     assemble_tree_row(shape, row_block, row_candidates, fill_c.data_ptr<int64_t>() + b * width, width, walk, last,
                       stats, path_row, preds.data());
-    VerifyRow commit{preds.data(),           path_row,
-                     fill_c.data_ptr<int64_t>() + b * width,
-                     cache_seqlens.data_ptr<int32_t>() + b,
-                     out_tokens.data_ptr<int64_t>() + b * out_tokens.stride(0),
-                     out_tokens.stride(1),   n_generated.data_ptr<int32_t>() + b,
-                     row_done,               eos_c.data_ptr<int64_t>(),
-                     eos_c.numel()};
-    const int32_t accepted = verify_commit_row(commit, width, limits_ptr[b], chunked);
+    const VerifyRow commit = commit_view(preds.data(), path_row, fill_c.data_ptr<int64_t>() + b * width, tokens,
+                                         lengths, done, eos_c, cache_seqlens, b);
+    const int32_t accepted = verify_commit_row(commit, width, limits_ptr[b], chunked, &row_errors);
     n_accepted.data_ptr<int32_t>()[b] = accepted;
     winner.data_ptr<int64_t>()[b] = walk.winner;
     std::copy_n(path_row, n, row_block);
@@ -464,14 +516,27 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cpu(
 }  // namespace
 }  // namespace jacobi_engine
 
-TORCH_LIBRARY_FRAGMENT(jacobi_engine, m) {
+TORCH_LIBRARY(jacobi_engine, m) {
   m.def(
-      "sample_tree_verify_and_commit(Tensor probs, Tensor(a!) proposal, Tensor(b!) draft_sampled, Tensor(c!) block, "
-      "Tensor candidates, Tensor usable, Tensor(d!) row, Tensor fill, Tensor(e!) cache_seqlens, "
-      "Tensor(f!) out_tokens, Tensor(g!) n_generated, Tensor(h!) done, Tensor eos_ids, Tensor max_new_tokens, "
-      "Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, bool chunked) -> (Tensor, Tensor)");
+      "verify_and_commit(Tensor scores, Tensor(a!) block, Tensor fill, Tensor(b!) tokens, Tensor(c!) lengths, "
+      "Tensor(d!) done, Tensor eos_ids, Tensor limits, Tensor(e!) cache_seqlens, bool chunked, "
+      "Tensor(f!) errors) -> Tensor");
+  m.def("move_cache_rows(Tensor(a!)[] buffers, Tensor src, Tensor dst, int rows, Tensor(b!) errors) -> ()");
+  m.def(
+      "sample_verify_and_commit(Tensor probs, Tensor(a!) block, Tensor fill, Tensor(b!) proposal, "
+      "Tensor(c!) draft_sampled, Tensor n_fixed, Tensor seed, Tensor sequence_ids, Tensor step, Tensor(d!) tokens, "
+      "Tensor(e!) lengths, Tensor(f!) done, Tensor eos_ids, Tensor limits, Tensor(g!) cache_seqlens, "
+      "bool chunked, Tensor(h!) errors) -> Tensor");
+  m.def(
+      "sample_tree_verify_and_commit(Tensor probs, Tensor(a!) block, Tensor candidates, Tensor usable, "
+      "Tensor(b!) row, Tensor fill, Tensor(c!) proposal, Tensor(d!) draft_sampled, Tensor n_fixed, Tensor seed, "
+      "Tensor sequence_ids, Tensor step, Tensor(e!) tokens, Tensor(f!) lengths, Tensor(g!) done, Tensor eos_ids, "
+      "Tensor limits, Tensor(h!) cache_seqlens, bool chunked, Tensor(i!) errors) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(jacobi_engine, CPU, m) {
+  m.impl("verify_and_commit", &jacobi_engine::verify_and_commit_cpu);
+  m.impl("move_cache_rows", &jacobi_engine::move_cache_rows_cpu);
+  m.impl("sample_verify_and_commit", &jacobi_engine::sample_verify_and_commit_cpu);
   m.impl("sample_tree_verify_and_commit", &jacobi_engine::sample_tree_verify_and_commit_cpu);
 }

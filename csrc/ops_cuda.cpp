@@ -14,10 +14,10 @@ namespace jacobi_engine {
 namespace {
 
 at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, const at::Tensor& fill,
-                                  at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated,
-                                  at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                  bool chunked) {
-  check_verify_args(scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+                                  at::Tensor& tokens, at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos_ids,
+                                  const at::Tensor& limits, at::Tensor& cache_seqlens, bool chunked,
+                                  at::Tensor& errors) {
+  check_verify_args(scores, block, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens, errors);
   const c10::cuda::CUDAGuard guard(block.device());
   const int64_t batch = block.size(0);
   const int64_t n = block.size(1);
@@ -30,12 +30,12 @@ at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, c
   at::Tensor scratch;
   at::Tensor counters;
   if (at::isFloatingType(scores.scalar_type())) {
+    // check_verify_args admitted the CPU op's logits dtypes only (check_logits_dtype): the same on both devices.
     switch (scores.scalar_type()) {
       case at::kFloat: args.score_type = ScoreType::kFloat32; break;
       case at::kHalf: args.score_type = ScoreType::kFloat16; break;
       case at::kBFloat16: args.score_type = ScoreType::kBFloat16; break;
-      default: TORCH_CHECK_TYPE(false, "scores (logits) must be float32, float16 or bfloat16, got ",
-                                scores.scalar_type());
+      default: args.score_type = ScoreType::kFloat64; break;
     }
     args.scores = scores.data_ptr();
     args.vocab = scores.size(2);
@@ -58,26 +58,29 @@ at::Tensor verify_and_commit_cuda(const at::Tensor& scores, at::Tensor& block, c
   args.block = block.data_ptr<int64_t>();
   args.fill = fill_c.data_ptr<int64_t>();
   args.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  args.out = out_tokens.data_ptr<int64_t>();
-  args.out_stride_b = out_tokens.stride(0);
-  args.out_stride_j = out_tokens.stride(1);
-  args.n_generated = n_generated.data_ptr<int32_t>();
+  args.tokens = tokens.data_ptr<int64_t>();
+  args.tokens_stride_b = tokens.stride(0);
+  args.tokens_stride_j = tokens.stride(1);
+  args.tokens_width = tokens.size(1);
+  args.lengths = lengths.data_ptr<int32_t>();
   args.done = done.data_ptr<bool>();
   args.eos_ids = eos_c.data_ptr<int64_t>();
   args.n_eos = eos_c.numel();
   args.n_accepted = n_accepted.data_ptr<int32_t>();
   args.batch = batch;
   args.n = n;
-  args.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
+  args.limits = limits.data_ptr<int32_t>();
   args.chunked = chunked;
+  args.errors = errors.data_ptr<int32_t>();
 
   const cudaError_t status = launch_verify_and_commit(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "verify_and_commit launch failed: ", cudaGetErrorString(status));
   return n_accepted;
 }
 
-void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows) {
-  check_move_rows_args(buffers, src, dst, rows);
+void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const at::Tensor& dst, int64_t rows,
+                          at::Tensor& errors) {
+  check_move_rows_args(buffers, src, dst, rows, errors);
   if (buffers.empty()) return;
   const c10::cuda::CUDAGuard guard(src.device());
   // 4-byte words when every row and sequence of every buffer allows them (always for fp32/bf16/fp16
@@ -96,7 +99,9 @@ void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const a
       args.buffers[i] = buffer.data_ptr();
       args.row_words[i] = buffer.stride(1) * buffer.element_size() / word;
       args.sequence_words[i] = buffer.stride(0) * buffer.element_size() / word;
+      args.capacity[i] = buffer.size(1);
     }
+    args.errors = errors.data_ptr<int32_t>();
     args.word4 = word4;
     args.src = src.data_ptr<int64_t>();
     args.dst = dst.data_ptr<int64_t>();
@@ -108,37 +113,39 @@ void move_cache_rows_cuda(at::TensorList buffers, const at::Tensor& src, const a
 }
 
 // Greedy's commit arguments for the sampling ops, which hand it verified tokens (the argmax form).
-VerifyLaunch argmax_commit_launch(at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
-                                  at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-                                  const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                  at::Tensor& n_accepted, bool chunked) {
+VerifyLaunch argmax_commit_launch(at::Tensor& block, const at::Tensor& fill, at::Tensor& tokens, at::Tensor& lengths,
+                                  at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+                                  at::Tensor& cache_seqlens, at::Tensor& n_accepted, bool chunked,
+                                  at::Tensor& errors) {
   VerifyLaunch commit{};
   commit.score_type = ScoreType::kArgmax;
   commit.block = block.data_ptr<int64_t>();
   commit.fill = fill.data_ptr<int64_t>();
   commit.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  commit.out = out_tokens.data_ptr<int64_t>();
-  commit.out_stride_b = out_tokens.stride(0);
-  commit.out_stride_j = out_tokens.stride(1);
-  commit.n_generated = n_generated.data_ptr<int32_t>();
+  commit.tokens = tokens.data_ptr<int64_t>();
+  commit.tokens_stride_b = tokens.stride(0);
+  commit.tokens_stride_j = tokens.stride(1);
+  commit.tokens_width = tokens.size(1);
+  commit.lengths = lengths.data_ptr<int32_t>();
   commit.done = done.data_ptr<bool>();
   commit.eos_ids = eos_ids.data_ptr<int64_t>();
   commit.n_eos = eos_ids.numel();
   commit.n_accepted = n_accepted.data_ptr<int32_t>();
   commit.batch = block.size(0);
   commit.n = block.size(1);
-  commit.max_new_tokens = max_new_tokens.data_ptr<int32_t>();
+  commit.limits = limits.data_ptr<int32_t>();
   commit.chunked = chunked;
+  commit.errors = errors.data_ptr<int32_t>();
   return commit;
 }
 
-at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled,
-                                         at::Tensor& block, const at::Tensor& fill, at::Tensor& cache_seqlens,
-                                         at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-                                         const at::Tensor& eos_ids, const at::Tensor& max_new_tokens,
-                                         const at::Tensor& n_fixed, const at::Tensor& seed,
-                                         const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
-  check_verify_args(block, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& block, const at::Tensor& fill,
+                                         at::Tensor& proposal, at::Tensor& draft_sampled, const at::Tensor& n_fixed,
+                                         const at::Tensor& seed, const at::Tensor& sequence_ids,
+                                         const at::Tensor& step, at::Tensor& tokens, at::Tensor& lengths,
+                                         at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+                                         at::Tensor& cache_seqlens, bool chunked, at::Tensor& errors) {
+  check_verify_args(block, block, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens, errors);
   check_sample_verify_args(probs, proposal, draft_sampled, block, n_fixed, seed, sequence_ids, step);
   const c10::cuda::CUDAGuard guard(block.device());
   const int64_t batch = block.size(0);
@@ -154,8 +161,8 @@ at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& pr
   at::Tensor plan = at::empty({batch * 2}, block.options());
 
   SampleVerifyLaunch args{};
-  args.commit = argmax_commit_launch(block, fill_c, cache_seqlens, out_tokens, n_generated, done, eos_c,
-                                    max_new_tokens, n_accepted, chunked);
+  args.commit = argmax_commit_launch(block, fill_c, tokens, lengths, done, eos_c, limits, cache_seqlens, n_accepted,
+                                     chunked, errors);
   args.probs = probs.data_ptr<float>();
   args.proposal = proposal.data_ptr<float>();
   args.draft_sampled = draft_sampled.data_ptr<bool>();
@@ -176,14 +183,14 @@ at::Tensor sample_verify_and_commit_cuda(const at::Tensor& probs, at::Tensor& pr
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cuda(
-    const at::Tensor& probs, at::Tensor& proposal, at::Tensor& draft_sampled, at::Tensor& block,
-    const at::Tensor& candidates, const at::Tensor& usable, at::Tensor& row, const at::Tensor& fill,
-    at::Tensor& cache_seqlens, at::Tensor& out_tokens, at::Tensor& n_generated, at::Tensor& done,
-    const at::Tensor& eos_ids, const at::Tensor& max_new_tokens, const at::Tensor& n_fixed, const at::Tensor& seed,
-    const at::Tensor& sequence_ids, const at::Tensor& step, bool chunked) {
+    const at::Tensor& probs, at::Tensor& block, const at::Tensor& candidates, const at::Tensor& usable,
+    at::Tensor& row, const at::Tensor& fill, at::Tensor& proposal, at::Tensor& draft_sampled,
+    const at::Tensor& n_fixed, const at::Tensor& seed, const at::Tensor& sequence_ids, const at::Tensor& step,
+    at::Tensor& tokens, at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos_ids, const at::Tensor& limits,
+    at::Tensor& cache_seqlens, bool chunked, at::Tensor& errors) {
   check_sample_tree_args(probs, proposal, draft_sampled, block, candidates, usable, row, n_fixed, seed, sequence_ids,
                          step);
-  check_verify_args(row, row, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens);
+  check_verify_args(row, row, fill, tokens, lengths, done, eos_ids, limits, cache_seqlens, errors);
   TORCH_CHECK_VALUE(row.is_contiguous(), "row must be contiguous");
   const c10::cuda::CUDAGuard guard(block.device());
   const int64_t batch = block.size(0);
@@ -205,8 +212,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tree_verify_and_commit_cuda(
 
   SampleTreeLaunch args{};
   // The commit's block is the verified row (width max(n, g + 1)).
-  args.commit = argmax_commit_launch(row, fill_c, cache_seqlens, out_tokens, n_generated, done, eos_c,
-                                    max_new_tokens, n_accepted, chunked);
+  args.commit = argmax_commit_launch(row, fill_c, tokens, lengths, done, eos_c, limits, cache_seqlens, n_accepted,
+                                     chunked, errors);
   args.probs = probs.data_ptr<float>();
   args.proposal = proposal.data_ptr<float>();
   args.draft_sampled = draft_sampled.data_ptr<bool>();

@@ -95,6 +95,15 @@ JE_HOST_DEVICE inline double sub_rn(double a, double b) {
 // Weights are sanitised once, here: anything not > 0 (zero, negative, NaN) weighs nothing.
 JE_HOST_DEVICE inline double positive(double w) { return w > 0.0 ? w : 0.0; }
 
+// Token ids index the distributions, and they come from device tensors (the block's drafts, the
+// candidates) that the caller cannot check without a host sync: an id outside [0, V) is never read.
+JE_HOST_DEVICE inline bool in_vocab(int64_t token, int64_t vocab) { return token >= 0 && token < vocab; }
+
+// w[token] sanitised, 0 for an id outside the vocabulary (a token the distribution cannot produce).
+JE_HOST_DEVICE inline double weight_of(const float* w, int64_t token, int64_t vocab) {
+  return in_vocab(token, vocab) ? positive(w[token]) : 0.0;
+}
+
 // The three distributions a slot samples from, as weight functions of the token id.
 struct ProbWeight {  // p itself
   const float* p;
@@ -219,15 +228,24 @@ JE_HOST_DEVICE inline int64_t corrective_sequential(DraftRule rule, const float*
   return token == draft ? -1 : token;
 }
 
-// Everything about slot i on one thread. `p` is the slot's target weights [V]; the slot verifies
-// the draft `draft` (block slot i + 1; -1 for the last slot) with `rule`, proposal `q` [V].
-JE_HOST_DEVICE inline SlotResult decide_slot_sequential(const float* p, const float* q, int64_t vocab, int64_t draft,
-                                                        DraftRule rule, SlotUniforms u) {
+// A draft outside the vocabulary has probability 0 under every rule: it is judged by the one-hot
+// rule with p(d) = 0, so it is rejected (never accepted, never emitted) and the op flags it.
+JE_HOST_DEVICE inline DraftRule vocab_rule(DraftRule rule, int64_t draft, int64_t vocab) {
+  return in_vocab(draft, vocab) ? rule : DraftRule::kOneHot;
+}
+
+// Everything about slot i on one thread. `p` is the slot's target weights [V]; when `has_draft`
+// (every slot but the last) the slot verifies the draft `draft` (block slot i + 1) with `rule`,
+// proposal `q` [V].
+JE_HOST_DEVICE inline SlotResult decide_slot_sequential(const float* p, const float* q, int64_t vocab,
+                                                        bool has_draft, int64_t draft, DraftRule rule,
+                                                        SlotUniforms u) {
   double p_totals[kSampleLanes];
   for (int lane = 0; lane < kSampleLanes; ++lane) p_totals[lane] = 0.0;
   for (int64_t v = 0; v < vocab; ++v) p_totals[v % kSampleLanes] += positive(p[v]);
   SlotResult result{true, -1, sample_with_totals(ProbWeight{p}, vocab, p_totals, u.sample)};
-  if (draft < 0) return result;
+  if (!has_draft) return result;
+  rule = vocab_rule(rule, draft, vocab);
   const double p_total = lanes_sum(p_totals);
   double q_total = 0.0, q_d = 0.0;
   if (rule == DraftRule::kRatio) {
@@ -237,13 +255,23 @@ JE_HOST_DEVICE inline SlotResult decide_slot_sequential(const float* p, const fl
     q_total = lanes_sum(q_totals);
     q_d = positive(q[draft]);
   }
-  result.accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+  result.accept = accept_draft(rule, u.accept, weight_of(p, draft, vocab), p_total, q_d, q_total);
   if (!result.accept) {
     const DraftRule residual_rule = q_d > 0.0 ? rule : DraftRule::kOneHot;
     result.corrective = corrective_sequential(residual_rule, p, q, vocab, draft, p_total, q_total, u.residual);
-    result.accept = result.corrective < 0;
+    // No weight outside the draft: it stands (exact arithmetic could not have rejected it), unless
+    // it is no token at all.
+    result.accept = result.corrective < 0 && in_vocab(draft, vocab);
   }
   return result;
+}
+
+// The draft-token bits of one row's block [n]: drafts are slots 1..n-1 (slot 0 is never read).
+JE_HOST_DEVICE inline uint32_t draft_errors(const int64_t* block, int64_t n, int64_t vocab) {
+  for (int64_t j = 1; j < n; ++j) {
+    if (!in_vocab(block[j], vocab)) return kErrorBlockTokens;
+  }
+  return 0u;
 }
 
 // The rule of each draft slot j (1 <= j < n): fixed within the chunk's verified prefix, else by kind.
@@ -332,7 +360,10 @@ struct NodeWeight {
   double p_total, q_total;
   bool ratio_residual;
   int n_excluded;
-  int64_t excluded[kMaxTreeExcluded];
+  // int32: only ids inside the vocabulary are excluded (the op checks V < 2^31), which halves what
+  // the walk keeps per thread on the GPU.
+  int32_t excluded[kMaxTreeExcluded];
+  // v must lie in [0, V): the walk asks only for tokens it checked with in_vocab.
   JE_HOST_DEVICE double operator()(int64_t v) const {
     for (int i = 0; i < n_excluded; ++i) {
       if (excluded[i] == v) return 0.0;
@@ -341,7 +372,7 @@ struct NodeWeight {
     return positive(p[v]);
   }
   JE_HOST_DEVICE void exclude(int64_t v) {
-    if (n_excluded < kMaxTreeExcluded) excluded[n_excluded++] = v;
+    if (n_excluded < kMaxTreeExcluded) excluded[n_excluded++] = static_cast<int32_t>(v);
   }
 };
 
@@ -421,6 +452,8 @@ JE_HOST_DEVICE TreeWalk walk_tree(TreeShape shape, const int64_t* block, const i
     for (int64_t m = 0; m < shape.k && chosen == -2; ++m) {
       if (((alive >> m) & 1) == 0) continue;
       const int64_t token = candidates[m * shape.g + depth];
+      // A candidate outside the vocabulary weighs nothing and is never chosen (the op flags it).
+      if (!in_vocab(token, vocab)) continue;
       const double weight = rest(token);
       const double left = sub_rn(total, weight);
       const double u = stats.uniforms(path_node(shape, m, depth + 1)).accept;
@@ -450,6 +483,8 @@ JE_HOST_DEVICE inline BlockDecision decide_block_sequential(const float* p, cons
                                                             int64_t draft, DraftRule rule, SlotUniforms u,
                                                             double p_total) {
   BlockDecision decision{true, -1, plain_node_weight(p), 0.0};
+  rule = vocab_rule(rule, draft, vocab);
+  const bool valid = in_vocab(draft, vocab);
   double q_total = 0.0, q_d = 0.0;
   if (rule == DraftRule::kRatio) {
     double q_totals[kSampleLanes];
@@ -458,11 +493,11 @@ JE_HOST_DEVICE inline BlockDecision decide_block_sequential(const float* p, cons
     q_total = lanes_sum(q_totals);
     q_d = positive(q[draft]);
   }
-  decision.accept = accept_draft(rule, u.accept, positive(p[draft]), p_total, q_d, q_total);
+  decision.accept = accept_draft(rule, u.accept, weight_of(p, draft, vocab), p_total, q_d, q_total);
   if (decision.accept) return decision;
   double totals[kSampleLanes];
   NodeWeight rest = plain_node_weight(p);
-  rest.exclude(draft);
+  if (valid) rest.exclude(draft);
   if (rule == DraftRule::kRatio && q_d > 0.0) {
     NodeWeight residual = rest;
     residual.q = q;
@@ -480,8 +515,21 @@ JE_HOST_DEVICE inline BlockDecision decide_block_sequential(const float* p, cons
   for (int lane = 0; lane < kSampleLanes; ++lane) totals[lane] = 0.0;
   for (int64_t v = 0; v < vocab; ++v) totals[v % kSampleLanes] += rest(v);
   const int64_t token = sample_with_totals(rest, vocab, totals, u.residual);
-  decision = BlockDecision{token < 0, token, rest, lanes_sum(totals)};
+  decision = BlockDecision{token < 0 && valid, token, rest, lanes_sum(totals)};
   return decision;
+}
+
+// The token bits of one tree row: the block's drafts (slots 1..n-1) and the usable branches' tokens.
+JE_HOST_DEVICE inline uint32_t tree_token_errors(TreeShape shape, const int64_t* block, const int64_t* candidates,
+                                                 const bool* usable, int64_t vocab) {
+  uint32_t errors = draft_errors(block, shape.n, vocab);
+  for (int64_t m = 0; m < shape.k; ++m) {
+    if (!usable[m]) continue;
+    for (int64_t i = 0; i < shape.g; ++i) {
+      if (!in_vocab(candidates[m * shape.g + i], vocab)) errors |= kErrorCandidates;
+    }
+  }
+  return errors;
 }
 
 // The last token of a walk that ended in a rejection: a draw from what is left (rest_total > 0), or,

@@ -9,34 +9,67 @@
 #include <cstdint>
 
 #include "host_device.h"
+#include "op_errors.h"
 
 namespace jacobi_engine {
 
-// One sequence's view of the op's tensors. Pointers are to that sequence's row.
+// One sequence's view of the op's tensors (jacobi_engine.ops.CommitTarget). Pointers are to that
+// sequence's row.
 struct VerifyRow {
   const int64_t* preds;   // [n] argmax of the block's logits: preds[j] predicts slot j + 1
   int64_t* block;         // [n] tokens fed; slot 0 known-correct. Rewritten with the next block.
   const int64_t* fill;    // [n] guesses for slots the shift frees
   int32_t* cache_seqlen;  // committed tokens in the KV cache
-  int64_t* out;           // generated tokens, element j at out[j * out_stride]
-  int64_t out_stride;
-  int32_t* n_generated;   // tokens already in `out`
+  int64_t* tokens;        // the row's tokens, column j at tokens[j * tokens_stride]
+  int64_t tokens_stride;
+  int64_t width;          // columns of tokens: no write lands at or past it
+  int32_t* length;        // one past the last known token (the column the next token goes to)
   bool* done;
   const int64_t* eos_ids;  // [n_eos]
   int64_t n_eos;
 };
 
-// Returns the accepted count a in [1, n] (0 when the sequence had already finished). The cache
-// length advances by a (by the number of emitted tokens when the sequence finishes).
-// Sliding mode commits every step; chunked mode only when the whole chunk is verified
-// (a == n) or the sequence finishes. See jacobi_engine/reference.py for the full contract.
-JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n, int64_t max_new_tokens,
-                                                bool chunked) {
+// Where a row may write: its limit clamped into [0, width], and whether 0 <= length <= that limit
+// (else the row is left as it is). `errors` holds the bits of what was out of range.
+struct CommitBounds {
+  int64_t limit;
+  bool usable;
+  uint32_t errors;
+};
+
+// Values come from device tensors the caller cannot check without a host sync; every write of the
+// commit stays below the clamped limit, so no value of `length` or `limit` leads outside `tokens`.
+JE_HOST_DEVICE inline CommitBounds commit_bounds(int64_t length, int64_t limit, int64_t width) {
+  CommitBounds bounds{limit, true, 0u};
+  if (limit < 0 || limit > width) {
+    bounds.errors |= kErrorLimits;
+    bounds.limit = limit < 0 ? 0 : width;
+  }
+  if (length < 0 || length > bounds.limit) {
+    bounds.usable = false;
+    // A length inside the buffer that only exceeds a limit which was itself out of range is the
+    // limit's fault; anything else is the length's.
+    if (length < 0 || length > width || (bounds.errors & kErrorLimits) == 0) bounds.errors |= kErrorLengths;
+  }
+  return bounds;
+}
+
+// Returns the accepted count a in [1, n] (0 when the sequence had already finished, or when its
+// length and limit leave it nothing it could write, see commit_bounds; the bits of what was out of
+// range are ORed into *errors). The cache length advances by a (by the number of emitted tokens
+// when the sequence finishes). Sliding mode commits every step; chunked mode only when the whole
+// chunk is verified (a == n) or the sequence finishes. See jacobi_engine/ops.py CommitTarget for
+// the terms and jacobi_engine/reference.py for the full contract.
+JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n, int64_t limit, bool chunked,
+                                                uint32_t* errors) {
   if (*row.done) return 0;
+  const CommitBounds bounds = commit_bounds(*row.length, limit, row.width);
+  *errors |= bounds.errors;
+  if (!bounds.usable) return 0;
   int64_t accepted = 1;
   while (accepted < n && row.block[accepted] == row.preds[accepted - 1]) ++accepted;
 
-  const int64_t remaining = max_new_tokens - static_cast<int64_t>(*row.n_generated);
+  const int64_t remaining = bounds.limit - static_cast<int64_t>(*row.length);  // >= 0: usable
   int64_t emit = accepted < remaining ? accepted : remaining;
   bool finished = emit >= remaining;
   for (int64_t j = 0; j < emit; ++j) {
@@ -51,9 +84,10 @@ JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n,
 
   const bool commit = !chunked || accepted == n || finished;
   if (commit) {
-    const int64_t base = *row.n_generated;
-    for (int64_t j = 0; j < emit; ++j) row.out[(base + j) * row.out_stride] = row.preds[j];
-    *row.n_generated = static_cast<int32_t>(base + emit);
+    const int64_t base = *row.length;
+    // base + j < base + remaining = limit <= width: every write is inside the row.
+    for (int64_t j = 0; j < emit; ++j) row.tokens[(base + j) * row.tokens_stride] = row.preds[j];
+    *row.length = static_cast<int32_t>(base + emit);
     // A finishing sequence only keeps what it emitted, so its frozen length stays inside the
     // cache however many steps the rest of the batch still takes.
     *row.cache_seqlen += static_cast<int32_t>(finished ? emit : accepted);

@@ -7,17 +7,9 @@ out.sequences, out.stats
 
 from __future__ import annotations
 
-import torch  # loads libtorch, which the extension links against
+import torch
 
-try:
-    from jacobi_engine import _C
-except ImportError as error:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "jacobi_engine._C (the compiled extension) is missing or does not match your torch. "
-        "Build it from the checkout with `pip install --no-build-isolation -e .`"
-    ) from error
-
-from jacobi_engine import ops
+from jacobi_engine import _ext, ops
 from jacobi_engine.engine import JacobiEngine, generate
 from jacobi_engine.guesses import GuessStrategy, NgramGuess, RandomPromptGuess
 from jacobi_engine.output import JacobiOutput, JacobiStats
@@ -29,7 +21,7 @@ def build_info() -> dict:
     """What this install was built with: ``torch``, ``cuda_kernels`` (CUDA code compiled in),
     ``cuda_arch`` (architectures it was compiled for), ``cpu_kernels``, ``triton`` (importable
     Triton version or None) and ``cuda_available`` (a GPU is usable right now)."""
-    info = dict(_C.build_info())
+    info = _ext.build_info()
     info["torch"] = torch.__version__
     info["torch_cuda"] = torch.version.cuda
     info["cuda_available"] = torch.cuda.is_available()

@@ -95,7 +95,7 @@ class JacobiEngine:
         if config.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
         self.verify_backend = ops.resolve_verify_backend(config.verify_backend, device, graph_safe=config.cuda_graph)
-        warning = ops.verify_backend_warning(config.verify_backend, device)
+        warning = ops.verify_backend_warning(device) if config.verify_backend == "auto" else None
         if warning is not None:
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
         self.guess_strategy: GuessStrategy = make_guess_strategy(config.init)

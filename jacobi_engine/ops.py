@@ -5,9 +5,13 @@
     (:func:`jacobi_engine.reference.jacobi_attention`); ``"auto"`` = Triton on CUDA, torch on CPU.
 
 ``verify_and_commit``  fused fixed-point check + commit (csrc/, registered with TORCH_LIBRARY as
-    ``torch.ops.jacobi_engine.verify_and_commit``).
+    ``torch.ops.jacobi_engine.verify_and_commit``). Where and how it commits is one argument, a
+    :class:`CommitTarget` (the terms verified, accepted, emitted, committed and limits are defined there);
+    the sampling ops take their draft state as a :class:`SamplingState`.
     backends: ``"native"`` (the C++ op on CPU, the CUDA op on GPU), ``"torch"``
-    (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native.
+    (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native where the op was compiled
+    for the device, else torch (:func:`resolve_verify_backend`). Every op takes an int32 [1] error
+    word (``CommitTarget.errors``): see :func:`raise_if_error`.
 
 ``sample_verify_and_commit``  exact speculative sampling over the block + the same commit (csrc/,
     ``torch.ops.jacobi_engine.sample_verify_and_commit``); backends as verify_and_commit's, the
@@ -23,16 +27,60 @@ Swapping a kernel means editing this file only; the decoding loop calls these fu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from jacobi_engine import (
-    _C,  # noqa: F401  (registers torch.ops.jacobi_engine.*)
-    reference,
-)
+from jacobi_engine import _ext, reference  # _ext loads _C, which registers torch.ops.jacobi_engine.*
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 VERIFY_BACKENDS = ("auto", "native", "torch")
+
+# The ops' compile-time constants, read from the extension (csrc/sampling_verify.h), never copied.
+MAX_SAMPLING_CANDIDATES: int = _ext.CONSTANTS["max_tree_branches"]  # k branches the sampling tree op verifies
+SAMPLE_LANES: int = _ext.CONSTANTS["sample_lanes"]  # lanes of the lane-order sampler
+PREFILL_STEP: int = _ext.CONSTANTS["prefill_step"]  # Philox step word of the first token after prefill
+
+# The ops' error word (csrc/op_errors.h): int32 [1]; each op ORs in a bit when a value only the device
+# sees breaks its contract, after clamping it (the ops never index out of bounds). CPU ops raise instead.
+ERROR_BITS: dict[str, int] = dict(_ext.CONSTANTS["error_bits"])  # argument at fault -> bit
+_ERROR_MEANINGS = {
+    "limits": "limits[b] outside [0, tokens.size(1)] (clamped into it)",
+    "lengths": "lengths[b] outside [0, limits[b]] (the row was left as it is)",
+    "block": "a draft block[b, j] (j >= 1) is not a token id of the vocabulary [0, V) (rejected)",
+    "candidates": "a usable candidates[b, m, i] is not a token id of the vocabulary [0, V) (never chosen)",
+    "src/dst": "move_cache_rows: rows outside the cache, or moving forward over themselves (not moved)",
+}
+
+
+def new_error_word(device: torch.device | str) -> torch.Tensor:
+    """A zeroed error word (int32 [1]) on ``device``, for the ops' ``errors`` arguments."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def error_messages(word: int) -> list[str]:
+    """What the bits of an error word say, one line per bit, each naming the argument at fault."""
+    lines = [f"{name}: {_ERROR_MEANINGS[name]}" for name, bit in ERROR_BITS.items() if word & bit]
+    known = sum(ERROR_BITS.values())
+    if word & ~known:
+        lines.append(f"unknown error bits {word & ~known:#x}")
+    return lines
+
+
+def check_error_word(word: int, errors: torch.Tensor | None = None) -> None:
+    """Raises ValueError naming the arguments at fault when ``word`` (an error word read on the host,
+    e.g. in the engine's existing ``torch.stack([...]).tolist()`` sync) has any bit set; ``errors``,
+    when given, is the device word it was read from, and is zeroed first so the next call starts clean."""
+    if word:
+        if errors is not None:
+            errors.zero_()
+        raise ValueError("a verify op received out-of-range values: " + "; ".join(error_messages(word)))
+
+
+def raise_if_error(errors: torch.Tensor, reset: bool = True) -> None:
+    """Reads the error word ``errors`` (int32 [1]; one host sync) and raises ValueError naming the
+    arguments at fault if any bit is set (:func:`check_error_word`), zeroing it first when ``reset``."""
+    check_error_word(int(errors.reshape(-1)[0]), errors if reset else None)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -40,32 +88,60 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-# The tree sampling verifier's branch limit (csrc/sampling_verify.h kMaxTreeBranches).
-MAX_SAMPLING_CANDIDATES = 32
-
-
-def _native_ops_on(device: torch.device) -> bool:
-    if device.type == "cpu":
+def compiled_for(device: torch.device | str) -> bool:
+    """Whether the extension has compiled verify ops for ``device``'s type: always on CPU, on CUDA only
+    when it was built with nvcc (``jacobi_engine.build_info()['cuda_kernels']``)."""
+    device_type = torch.device(device).type
+    if device_type == "cpu":
         return True
-    return device.type == "cuda" and bool(_C.build_info().get("cuda_kernels"))
+    return device_type == "cuda" and bool(_ext.build_info()["cuda_kernels"])
 
 
-def resolve_verify_backend(backend: str, device: torch.device, graph_safe: bool = False) -> str:
-    """``"native"`` or ``"torch"``: ``"auto"`` is the compiled op where it exists for ``device``."""
+def resolve_verify_backend(backend: str, device: torch.device | str, graph_safe: bool = False) -> str:
+    """The verify ops' implementation on ``device``: ``"native"`` or ``"torch"``.
+
+    ``"auto"`` is ``"native"`` where the compiled ops exist for the device type (:func:`compiled_for`),
+    else ``"torch"`` (the plain-PyTorch references: the same tokens, slower; warn with
+    :func:`verify_backend_warning`). ``"native"`` where nothing was compiled raises ValueError naming
+    the setting (the dispatcher would raise NotImplementedError at the first verify). ``"torch"`` stays.
+    ``graph_safe``: the caller captures or compiles the step. Every torch path is graph-safe (the tree
+    sampling verify included: :func:`jacobi_engine.sampling.sample_tree_verify_and_commit` has no host
+    reads), so it does not change the answer; it is part of the contract for callers that need it.
+    """
     _check_choice("verify_backend", backend, VERIFY_BACKENDS)
-    if backend != "auto":
-        return backend
-    return "native" if _native_ops_on(torch.device(device)) else "torch"
-
-
-def verify_backend_warning(backend: str, device: torch.device) -> str | None:
-    """Why ``"auto"`` falls back to the PyTorch reference on ``device``, or None."""
-    if backend == "auto" and not _native_ops_on(torch.device(device)):
-        return (
-            f"jacobi_engine was built without CUDA kernels, so the verify ops run their PyTorch reference on "
-            f"{device} (slower); rebuild with nvcc available to get them"
+    del graph_safe  # every resolution below is graph-safe
+    if backend == "torch":
+        return "torch"
+    if compiled_for(device):
+        return "native"
+    if backend == "native":
+        raise ValueError(
+            f"verify_backend='native' but this jacobi_engine build has no compiled ops for {torch.device(device)} "
+            "(build_info()['cuda_kernels'] is False): rebuild with nvcc (JACOBI_ENGINE_CUDA=1) or use "
+            "verify_backend='auto' or 'torch'"
         )
-    return None
+    return "torch"
+
+
+def verify_backend_warning(device: torch.device | str) -> str | None:
+    """The warning to give once when ``verify_backend="auto"`` falls back to the torch references on
+    ``device`` (None when the compiled ops exist there)."""
+    if compiled_for(device):
+        return None
+    return (
+        f"jacobi_engine was built without compiled ops for {torch.device(device).type} "
+        "(build_info()['cuda_kernels'] is False): verify_backend='auto' runs the plain-PyTorch verify "
+        "references there (the same tokens, slower). Rebuild with nvcc and JACOBI_ENGINE_CUDA=1 for the fused kernels."
+    )
+
+
+def _verify_backend(backend: str, device: torch.device) -> str:
+    """The op wrappers' choice: "auto" resolved where compiled ops are missing (eagerly; a compiled or
+    traced step keeps "auto" = native, as resolved by its caller at construction)."""
+    _check_choice("backend", backend, VERIFY_BACKENDS)
+    if backend == "auto" and not torch.compiler.is_compiling():
+        return resolve_verify_backend(backend, device)
+    return backend
 
 
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
@@ -218,189 +294,224 @@ def jacobi_attention(
     )
 
 
+@dataclass(frozen=True)
+class CommitTarget:
+    """Where the verify ops commit verified tokens, and the per-row state they advance (B sequences).
+
+    Fields, in the order of the ops' schemas:
+
+    ``tokens`` int64 [B, W] (any strides): each row's tokens; committed tokens are written at columns
+        ``lengths[b], lengths[b] + 1, ...`` (in the engine: the prompt, then the generated tokens).
+    ``lengths`` int32 [B]: one past each row's last known token, the column the next committed token
+        goes to. Advanced in place.
+    ``done`` bool [B]: finished rows, set in place. A finished row is neither read nor written again
+        (its ``n_accepted`` is 0).
+    ``eos_ids`` int64 [E]: end-of-sequence ids; ids < 0 never match (padding).
+    ``limits`` int32 [B]: each row's column limit, ``0 <= lengths[b] <= limits[b] <= W`` (in the
+        engine: prompt width + max_new_tokens). A Python int is broadcast to every row.
+    ``cache_seqlens`` int32 [B]: committed rows of each sequence's KV cache. Advanced in place.
+    ``chunked``: the commit mode (below).
+    ``errors`` int32 [1]: the ops' error word (:data:`ERROR_BITS`; a fresh zeroed word when not given).
+        The CUDA ops cannot check device values without a host sync: they clamp them and set bits here,
+        which :func:`raise_if_error` (or :func:`check_error_word`, at an existing sync) turns into a
+        ValueError naming the argument. The CPU ops raise directly.
+
+    Terms, for one row of a step that fed the block ``[t0, d_1, ..., d_{n-1}]`` (``t0`` known):
+
+    * the step's *predictions* ``p[0..n-1]``: ``p[j]`` is the op's token for the position after slot ``j``
+      (greedy: the argmax; sampling: an accepted draft, a replacement, a bonus or a fresh sample);
+    * the *accepted* count ``a`` (``n_accepted``, 1 <= a <= n): 1 + the length of the longest prefix of
+      drafts the op accepts (greedy: ``d_{j+1} == p[j]``);
+    * the *verified* tokens ``p[:a]``: exact, whatever the drafts were;
+    * the *emitted* tokens: the verified ones, cut after the first EOS and at the row's limit
+      (``lengths[b] + emitted <= limits[b]``); the row *finishes* when it emits an EOS or reaches its limit;
+    * the step *commits* when it writes the emitted tokens to ``tokens``, advances ``lengths`` by their
+      count and ``cache_seqlens`` by ``a`` (by the emitted count when the row finishes) and shifts the
+      block: always in sliding mode; in chunked mode (``chunked=True``) only once the whole chunk is
+      verified (``a == n``) or the row finishes; otherwise the chunk takes the Jacobi update in place.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    done: torch.Tensor
+    eos_ids: torch.Tensor
+    limits: torch.Tensor
+    cache_seqlens: torch.Tensor
+    chunked: bool
+    errors: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.errors is None and isinstance(self.tokens, torch.Tensor):
+            object.__setattr__(self, "errors", new_error_word(self.tokens.device))
+        if isinstance(self.limits, torch.Tensor) or not isinstance(self.tokens, torch.Tensor):
+            return  # tensors are checked by the ops themselves
+        limit = self.limits
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limits must be an int or an int32 tensor, got {type(limit).__name__}")
+        if limit < 0:
+            raise ValueError(f"limits must be >= 0, got {limit}")
+        if self.tokens.dim() == 2 and self.tokens.shape[1] < limit:
+            raise ValueError(f"tokens has {self.tokens.shape[1]} columns, fewer than limits={limit}")
+        rows = self.tokens.shape[0] if self.tokens.dim() > 0 else 0
+        object.__setattr__(self, "limits", torch.full((rows,), limit, dtype=torch.int32, device=self.tokens.device))
+
+    def op_args(self) -> tuple:
+        """The fields in the ops' schema order."""
+        return (
+            self.tokens,
+            self.lengths,
+            self.done,
+            self.eos_ids,
+            self.limits,
+            self.cache_seqlens,
+            self.chunked,
+            self.errors,
+        )
+
+    def rows(self, index) -> CommitTarget:
+        """The target restricted to the rows ``index`` (a slice: views that write through)."""
+        return CommitTarget(
+            self.tokens[index],
+            self.lengths[index],
+            self.done[index],
+            self.eos_ids,
+            self.limits[index],
+            self.cache_seqlens[index],
+            self.chunked,
+            self.errors,
+        )
+
+
+@dataclass(frozen=True)
+class SamplingState:
+    """What the sampling verify ops read and keep about the block's drafts (B sequences, n slots, V tokens).
+
+    ``proposal`` float32 [B, n, V]: ``proposal[b, j]`` is the distribution block slot ``j``'s draft was
+    drawn from, where ``draft_sampled[b, j]`` (bool [B, n]); other drafts are deterministic. Both are
+    rewritten in place for the next block. ``n_fixed`` int32 [B]: block slots ``1..n_fixed`` already
+    hold verified tokens (chunked mode). ``seed`` int64 [1], ``sequence_ids`` int64 [B], ``step`` int64
+    [1]: the Philox counter (see :mod:`jacobi_engine.sampling`).
+    """
+
+    proposal: torch.Tensor
+    draft_sampled: torch.Tensor
+    n_fixed: torch.Tensor
+    seed: torch.Tensor
+    sequence_ids: torch.Tensor
+    step: torch.Tensor
+
+    def op_args(self) -> tuple:
+        """The fields in the ops' schema order."""
+        return (self.proposal, self.draft_sampled, self.n_fixed, self.seed, self.sequence_ids, self.step)
+
+
 def verify_and_commit(
-    scores: torch.Tensor,
-    block: torch.Tensor,
-    fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor | int,
-    chunked: bool,
-    backend: str = "auto",
+    scores: torch.Tensor, block: torch.Tensor, fill: torch.Tensor, target: CommitTarget, backend: str = "auto"
 ) -> torch.Tensor:
     """Fused Jacobi fixed-point check + commit; see :func:`jacobi_engine.reference.verify_and_commit`.
 
-    ``max_new_tokens`` is int32 [B] (one limit per sequence, on the device so a captured CUDA graph
-    serves any request); a Python int is broadcast to every sequence for convenience.
+    ``scores``: logits [B, n, V] (float32, float16, bfloat16 or float64) or their argmax int64 [B, n];
+    ``block`` int64 [B, n], ``fill`` int64 [B, n]; ``target`` says where and how to commit.
     One launch, no host synchronisation. Returns ``n_accepted`` int32 [B] (0 for finished rows).
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    if not isinstance(max_new_tokens, torch.Tensor):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-            raise TypeError(f"max_new_tokens must be an int or an int32 tensor, got {type(max_new_tokens).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if isinstance(out_tokens, torch.Tensor) and out_tokens.dim() == 2 and out_tokens.shape[1] < max_new_tokens:
-            raise ValueError(
-                f"out_tokens has {out_tokens.shape[1]} columns, fewer than max_new_tokens={max_new_tokens}"
-            )
-        max_new_tokens = torch.full((block.shape[0],), max_new_tokens, dtype=torch.int32, device=block.device)
-    if backend == "torch":
-        return reference.verify_and_commit(
-            scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
-        )
-    return torch.ops.jacobi_engine.verify_and_commit(
-        scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
-    )
+    if _verify_backend(backend, block.device) == "torch":
+        return reference.verify_and_commit(scores, block, fill, target)
+    return torch.ops.jacobi_engine.verify_and_commit(scores, block, fill, *target.op_args())
 
 
 @torch.library.register_fake("jacobi_engine::verify_and_commit")
-def _verify_and_commit_fake(
-    scores, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids, max_new_tokens, chunked
-):
+def _verify_and_commit_fake(scores, block, *_):
     return block.new_empty((block.shape[0],), dtype=torch.int32)
 
 
 def move_cache_rows(
-    buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int, backend: str = "auto"
+    buffers: list[torch.Tensor],
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    rows: int,
+    errors: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> None:
     """KV commit of a winning candidate branch; see :func:`jacobi_engine.reference.move_cache_rows`.
 
     backends: ``"native"`` (``torch.ops.jacobi_engine.move_cache_rows``: C++ on CPU, one CUDA launch
     per 64 buffers on GPU, the per-sequence logic shared in csrc/kv_commit.h), ``"torch"`` (the
-    reference); ``"auto"`` = native. No host synchronisation on GPU (CUDA-graph safe).
+    reference); ``"auto"`` = native. No host synchronisation on GPU (CUDA-graph safe) when ``errors``
+    (the caller's int32 [1] error word, see :class:`CommitTarget`) is given; without it the call
+    checks a fresh word itself (one host sync) and raises ValueError for rows outside the cache.
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    if backend == "torch":
-        reference.move_cache_rows(buffers, src, dst, rows)
-        return
-    torch.ops.jacobi_engine.move_cache_rows(buffers, src, dst, rows)
+    word = errors if errors is not None else new_error_word(src.device)
+    if _verify_backend(backend, src.device) == "torch":
+        reference.move_cache_rows(buffers, src, dst, rows, word)
+    else:
+        torch.ops.jacobi_engine.move_cache_rows(buffers, src, dst, rows, word)
+    if errors is None:
+        raise_if_error(word)
 
 
 @torch.library.register_fake("jacobi_engine::move_cache_rows")
-def _move_cache_rows_fake(buffers, src, dst, rows):
+def _move_cache_rows_fake(buffers, src, dst, rows, errors):
     return None
 
 
 def sample_verify_and_commit(
     probs: torch.Tensor,
-    proposal: torch.Tensor,
-    draft_sampled: torch.Tensor,
     block: torch.Tensor,
     fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor,
-    n_fixed: torch.Tensor,
-    seed: torch.Tensor,
-    sequence_ids: torch.Tensor,
-    step: torch.Tensor,
-    chunked: bool,
+    sampling: SamplingState,
+    target: CommitTarget,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Exact sampling verify + commit; see :func:`jacobi_engine.sampling.sample_verify_and_commit`.
 
-    ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or ``"torch"`` (the reference).
-    One launch pair on CUDA, no host synchronisation. Returns ``n_accepted`` int32 [B].
+    ``probs`` float32 [B, n, V]; ``block``/``fill`` int64 [B, n]; the drafts' state in ``sampling``,
+    the commit in ``target``. ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or
+    ``"torch"`` (the reference). One launch pair on CUDA, no host synchronisation. Returns
+    ``n_accepted`` int32 [B].
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    args = (probs, proposal, draft_sampled, block, fill, cache_seqlens, out_tokens, n_generated, done, eos_ids)
-    rest = (max_new_tokens, n_fixed, seed, sequence_ids, step, chunked)
-    if backend == "torch":
-        from jacobi_engine import sampling
+    if _verify_backend(backend, block.device) == "torch":
+        from jacobi_engine import sampling as sampling_reference
 
-        return sampling.sample_verify_and_commit(*args, *rest)
-    return torch.ops.jacobi_engine.sample_verify_and_commit(*args, *rest)
+        return sampling_reference.sample_verify_and_commit(probs, block, fill, sampling, target)
+    return torch.ops.jacobi_engine.sample_verify_and_commit(probs, block, fill, *sampling.op_args(), *target.op_args())
 
 
 @torch.library.register_fake("jacobi_engine::sample_verify_and_commit")
-def _sample_verify_and_commit_fake(
-    probs,
-    proposal,
-    draft_sampled,
-    block,
-    fill,
-    cache_seqlens,
-    out_tokens,
-    n_generated,
-    done,
-    eos_ids,
-    max_new_tokens,
-    n_fixed,
-    seed,
-    sequence_ids,
-    step,
-    chunked,
-):
+def _sample_verify_and_commit_fake(probs, block, *_):
     return block.new_empty((block.shape[0],), dtype=torch.int32)
 
 
 def sample_tree_verify_and_commit(
     probs: torch.Tensor,
-    proposal: torch.Tensor,
-    draft_sampled: torch.Tensor,
     block: torch.Tensor,
     candidates: torch.Tensor,
     usable: torch.Tensor,
     row: torch.Tensor,
     fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor,
-    n_fixed: torch.Tensor,
-    seed: torch.Tensor,
-    sequence_ids: torch.Tensor,
-    step: torch.Tensor,
-    chunked: bool,
+    sampling: SamplingState,
+    target: CommitTarget,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact sampling over the token tree [block | candidate branches] + the commit of the winning path;
     see :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
 
-    ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or ``"torch"`` (the reference, a
-    per-row loop that reads values on the host: for tests). Returns (``n_accepted`` int32 [B],
-    ``winner`` int64 [B], -1 where the block won).
+    ``probs`` float32 [B, n + k * g, V], ``block`` int64 [B, n], ``candidates`` int64 [B, k, g], ``usable``
+    bool [B, k], ``row``/``fill`` int64 [B, max(n, g + 1)]. ``backend``: ``"native"`` (C++ on CPU, CUDA on
+    GPU; ``"auto"``) or ``"torch"`` (the vectorized reference: graph-safe, bit for bit the op's).
+    Returns (``n_accepted`` int32 [B], ``winner`` int64 [B], -1 where the block won).
     """
-    _check_choice("backend", backend, VERIFY_BACKENDS)
-    args = (probs, proposal, draft_sampled, block, candidates, usable, row, fill, cache_seqlens, out_tokens)
-    rest = (n_generated, done, eos_ids, max_new_tokens, n_fixed, seed, sequence_ids, step, chunked)
-    if backend == "torch":
-        from jacobi_engine import sampling
+    if _verify_backend(backend, block.device) == "torch":
+        from jacobi_engine import sampling as sampling_reference
 
-        return sampling.sample_tree_verify_and_commit(*args, *rest)
-    return torch.ops.jacobi_engine.sample_tree_verify_and_commit(*args, *rest)
+        return sampling_reference.sample_tree_verify_and_commit(
+            probs, block, candidates, usable, row, fill, sampling, target
+        )
+    return torch.ops.jacobi_engine.sample_tree_verify_and_commit(
+        probs, block, candidates, usable, row, fill, *sampling.op_args(), *target.op_args()
+    )
 
 
 @torch.library.register_fake("jacobi_engine::sample_tree_verify_and_commit")
-def _sample_tree_verify_and_commit_fake(
-    probs,
-    proposal,
-    draft_sampled,
-    block,
-    candidates,
-    usable,
-    row,
-    fill,
-    cache_seqlens,
-    out_tokens,
-    n_generated,
-    done,
-    eos_ids,
-    max_new_tokens,
-    n_fixed,
-    seed,
-    sequence_ids,
-    step,
-    chunked,
-):
+def _sample_tree_verify_and_commit_fake(probs, block, *_):
     batch = block.shape[0]
     return block.new_empty((batch,), dtype=torch.int32), block.new_empty((batch,), dtype=torch.long)

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from jacobi_engine._ext import CONSTANTS
+
+if TYPE_CHECKING:
+    from jacobi_engine.ops import CommitTarget
 
 
 @dataclass
@@ -205,42 +211,57 @@ def _bounded_sdpa_fake(query, keys, values, visible, cache_seqlens, softmax_scal
     return query.new_empty((*query.shape[:3], values.shape[3]))
 
 
+_ERROR_BITS = CONSTANTS["error_bits"]  # csrc/op_errors.h
+
+
+def raise_error_bits(errors: torch.Tensor, bits: dict[str, torch.Tensor]) -> None:
+    """ORs into the error word ``errors`` (int32 [1]) the bit of each argument whose bool tensor has a
+    True anywhere, on the device (no host sync: the references flag what the CUDA kernels flag)."""
+    word = sum(flags.any().to(torch.int32) * _ERROR_BITS[name] for name, flags in bits.items())
+    errors.bitwise_or_(word)
+
+
+def commit_bounds(target: CommitTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    """csrc/verify_commit.h ``commit_bounds`` for every row: (each row's limit clamped into [0, W],
+    int64 [B]; whether ``0 <= lengths <= that limit``, bool [B]). The bits of the unfinished rows'
+    out-of-range values go into ``target.errors``; a row that is not usable is left as it is."""
+    width = target.tokens.shape[1]
+    limits, lengths = target.limits.to(torch.long), target.lengths.to(torch.long)
+    bad_limit = (limits < 0) | (limits > width)
+    limit = limits.clamp(0, width)
+    usable = (lengths >= 0) & (lengths <= limit)
+    bad_length = ~usable & ((lengths < 0) | (lengths > width) | ~bad_limit)
+    active = ~target.done
+    raise_error_bits(target.errors, {"limits": active & bad_limit, "lengths": active & bad_length})
+    return limit, usable
+
+
 def verify_and_commit(
-    scores: torch.Tensor,
-    block: torch.Tensor,
-    fill: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    out_tokens: torch.Tensor,
-    n_generated: torch.Tensor,
-    done: torch.Tensor,
-    eos_ids: torch.Tensor,
-    max_new_tokens: torch.Tensor,
-    chunked: bool,
+    scores: torch.Tensor, block: torch.Tensor, fill: torch.Tensor, target: CommitTarget
 ) -> torch.Tensor:
     """One Jacobi fixed-point check and commit, for every sequence of the batch.
 
     ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
     ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
-    rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees.
-    ``cache_seqlens`` int32 [B], ``out_tokens`` int64 [B, >= max(max_new_tokens)] (any row stride),
-    ``n_generated`` int32 [B] and ``done`` bool [B] are updated in place. ``eos_ids`` int64 [E]
-    (ids < 0 never match: padding), ``max_new_tokens`` int32 [B] is each sequence's own limit.
+    rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees. ``target``
+    (:class:`jacobi_engine.ops.CommitTarget`) is where the verified tokens go, with the terms used here.
 
-    Per active sequence, with ``p = argmax(scores)``: the accepted count ``a`` is 1 plus the length
-    of the longest prefix with ``block[j+1] == p[j]``. The verified tokens are ``p[:a]``. They are
-    appended to ``out_tokens`` (cut after the first EOS and at ``max_new_tokens``), and the cache
-    length advances by ``a`` (by the emitted count when the sequence finishes), when the step commits: always in sliding mode; in chunked mode
-    only once the whole chunk is verified (``a == n``) or the sequence finishes. A committed
-    block becomes ``[p[a-1], ..., p[n-1], fill[b, n-a+1:]]``; an uncommitted chunk becomes
+    Per active sequence the predictions are ``p = argmax(scores)`` and the accepted count ``a`` is 1
+    plus the length of the longest prefix with ``block[j+1] == p[j]``. A committed block becomes
+    ``[p[a-1], ..., p[n-1], fill[b, n-a+1:]]``; an uncommitted chunk becomes
     ``[block[0], p[0], ..., p[n-2]]`` (the Jacobi update in place).
 
+    Out-of-range ``lengths``/``limits`` are clamped and flagged as the CUDA op does (:func:`commit_bounds`).
     Returns ``n_accepted`` int32 [B]: ``a`` for sequences active at this step, 0 for finished ones.
     """
+    tokens, lengths, done, eos_ids = target.tokens, target.lengths, target.done, target.eos_ids
+    cache_seqlens, chunked = target.cache_seqlens, target.chunked
+    limit, usable = commit_bounds(target)
     batch, n = block.shape
     preds = scores.argmax(dim=-1) if scores.is_floating_point() else scores.to(torch.long)
     matches = (block[:, 1:] == preds[:, :-1]).to(torch.int32)
     n_accepted = 1 + matches.cumprod(dim=1).sum(dim=1)  # [B] int
-    active = ~done
+    active = ~done & usable
 
     slots = torch.arange(n, device=block.device)
     verified = slots[None, :] < n_accepted[:, None]
@@ -251,20 +272,20 @@ def verify_and_commit(
     else:
         has_eos = torch.zeros_like(done)
         first_eos = torch.full_like(n_accepted, n)
-    remaining = max_new_tokens.to(torch.long) - n_generated.to(torch.long)
+    remaining = limit - lengths.to(torch.long)
     n_emit = torch.minimum(torch.minimum(n_accepted, first_eos + 1), remaining)
     finished = has_eos | (n_emit >= remaining)
     commit = active & (finished | (n_accepted == n) | (not chunked))
 
-    # Scatter the verified tokens to columns n_generated + j, and the slots not emitted to n spare
+    # Scatter the verified tokens to columns lengths + j, and the slots not emitted to n spare
     # columns past the buffer, so every index is distinct and no shape depends on data
     # (CUDA-graph safe) whatever the buffer's width.
     emit_rows = commit[:, None] & (slots[None, :] < n_emit[:, None])
-    width = out_tokens.shape[1]
-    columns = torch.where(emit_rows, n_generated.to(torch.long)[:, None] + slots[None, :], width + slots[None, :])
-    extended = torch.cat([out_tokens, out_tokens.new_zeros((batch, n))], dim=1)
+    width = tokens.shape[1]
+    columns = torch.where(emit_rows, lengths.to(torch.long)[:, None] + slots[None, :], width + slots[None, :])
+    extended = torch.cat([tokens, tokens.new_zeros((batch, n))], dim=1)
     extended.scatter_(1, columns, preds)
-    out_tokens.copy_(extended[:, :width])
+    tokens.copy_(extended[:, :width])
 
     shift_src = n_accepted[:, None] - 1 + slots[None, :]
     shifted = torch.where(shift_src < n, preds.gather(1, shift_src.clamp(max=n - 1)), fill)
@@ -272,23 +293,35 @@ def verify_and_commit(
     next_block = torch.where(commit[:, None], shifted, jacobi_update)
     block.copy_(torch.where(active[:, None], next_block, block))
 
-    n_generated.add_(torch.where(commit, n_emit, 0).to(n_generated.dtype))
+    lengths.add_(torch.where(commit, n_emit, 0).to(lengths.dtype))
     advance = torch.where(finished, n_emit, n_accepted)
     cache_seqlens.add_(torch.where(commit, advance, 0).to(cache_seqlens.dtype))
     done.logical_or_(commit & finished)
     return torch.where(active, n_accepted, 0).to(torch.int32)
 
 
-def move_cache_rows(buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int) -> None:
+def move_cache_rows(
+    buffers: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, rows: int, errors: torch.Tensor
+) -> None:
     """KV commit of a winning candidate branch: copies cache rows ``src[b] .. src[b]+rows-1`` to
     ``dst[b] .. dst[b]+rows-1`` in every buffer ``[B, S, H, D]`` of ``buffers``.
 
-    ``src``/``dst`` int64 [B]. A sequence with ``src[b] == dst[b]`` is left as it is. Ranges may
-    overlap (the rows are read before any is written). The caller keeps every row inside ``S``.
+    ``src``/``dst`` int64 [B]. A sequence with ``src[b] == dst[b]`` is left as it is. The rows must lie
+    inside ``S`` and, where they overlap, move back (csrc/kv_commit.h ``rows_in_cache``); a sequence
+    whose rows do not is left as it is and flagged in ``errors`` (int32 [1]), as the CUDA op does.
     """
-    if not buffers or rows == 0:
+    if not buffers:
         return
-    batch, capacity = buffers[0].shape[:2]
+    batch = buffers[0].shape[0]
+    capacity = min(buffer.shape[1] for buffer in buffers)
+    last_start = capacity - rows
+    fits = (src >= 0) & (dst >= 0) & (src <= last_start) & (dst <= last_start)
+    valid = fits & ((dst <= src) | (dst >= src + rows)) & (rows <= capacity)
+    raise_error_bits(errors, {"src/dst": ~valid})
+    if rows == 0 or rows > capacity:
+        return
+    src, dst = torch.where(valid, src, 0), torch.where(valid, dst, 0)  # a refused row moves onto itself
+    capacity = buffers[0].shape[1]
     offsets = torch.arange(rows, device=src.device)
     base = torch.arange(batch, device=src.device)[:, None] * capacity
     from_rows = (base + src[:, None] + offsets).reshape(-1)

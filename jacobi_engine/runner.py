@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from jacobi_engine import ops
 from jacobi_engine.adaptive import Shape, ShapePolicy, measure
 from jacobi_engine.compile import (
     abandon_compiled,
@@ -295,17 +296,24 @@ class Runner:
 
     # -- the loop ----------------------------------------------------------------------------------
     def sync(self, entry: Entry) -> tuple[int, int, int]:
-        """(every row done, the longest cache row, the longest token row) in one host transfer; an
-        adaptive entry also reads the histogram in it and chooses the next steps' shape."""
+        """(every row done, the longest cache row, the longest token row) in one host transfer, with the
+        ops' error word (a bad value some op clamped raises here, naming it); an adaptive entry also reads
+        the histogram in it and chooses the next steps' shape."""
         state = entry.state
-        values = [state.done.all().to(torch.long), state.cache.cache_seqlens.max().long(), state.lengths.max().long()]
-        if entry.policy is None:
-            finished, longest, known = torch.stack(values).tolist()
-            return finished, longest, known
-        read = torch.cat([torch.stack(values), state.histogram]).tolist()
-        finished, longest, known = read[:3]
-        if not finished:
-            self._choose(entry, read[3:])
+        values = [
+            state.done.all().to(torch.long),
+            state.cache.cache_seqlens.max().long(),
+            state.lengths.max().long(),
+            state.errors[0].long(),
+        ]
+        stacked = torch.stack(values)
+        if entry.policy is not None:
+            stacked = torch.cat([stacked, state.histogram])
+        read = stacked.tolist()
+        finished, longest, known, errors = read[:4]
+        ops.check_error_word(errors, state.errors)
+        if entry.policy is not None and not finished:
+            self._choose(entry, read[4:])
         return finished, longest, known
 
     def run_until_done(self, entry: Entry, max_steps: int, stream: Stream) -> None:

@@ -145,7 +145,36 @@ class StepState:
     draft_sampled: torch.Tensor = _buffer(lambda k: (k.batch, k.block_size), torch.bool, when=_sampling, mutable=True, per_width=True)
     seed: torch.Tensor = _buffer(lambda k: (1,), when=_sampling)
     sequence_ids: torch.Tensor = _buffer(lambda k: (k.batch,), when=_sampling, init=lambda k: torch.arange(k.batch))
+    # The ops' error word (ops.CommitTarget): bits set on the device by a bad value, checked at host syncs.
+    errors: torch.Tensor = _buffer(lambda k: (1,), torch.int32, mutable=True, reset=True)
     # fmt: on
+
+    def commit(self, chunked: bool):
+        """The verify ops' :class:`~jacobi_engine.ops.CommitTarget` over this state's tensors, built once
+        per commit mode."""
+        from jacobi_engine import ops
+
+        targets = self.__dict__.setdefault("_commit_targets", {})
+        if chunked not in targets:
+            targets[chunked] = ops.CommitTarget(
+                self.tokens,
+                self.lengths,
+                self.done,
+                self.eos_ids,
+                self.limits,
+                self.cache.cache_seqlens,
+                chunked,
+                self.errors,
+            )
+        return targets[chunked]
+
+    def sampling_state(self):
+        """The sampling ops' draft state of this state (:class:`~jacobi_engine.ops.SamplingState`)."""
+        from jacobi_engine import ops
+
+        return ops.SamplingState(
+            self.proposal, self.draft_sampled, self.verified_in_chunk, self.seed, self.sequence_ids, self.step
+        )
 
     def _buffers(self):
         for spec_field in fields(self):

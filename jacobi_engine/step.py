@@ -113,17 +113,7 @@ def decode_step(model_forward, config: StepConfig, state: StepState, bounds: Ste
 def _verify_greedy(config: StepConfig, state: StepState, scores, block, fill, backend=None) -> torch.Tensor:
     """``ops.verify_and_commit`` of ``block`` (the row verified: the block, or a winning branch) on the state."""
     return ops.verify_and_commit(
-        scores,
-        block,
-        fill,
-        state.cache.cache_seqlens,
-        state.tokens,
-        state.lengths,
-        state.done,
-        state.eos_ids,
-        state.limits,
-        config.chunked,
-        backend=backend or config.verify_backend,
+        scores, block, fill, state.commit(config.chunked), backend=backend or config.verify_backend
     )
 
 
@@ -134,21 +124,10 @@ def _sample_verify(config: StepConfig, state: StepState, scores: torch.Tensor) -
         state.draft_sampled.zero_()
     return ops.sample_verify_and_commit(
         probs,
-        state.proposal,
-        state.draft_sampled,
         state.block,
         _fill(state),
-        state.cache.cache_seqlens,
-        state.tokens,
-        state.lengths,
-        state.done,
-        state.eos_ids,
-        state.limits,
-        state.verified_in_chunk,
-        state.seed,
-        state.sequence_ids,
-        state.step,
-        config.chunked,
+        state.sampling_state(),
+        state.commit(config.chunked),
         backend=config.verify_backend,
     )
 
@@ -270,24 +249,13 @@ def _pool_step(model_forward, config: StepConfig, state: StepState, bounds: Step
             state.draft_sampled.zero_()
         n_accepted, winner = ops.sample_tree_verify_and_commit(
             probs,
-            state.proposal,
-            state.draft_sampled,
             block,
             candidates.contiguous(),
             usable.contiguous(),
             state.verified_row,
             fill,
-            cache.cache_seqlens,
-            state.tokens,
-            state.lengths,
-            state.done,
-            state.eos_ids,
-            state.limits,
-            state.verified_in_chunk,
-            state.seed,
-            state.sequence_ids,
-            state.step,
-            config.chunked,
+            state.sampling_state(),
+            state.commit(config.chunked),
             backend=config.verify_backend,
         )
         use_branch = (winner >= 0) & active
@@ -298,7 +266,7 @@ def _pool_step(model_forward, config: StepConfig, state: StepState, bounds: Step
     # The winning branch's K/V sit after the block; the committed path needs them right after t0.
     branch_start = starts + n + best.to(torch.long) * g
     source = torch.where(use_branch, branch_start, starts + 1)
-    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, backend=config.verify_backend)
+    ops.move_cache_rows(cache.key_value_buffers(), source, starts + 1, g, state.errors, backend=config.verify_backend)
     committed = state.lengths > state.lengths_before
     rewritten = _refine(state, committed & ~state.done, bounds)
     if config.sampling is not None:

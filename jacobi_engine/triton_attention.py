@@ -44,6 +44,10 @@ _MAX_SPLITS = 64
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
+# CUDA's limits on the y and z grid dimensions; the (sequence, kv head) pairs fold into z past y's.
+MAX_GRID_Y = 65535
+MAX_GRID_Z = 65535
+
 # fp32 inputs: plain TF32 (~1e-3) would miss the reference by far more than fp32 rounding, and
 # "ieee" lowers to FMA loops that spill heavily at head_dim >= 64 (ptxas, sm_90). Three TF32
 # tensor-core products (big*big + big*small + small*big) are accurate to ~1e-6.
@@ -64,9 +68,19 @@ def _tile_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(rows, stride_row, cols, stride_col):
+    """int64 [rows, cols] element offsets ``rows * stride_row + cols * stride_col``.
+
+    In int64 because the products pass 2**31 in real caches: a cache row of 32 kv heads x 128 is 4096
+    elements, so row 524288 is already 2**31 (87k rows with expanded MLA heads), and a long prefill's
+    query rows go as far. The strides arrive as int32 when they fit, the indices always do."""
+    return rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, stride_d, offs_d, mask, DTYPE: tl.constexpr):
     """A [rows, head_dim] tile of a K or V tensor, masked rows read as 0, cast to the compute dtype."""
-    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(DTYPE)
+    return tl.load(base + _tile_offsets(rows, stride_row, offs_d, stride_d), mask=mask, other=0.0).to(DTYPE)
 
 
 @triton.jit
@@ -179,6 +193,7 @@ def _jacobi_attention_kernel(
     stride_od,
     n,
     n_kv_heads,
+    n_pairs,
     capacity,
     part_rows,
     sm_scale,
@@ -206,9 +221,14 @@ def _jacobi_attention_kernel(
     # Last query tiles first: under the causal mask they are the longest, so they should not
     # be the stragglers of the launch.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    b = tl.program_id(1) // n_kv_heads
-    kv_head = tl.program_id(1) % n_kv_heads
-    split = tl.program_id(2)
+    # Grid (q tiles, pairs, splits * folds): the (sequence, kv head) pairs past the y limit fold into z
+    # (_grid). Programs past the last pair (the last fold's tail) compute a clamped pair and store nothing.
+    pair = tl.program_id(1) + (tl.program_id(2) // NUM_SPLITS) * tl.num_programs(1)
+    pair_ok = pair < n_pairs
+    pair = tl.minimum(pair, n_pairs - 1)
+    b = pair // n_kv_heads
+    kv_head = pair % n_kv_heads
+    split = tl.program_id(2) % NUM_SPLITS
     # int64 bases: batch offsets of a large cache overflow int32.
     b64 = b.to(tl.int64)
     kv_head64 = kv_head.to(tl.int64)
@@ -231,23 +251,23 @@ def _jacobi_attention_kernel(
         # The append: this program is the only writer of these (row, kv head) cache entries,
         # and no program of this launch reads cache rows >= prefix_len.
         new_rows = q_start + offs_m
-        write_ok = (offs_m < QUERIES_PER_TILE) & (new_rows < n) & (prefix_len + new_rows < capacity)
+        write_ok = (offs_m < QUERIES_PER_TILE) & (new_rows < n) & (prefix_len + new_rows < capacity) & pair_ok
         write_mask = _tile_mask(write_ok, offs_d, HEAD_DIM, BLOCK_D)
         write_mask_v = _tile_mask(write_ok, offs_dv, VALUE_DIM, BLOCK_DV)
         k_rows = tl.load(
-            k_new_base + new_rows[:, None] * stride_knn + offs_d[None, :] * stride_knd, mask=write_mask, other=0.0
+            k_new_base + _tile_offsets(new_rows, stride_knn, offs_d, stride_knd), mask=write_mask, other=0.0
         )
         v_rows = tl.load(
-            v_new_base + new_rows[:, None] * stride_vnn + offs_dv[None, :] * stride_vnd, mask=write_mask_v, other=0.0
+            v_new_base + _tile_offsets(new_rows, stride_vnn, offs_dv, stride_vnd), mask=write_mask_v, other=0.0
         )
         cache_rows = prefix_len + new_rows
         tl.store(
-            k_cache_base + cache_rows[:, None] * stride_kcs + offs_d[None, :] * stride_kcd,
+            k_cache_base + _tile_offsets(cache_rows, stride_kcs, offs_d, stride_kcd),
             k_rows.to(K_cache.dtype.element_ty),
             mask=write_mask,
         )
         tl.store(
-            v_cache_base + cache_rows[:, None] * stride_vcs + offs_dv[None, :] * stride_vcd,
+            v_cache_base + _tile_offsets(cache_rows, stride_vcs, offs_dv, stride_vcd),
             v_rows.to(V_cache.dtype.element_ty),
             mask=write_mask_v,
         )
@@ -255,11 +275,10 @@ def _jacobi_attention_kernel(
     # Tile row m is query q_start + m // GROUP of q head kv_head * GROUP + m % GROUP.
     query_idx = q_start + offs_m // GROUP
     q_head = kv_head * GROUP + offs_m % GROUP
-    row_ok = (offs_m < QUERIES_PER_TILE * GROUP) & (query_idx < n)
+    row_ok = (offs_m < QUERIES_PER_TILE * GROUP) & (query_idx < n) & pair_ok
     row_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
-    q_ptrs = (
-        Q + b64 * stride_qb + query_idx[:, None] * stride_qn + q_head[:, None] * stride_qh + offs_d[None, :] * stride_qd
-    )
+    q_rows = query_idx.to(tl.int64) * stride_qn + q_head.to(tl.int64) * stride_qh  # a long prefill passes 2**31
+    q_ptrs = Q + b64 * stride_qb + q_rows[:, None] + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_mask, other=0.0).to(COMPUTE_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -357,13 +376,8 @@ def _jacobi_attention_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     result = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
-        out_ptrs = (
-            Out
-            + b64 * stride_ob
-            + query_idx[:, None] * stride_on
-            + q_head[:, None] * stride_oh
-            + offs_dv[None, :] * stride_od
-        )
+        out_rows = query_idx.to(tl.int64) * stride_on + q_head.to(tl.int64) * stride_oh
+        out_ptrs = Out + b64 * stride_ob + out_rows[:, None] + offs_dv[None, :] * stride_od
         tl.store(out_ptrs, result.to(Out.dtype.element_ty), mask=row_mask_v)
     else:
         # Partials are [NUM_SPLITS, B, n, Hq] rows of VALUE_DIM floats; a split that saw no key
@@ -409,7 +423,8 @@ def _merge_splits_kernel(
         other=0.0,
     )
     result = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
-    out_ptrs = Out + b.to(tl.int64) * stride_ob + query_idx * stride_on + q_head * stride_oh + offs_d * stride_od
+    out_row = query_idx.to(tl.int64) * stride_on + q_head.to(tl.int64) * stride_oh
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + out_row + offs_d * stride_od
     tl.store(out_ptrs, result.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
@@ -441,6 +456,20 @@ def _launch_config(n: int, group: int, block_d: int, dtype: torch.dtype) -> tupl
         block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
     block_m = max(block_m, triton.next_power_of_2(group))
     return block_m, block_n, num_warps, num_stages
+
+
+def _grid(n_q_tiles: int, n_pairs: int, num_splits: int) -> tuple[int, int, int]:
+    """The attention kernel's grid (q tiles, pairs, splits * folds): the (sequence, kv head) pairs go on
+    y up to :data:`MAX_GRID_Y` and fold into z beyond it (the kernel unfolds them, see its first lines).
+    x takes the q tiles (its limit is 2**31 - 1)."""
+    pairs_y = max(1, min(n_pairs, MAX_GRID_Y))
+    folds = triton.cdiv(n_pairs, pairs_y)
+    if num_splits * folds > MAX_GRID_Z:
+        raise ValueError(
+            f"triton jacobi_attention: {n_pairs} (sequence, kv head) pairs x {num_splits} splits exceed the "
+            f"CUDA grid ({MAX_GRID_Y} x {MAX_GRID_Z})"
+        )
+    return n_q_tiles, pairs_y, num_splits * folds
 
 
 def _default_num_splits(device: torch.device, programs: int, capacity: int) -> int:
@@ -605,7 +634,7 @@ def _block_attention_op(
     else:
         o_part = lse_part = out  # unused by the kernel when NUM_SPLITS == 1
 
-    grid = (n_q_tiles, batch * n_kv_heads, num_splits)
+    grid = _grid(n_q_tiles, batch * n_kv_heads, num_splits)
     cache_seqlens = cache_seqlens.contiguous()
     _launcher(_jacobi_attention_kernel)[grid](
         q,
@@ -628,6 +657,7 @@ def _block_attention_op(
         *out.stride(),
         n,
         n_kv_heads,
+        batch * n_kv_heads,
         capacity,
         part_rows,
         float(softmax_scale),

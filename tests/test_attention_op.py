@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from jacobi_engine import ops, triton_attention
 
@@ -525,3 +527,84 @@ def test_bounded_sdpa_and_bound_rows(case):
     torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-4)
     _check_cache(k_before, k_cache, k_new, seqlens, case.n)
     _check_cache(v_before, v_cache, v_new, seqlens, case.n)
+
+
+# -- index math at sizes the interpreter cannot allocate, and the grid limit -----------------------
+@triton.jit
+def _offsets_probe(Rows, Cols, Out, stride_row, stride_col, R: tl.constexpr, C: tl.constexpr, NAIVE: tl.constexpr):
+    rows = tl.load(Rows + tl.arange(0, R))
+    cols = tl.load(Cols + tl.arange(0, C))
+    if NAIVE:  # the int32 products the kernel used before: they wrap
+        offsets = (rows[:, None] * stride_row + cols[None, :] * stride_col).to(tl.int64)
+    else:
+        offsets = triton_attention._tile_offsets(rows, stride_row, cols, stride_col)
+    tl.store(Out + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :], offsets)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="CPU tensors need the interpreter")
+@pytest.mark.parametrize(
+    "stride_row, rows",
+    [
+        (32 * 128, [524287, 524288, 600000, 2_000_000]),  # 32 kv heads x 128: 2**31 at row 524288
+        (192 * 128, [87381, 87382, 100000, 1_000_000]),  # expanded MLA (128 heads x 192 elements)
+        (1, [2**31 - 1, 0, 5, 7]),  # the largest int32 index itself
+    ],
+    ids=["gqa_32x128", "mla_expanded", "int32_max_row"],
+)
+def test_tile_offsets_are_int64(stride_row, rows):
+    """The kernel's cache-row offsets (_tile_offsets, used by every K/V load and the append) against
+    Python integers, at rows past 2**31 elements; the former int32 product really wraps there."""
+    rows_t = torch.tensor(rows, dtype=torch.int32)
+    cols = torch.tensor([0, 1, 127, 255], dtype=torch.int32)
+    stride_col = 2
+    expected = [[r * stride_row + c * stride_col for c in cols.tolist()] for r in rows]
+    out = torch.zeros((len(rows), 4), dtype=torch.long)
+    _offsets_probe[(1,)](rows_t, cols, out, stride_row, stride_col, R=len(rows), C=4, NAIVE=False)
+    assert out.tolist() == expected
+    if max(expected[r][c] for r in range(len(rows)) for c in range(4)) >= 2**31:
+        _offsets_probe[(1,)](rows_t, cols, out, stride_row, stride_col, R=len(rows), C=4, NAIVE=True)
+        assert out.tolist() != expected  # the test can fail: int32 arithmetic overflows here
+
+
+def test_grid_folds_pairs_past_the_y_limit():
+    limit = triton_attention.MAX_GRID_Y
+    assert triton_attention._grid(3, 64 * 32, 2) == (3, 64 * 32, 2)  # unchanged below the limit
+    for pairs, splits in ((limit, 1), (limit + 1, 1), (3 * limit + 7, 4), (2_000_000, 1)):
+        x, y, z = triton_attention._grid(5, pairs, splits)
+        assert x == 5 and 1 <= y <= limit and z <= limit and z % splits == 0
+        folds = z // splits
+        assert y * folds >= pairs > y * (folds - 1)  # every pair has a program, none is far past the end
+    with pytest.raises(ValueError, match="grid"):
+        triton_attention._grid(1, limit * limit, 2)
+
+
+FOLD_CASES = [
+    (Case(5, 3, 2, 1, 16, 20), None),  # 5 pairs on a y limit of 2: three folds, the last one half empty
+    (Case(3, 4, 4, 2, 16, 30, window=5), None),
+    (Case(3, 1, 4, 2, 32, 300), 3),  # folds and split-K together (z = splits x folds)
+    (Case(2, 4 + 2 * 3, 4, 2, 16, 40, tree=(4, 2, 3)), None),
+]
+
+
+@pytest.mark.parametrize(("case", "num_splits"), FOLD_CASES, ids=lambda v: v.id if isinstance(v, Case) else f"s{v}")
+def test_folded_grid_matches_float64_reference(case, num_splits, device, monkeypatch):
+    """A launch whose (sequence, kv head) pairs exceed the y grid limit (lowered here so the
+    interpreter can run it) gives the float64 reference's result and appends exactly the block."""
+    _skip_unless_runnable("triton", device, case.dtype)
+    monkeypatch.setattr(triton_attention, "MAX_GRID_Y", 2)
+    assert triton_attention._grid(1, case.batch * case.n_kv_heads, num_splits or 1)[1] == 2
+    _run_case(case, "triton", device, seed=zlib.crc32(case.id.encode()) + 17, num_splits=num_splits or 1)
+
+
+def test_kernels_compile_for_sm90():
+    """The kernels lower to sm_90 code (Triton's own ptxas, no GPU needed), in their own process."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
+    if result.returncode != 0 and "No module named" in result.stderr and "nvidia" in result.stderr:
+        pytest.skip("this Triton has no NVIDIA backend")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("cubin") == 4, result.stdout

@@ -140,10 +140,13 @@ def test_compiled_cuda_engine_matches_hf_without_recompiles(cuda_graph, arch="ll
 
 @pytest.mark.parametrize("candidates", [0, 3], ids=["block", "candidates"])
 @pytest.mark.parametrize("mode", ["sliding", "chunked"])
-def test_cuda_sampling_graph_equals_eager_and_cpu(candidates, mode):
+def test_cuda_sampling_graph_equals_eager(candidates, mode):
     """do_sample=True on CUDA, with and without candidate branches: the captured graph replays the
-    eager step token for token (counter-based numbers, no host state). The CUDA ops' agreement with
-    the CPU ops bit for bit is tested in test_sampling_verify_op.py and test_sampling_tree_op.py."""
+    eager step token for token (counter-based numbers, no host state). This test makes no CPU
+    comparison: a CPU forward rounds differently, so the engines' tokens may legitimately differ. The
+    CUDA ops against the CPU ops bit for bit on the same distributions is the cuda instance of
+    test_native_matches_reference_bit_for_bit in test_sampling_verify_op.py / test_sampling_tree_op.py,
+    and python/benchmarks/gpu_checks.py at V=128,256."""
     model = tiny_model("llama", vocab_size=VOCAB).cuda()
     input_ids, mask = ragged_prompts("cuda")
     kwargs = dict(block_size=4, mode=mode, seed=77, init="ngram")

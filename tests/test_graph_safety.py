@@ -92,8 +92,9 @@ def test_decode_step_has_no_sync_or_dynamic_shape(arch, engine_kwargs):
         dict(mode="sliding", init="ngram", verify_backend="native"),
         dict(mode="chunked", init="random_prompt", verify_backend="torch"),
         dict(mode="sliding", init="ngram", verify_backend="native", candidates=2, candidate_len=3),
+        dict(mode="chunked", init="ngram", verify_backend="torch", candidates=2, candidate_len=2),
     ],
-    ids=["sliding-ngram-native", "chunked-torch", "sliding-candidates-native"],
+    ids=["sliding-ngram-native", "chunked-torch", "sliding-candidates-native", "chunked-candidates-torch"],
 )
 def test_sampling_step_has_no_sync_or_dynamic_shape(engine_kwargs):
     """The sampling step: processors, every warper, the sampling verify op (or its reference)."""

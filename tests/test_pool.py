@@ -161,7 +161,7 @@ def test_move_cache_rows_rejects_bad_arguments():
 
 def test_move_cache_rows_opcheck():
     buffers = [torch.randn(2, 12, 2, 4), torch.randn(2, 12, 2, 2)]
-    args = (buffers, torch.tensor([6, 1]), torch.tensor([1, 1]), 3)
+    args = (buffers, torch.tensor([6, 1]), torch.tensor([1, 1]), 3, ops.new_error_word("cpu"))
     torch.library.opcheck(torch.ops.jacobi_engine.move_cache_rows.default, args)
 
 

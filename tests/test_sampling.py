@@ -151,11 +151,12 @@ def biased_verify(real):
     """A wrong verifier: any draft equal to its target's argmax is accepted outright (it poses as a
     Jacobi draft whose proposal is the target itself, so the ratio rule accepts it)."""
 
-    def verify(probs, proposal, draft_sampled, block, *args, **kwargs):
+    def verify(probs, block, fill, sampling, *args, **kwargs):
+        proposal, draft_sampled = sampling.proposal, sampling.draft_sampled
         hits = block[:, 1:] == probs[:, :-1].argmax(dim=-1)
         proposal[:, 1:] = torch.where(hits[..., None], probs[:, :-1], proposal[:, 1:])
         draft_sampled[:, 1:] |= hits
-        return real(probs, proposal, draft_sampled, block, *args, **kwargs)
+        return real(probs, block, fill, sampling, *args, **kwargs)
 
     return verify
 
@@ -164,9 +165,10 @@ def accept_every_jacobi_draft(real):
     """A wrong verifier with a classic bug: Jacobi drafts are taken as exact draws (their stale
     proposal replaced by the current target, so the ratio rule accepts them all)."""
 
-    def verify(probs, proposal, draft_sampled, block, *args, **kwargs):
+    def verify(probs, block, fill, sampling, *args, **kwargs):
+        proposal, draft_sampled = sampling.proposal, sampling.draft_sampled
         proposal[:, 1:] = torch.where(draft_sampled[:, 1:, None], probs[:, :-1], proposal[:, 1:])
-        return real(probs, proposal, draft_sampled, block, *args, **kwargs)
+        return real(probs, block, fill, sampling, *args, **kwargs)
 
     return verify
 
@@ -178,13 +180,13 @@ def accept_argmax_candidates(real):
     """A wrong multi-candidate verifier: a pooled branch whose first token is its parent's argmax is
     taken as certain (the node's distribution replaced by a point mass on it)."""
 
-    def verify(probs, proposal, draft_sampled, block, candidates, usable, *args, **kwargs):
+    def verify(probs, block, candidates, usable, *args, **kwargs):
         top = probs[:, 0].argmax(dim=-1)
         hit = (usable & (candidates[:, :, 0] == top[:, None])).any(dim=1)
         point = torch.nn.functional.one_hot(top, probs.shape[-1]).to(probs.dtype)
         probs = probs.clone()
         probs[:, 0] = torch.where(hit[:, None], point, probs[:, 0])
-        return real(probs, proposal, draft_sampled, block, candidates, usable, *args, **kwargs)
+        return real(probs, block, candidates, usable, *args, **kwargs)
 
     return verify
 

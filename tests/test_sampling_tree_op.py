@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 from sampling_stats import chi2_sf
+from test_graph_safety import FORBIDDEN, OpRecorder
 
-from jacobi_engine import ops
+from jacobi_engine import ops, sampling
 
 ALPHA = 1e-4
 
@@ -66,9 +67,38 @@ def random_tree_case(rng: random.Random):
     )
 
 
+def groups(t: dict) -> tuple[ops.SamplingState, ops.CommitTarget]:
+    """The op's argument groups over a case's tensors (named as the tests name them)."""
+    sampling = ops.SamplingState(
+        t["proposal"], t["draft_sampled"], t["n_fixed"], t["seed"], t["sequence_ids"], t["step"]
+    )
+    target = ops.CommitTarget(
+        t["out_tokens"],
+        t["n_generated"],
+        t["done"],
+        t["eos_ids"],
+        t["max_new_tokens"],
+        t["cache_seqlens"],
+        t["chunked"],
+    )
+    return sampling, target
+
+
+def call(t: dict, backend: str = "auto"):
+    tree = (t["probs"], t["block"], t["candidates"], t["usable"], t["row"], t["fill"])
+    return ops.sample_tree_verify_and_commit(*tree, *groups(t), backend=backend)
+
+
+def op_args(t: dict) -> tuple:
+    """torch.ops.jacobi_engine.sample_tree_verify_and_commit's arguments, in its schema order."""
+    sampling, target = groups(t)
+    tree = (t["probs"], t["block"], t["candidates"], t["usable"], t["row"], t["fill"])
+    return (*tree, *sampling.op_args(), *target.op_args())
+
+
 def run(case, device, backend):
     tensors = {k: (v.clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    n_accepted, winner = ops.sample_tree_verify_and_commit(**tensors, backend=backend)
+    n_accepted, winner = call(tensors, backend)
     state = {k: v.cpu() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     return n_accepted.cpu(), winner.cpu(), state
 
@@ -89,6 +119,48 @@ def test_native_matches_reference_bit_for_bit(chunk, device):
     assert branch_wins > 5  # the branch paths were exercised, not only the block's
 
 
+def run_reference(case, reference):
+    tensors = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    tree = (tensors["probs"], tensors["block"], tensors["candidates"], tensors["usable"], tensors["row"])
+    n_accepted, winner = reference(*tree, tensors["fill"], *groups(tensors))
+    return n_accepted, winner, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_vectorized_reference_matches_the_rowwise_statement(chunk):
+    """The graph-safe torch path (backend="torch") against the plain per-row statement of the rule,
+    bit for bit, on random trees (the same cases as the native op's test)."""
+    rng = random.Random(500 + chunk)
+    branch_wins = 0
+    for _ in range(50):
+        case = random_tree_case(rng)
+        expected_accepted, expected_winner, expected = run_reference(
+            case, sampling.sample_tree_verify_and_commit_rowwise
+        )
+        accepted, winner, state = run_reference(case, sampling.sample_tree_verify_and_commit)
+        assert accepted.dtype == expected_accepted.dtype and winner.dtype == expected_winner.dtype
+        assert torch.equal(accepted, expected_accepted)
+        assert torch.equal(winner, expected_winner)
+        for name, value in expected.items():
+            assert torch.equal(state[name], value), name
+        branch_wins += int((expected_winner >= 0).sum())
+    assert branch_wins > 5
+
+
+def test_vectorized_reference_is_graph_safe():
+    """No host read and no data-dependent shape (what a CUDA graph cannot hold), unlike the rowwise one."""
+    case = random_tree_case(random.Random(11))
+    for reference, safe in (
+        (sampling.sample_tree_verify_and_commit, True),
+        (sampling.sample_tree_verify_and_commit_rowwise, False),
+    ):
+        recorder = OpRecorder()
+        with recorder:
+            run_reference(case, reference)
+        bad = set(recorder.ops) & FORBIDDEN
+        assert not bad if safe else bad, (reference.__name__, sorted(bad))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_without_usable_branches_it_is_the_block_op(seed):
     """No usable branch: the tree op decides and commits exactly like sample_verify_and_commit."""
@@ -103,23 +175,9 @@ def test_without_usable_branches_it_is_the_block_op(seed):
         plain = {key: case[key] for key in ("proposal", "draft_sampled", "block", "cache_seqlens", "out_tokens")}
         plain.update({key: case[key] for key in ("n_generated", "done", "eos_ids", "max_new_tokens", "n_fixed")})
         plain = {key: value.clone() for key, value in plain.items()}
+        plain.update(seed=case["seed"], sequence_ids=case["sequence_ids"], step=case["step"], chunked=case["chunked"])
         expected = ops.sample_verify_and_commit(
-            case["probs"][:, :n].contiguous(),
-            plain["proposal"],
-            plain["draft_sampled"],
-            plain["block"],
-            case["fill"][:, :n].contiguous(),
-            plain["cache_seqlens"],
-            plain["out_tokens"],
-            plain["n_generated"],
-            plain["done"],
-            plain["eos_ids"],
-            plain["max_new_tokens"],
-            plain["n_fixed"],
-            case["seed"],
-            case["sequence_ids"],
-            case["step"],
-            case["chunked"],
+            case["probs"][:, :n].contiguous(), plain["block"], case["fill"][:, :n].contiguous(), *groups(plain)
         )
         assert torch.equal(accepted, expected)
         assert bool((winner == -1).all())
@@ -143,26 +201,32 @@ def first_tokens(target, proposal, block_draft, branch_tokens, samples, seed):
         drafts = torch.full((samples,), int(block_draft))
         sampled = torch.zeros((samples, 2), dtype=torch.bool)
     out = torch.full((samples, 4), -1)
-    accepted, winner = ops.sample_tree_verify_and_commit(
-        probs,
+    sampling = ops.SamplingState(
         proposal.expand(samples, 2, -1).contiguous(),
         sampled,
-        torch.stack([torch.zeros(samples, dtype=torch.long), drafts], dim=1),
-        torch.tensor(branch_tokens).view(1, k, 1).expand(samples, -1, -1).contiguous(),
-        torch.ones((samples, k), dtype=torch.bool),
-        torch.zeros((samples, 2), dtype=torch.long),
-        torch.zeros((samples, 2), dtype=torch.long),
         torch.zeros(samples, dtype=torch.int32),
+        torch.tensor([seed]),
+        torch.arange(samples),
+        torch.tensor([0]),
+    )
+    target = ops.CommitTarget(
         out,
         torch.zeros(samples, dtype=torch.int32),
         torch.zeros(samples, dtype=torch.bool),
         torch.tensor([], dtype=torch.long),
         torch.full((samples,), 4, dtype=torch.int32),
         torch.zeros(samples, dtype=torch.int32),
-        torch.tensor([seed]),
-        torch.arange(samples),
-        torch.tensor([0]),
         False,
+    )
+    accepted, winner = ops.sample_tree_verify_and_commit(
+        probs,
+        torch.stack([torch.zeros(samples, dtype=torch.long), drafts], dim=1),
+        torch.tensor(branch_tokens).view(1, k, 1).expand(samples, -1, -1).contiguous(),
+        torch.ones((samples, k), dtype=torch.bool),
+        torch.zeros((samples, 2), dtype=torch.long),
+        torch.zeros((samples, 2), dtype=torch.long),
+        sampling,
+        target,
     )
     return out[:, 0], accepted, winner
 
@@ -203,7 +267,7 @@ def test_multi_candidate_rule_reproduces_the_target(block_draft, branch_tokens):
 
 def test_opcheck():
     case = random_tree_case(random.Random(8))
-    torch.library.opcheck(torch.ops.jacobi_engine.sample_tree_verify_and_commit.default, tuple(case.values()))
+    torch.library.opcheck(torch.ops.jacobi_engine.sample_tree_verify_and_commit.default, op_args(case))
 
 
 @pytest.mark.parametrize(
@@ -220,7 +284,7 @@ def test_bad_arguments(change, error, name):
     case = random_tree_case(random.Random(9))
     change(case)
     with pytest.raises(error, match=name):
-        ops.sample_tree_verify_and_commit(**case)
+        call(case)
 
 
 def test_too_many_branches():
@@ -235,4 +299,4 @@ def test_too_many_branches():
         fill=torch.zeros((batch, max(n, g + 1)), dtype=torch.long),
     )
     with pytest.raises(ValueError, match="candidates"):
-        ops.sample_tree_verify_and_commit(**case)
+        call(case)

@@ -82,9 +82,36 @@ def random_case(rng: random.Random, device):
     ), device
 
 
+def groups(t: dict) -> tuple[ops.SamplingState, ops.CommitTarget]:
+    """The op's argument groups over a case's tensors (named as the tests name them)."""
+    sampling = ops.SamplingState(
+        t["proposal"], t["draft_sampled"], t["n_fixed"], t["seed"], t["sequence_ids"], t["step"]
+    )
+    target = ops.CommitTarget(
+        t["out_tokens"],
+        t["n_generated"],
+        t["done"],
+        t["eos_ids"],
+        t["max_new_tokens"],
+        t["cache_seqlens"],
+        t["chunked"],
+    )
+    return sampling, target
+
+
+def call(t: dict, backend: str = "auto") -> torch.Tensor:
+    return ops.sample_verify_and_commit(t["probs"], t["block"], t["fill"], *groups(t), backend=backend)
+
+
+def op_args(t: dict) -> tuple:
+    """torch.ops.jacobi_engine.sample_verify_and_commit's arguments, in its schema order."""
+    sampling, target = groups(t)
+    return (t["probs"], t["block"], t["fill"], *sampling.op_args(), *target.op_args())
+
+
 def run(case, device, backend):
     tensors = {k: (v.clone().to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    n_accepted = ops.sample_verify_and_commit(**tensors, backend=backend)
+    n_accepted = call(tensors, backend)
     return n_accepted.cpu(), {k: v.cpu() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
@@ -155,23 +182,29 @@ def first_token_distribution(target, proposal, draft_kind, samples, seed):
         sampled = torch.zeros((samples, 2), dtype=torch.bool)
     prop = torch.stack([proposal, proposal])[None].expand(samples, -1, -1).contiguous()
     out = torch.full((samples, 4), -1)
-    accepted = ops.sample_verify_and_commit(
-        probs,
+    sampling = ops.SamplingState(
         prop,
         sampled,
-        torch.stack([torch.zeros(samples, dtype=torch.long), drafts], dim=1),
-        torch.zeros((samples, 2), dtype=torch.long),
         torch.zeros(samples, dtype=torch.int32),
+        torch.tensor([seed]),
+        torch.arange(samples),
+        torch.tensor([0]),
+    )
+    target = ops.CommitTarget(
         out,
         torch.zeros(samples, dtype=torch.int32),
         torch.zeros(samples, dtype=torch.bool),
         torch.tensor([], dtype=torch.long),
         torch.full((samples,), 4, dtype=torch.int32),
         torch.zeros(samples, dtype=torch.int32),
-        torch.tensor([seed]),
-        torch.arange(samples),
-        torch.tensor([0]),
         False,
+    )
+    accepted = ops.sample_verify_and_commit(
+        probs,
+        torch.stack([torch.zeros(samples, dtype=torch.long), drafts], dim=1),
+        torch.zeros((samples, 2), dtype=torch.long),
+        sampling,
+        target,
     )
     return out[:, 0], accepted == 2, drafts
 
@@ -194,7 +227,7 @@ def test_verify_rule_reproduces_the_target(draft_kind):
 
 def test_opcheck():
     case, _ = random_case(random.Random(5), "cpu")
-    torch.library.opcheck(torch.ops.jacobi_engine.sample_verify_and_commit.default, tuple(case.values()))
+    torch.library.opcheck(torch.ops.jacobi_engine.sample_verify_and_commit.default, op_args(case))
 
 
 @pytest.mark.parametrize(
@@ -212,4 +245,4 @@ def test_bad_arguments(change, error, name):
     case, _ = random_case(random.Random(6), "cpu")
     change(case)
     with pytest.raises(error, match=name):
-        ops.sample_verify_and_commit(**case)
+        call(case)

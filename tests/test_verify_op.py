@@ -13,6 +13,24 @@ from jacobi_engine import ops
 POISON = -7
 
 
+def target_of(tensors: dict, limits, chunked: bool) -> ops.CommitTarget:
+    """The CommitTarget of the test's tensors (named after the Python model's lists)."""
+    return ops.CommitTarget(
+        tokens=tensors["out_tokens"],
+        lengths=tensors["n_generated"],
+        done=tensors["done"],
+        eos_ids=tensors["eos_ids"],
+        limits=limits,
+        cache_seqlens=tensors["cache_seqlens"],
+        chunked=chunked,
+    )
+
+
+def op_args(tensors: dict, limits: torch.Tensor, chunked: bool) -> tuple:
+    """torch.ops.jacobi_engine.verify_and_commit's arguments, in its schema order."""
+    return (tensors["scores"], tensors["block"], tensors["fill"], *target_of(tensors, limits, chunked).op_args())
+
+
 def python_verify(preds, block, fill, seqlens, out, n_generated, done, eos, max_new_tokens, chunked):
     """Plain-Python statement of the contract, on lists. Mutates its list arguments."""
     accepted_all = []
@@ -146,13 +164,7 @@ def check_against_python(case, backend, device):
         tensors["scores"],
         tensors["block"],
         tensors["fill"],
-        tensors["cache_seqlens"],
-        tensors["out_tokens"],
-        tensors["n_generated"],
-        tensors["done"],
-        tensors["eos_ids"],
-        case["max_new_tokens"],
-        case["chunked"],
+        target_of(tensors, case["max_new_tokens"], case["chunked"]),
         backend=backend,
     )
     assert result.dtype == torch.int32
@@ -188,7 +200,7 @@ def test_opcheck():
     )
     for kind in ("float32", "argmax"):
         tensors = tensors_for({**case, "score_kind": kind}, "cpu")
-        args = (*tensors.values(), torch.full((tensors["block"].shape[0],), 8, dtype=torch.int32), False)
+        args = op_args(tensors, torch.full((tensors["block"].shape[0],), 8, dtype=torch.int32), False)
         torch.library.opcheck(torch.ops.jacobi_engine.verify_and_commit.default, args)
 
 
@@ -210,7 +222,7 @@ def test_compiles_with_torch_compile():
     eager, compiled = tensors_for(case, "cpu"), tensors_for(case, "cpu")
 
     def step(t):
-        return torch.ops.jacobi_engine.verify_and_commit(*t.values(), torch.full((1,), 8, dtype=torch.int32), False)
+        return torch.ops.jacobi_engine.verify_and_commit(*op_args(t, torch.full((1,), 8, dtype=torch.int32), False))
 
     expected = step(eager)
     result = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled)
@@ -226,8 +238,8 @@ BAD = [
     ("scores dtype", dict(scores=torch.zeros(2, 4, dtype=torch.int32)), TypeError, "scores"),
     ("fill shape", dict(fill=torch.zeros(2, 3, dtype=torch.long)), ValueError, "fill"),
     ("seqlens dtype", dict(cache_seqlens=torch.zeros(2, dtype=torch.long)), TypeError, "cache_seqlens"),
-    ("out too short", dict(out_tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError, "out_tokens"),
-    ("n_generated dtype", dict(n_generated=torch.zeros(2, dtype=torch.long)), TypeError, "n_generated"),
+    ("out too short", dict(out_tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError, "tokens"),
+    ("n_generated dtype", dict(n_generated=torch.zeros(2, dtype=torch.long)), TypeError, "lengths"),
     ("done dtype", dict(done=torch.zeros(2, dtype=torch.int32)), TypeError, "done"),
     ("eos dtype", dict(eos_ids=torch.zeros(1, dtype=torch.int32)), TypeError, "eos_ids"),
 ]
@@ -239,18 +251,20 @@ BAD = [
     ids=["dtype", "shape"],
 )
 def test_bad_max_new_tokens_tensor(limits, error):
-    tensors = (
-        torch.zeros(2, 4, 6),
-        torch.zeros(2, 4, dtype=torch.long),
-        torch.zeros(2, 4, dtype=torch.long),
-        torch.zeros(2, dtype=torch.int32),
-        torch.zeros(2, 8, dtype=torch.long),
-        torch.zeros(2, dtype=torch.int32),
-        torch.zeros(2, dtype=torch.bool),
-        torch.zeros(1, dtype=torch.long),
+    tensors = dict(
+        scores=torch.zeros(2, 4, 6),
+        block=torch.zeros(2, 4, dtype=torch.long),
+        fill=torch.zeros(2, 4, dtype=torch.long),
+        cache_seqlens=torch.zeros(2, dtype=torch.int32),
+        out_tokens=torch.zeros(2, 8, dtype=torch.long),
+        n_generated=torch.zeros(2, dtype=torch.int32),
+        done=torch.zeros(2, dtype=torch.bool),
+        eos_ids=torch.zeros(1, dtype=torch.long),
     )
-    with pytest.raises(error, match="max_new_tokens"):
-        ops.verify_and_commit(*tensors, limits, False, backend="native")
+    with pytest.raises(error, match="limits"):
+        ops.verify_and_commit(
+            tensors["scores"], tensors["block"], tensors["fill"], target_of(tensors, limits, False), backend="native"
+        )
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
@@ -267,13 +281,16 @@ def test_bad_arguments(case):
         eos_ids=torch.zeros(1, dtype=torch.long),
     )
     tensors.update(override)
+    scores, block, fill = tensors["scores"], tensors["block"], tensors["fill"]
     with pytest.raises(error, match=message):
-        ops.verify_and_commit(*tensors.values(), 8, False, backend="native")
+        ops.verify_and_commit(scores, block, fill, target_of(tensors, 8, False), backend="native")
     if name != "out too short":  # only the int form of max_new_tokens can be checked without a sync
         with pytest.raises(error, match=message):
-            ops.verify_and_commit(*tensors.values(), torch.full((2,), 8, dtype=torch.int32), False, backend="native")
+            limits = torch.full((2,), 8, dtype=torch.int32)
+            ops.verify_and_commit(scores, block, fill, target_of(tensors, limits, False), backend="native")
     with pytest.raises(ValueError, match="backend"):
-        ops.verify_and_commit(*tensors.values(), 8, False, backend="cuda")
+        limits = torch.full((2,), 8, dtype=torch.int32)
+        ops.verify_and_commit(scores, block, fill, target_of(tensors, limits, False), backend="cuda")
 
 
 # -- realistic vocabularies: NaN, exact ties, infinities and misaligned rows ---------------------
@@ -424,19 +441,10 @@ def test_realistic_vocab_nan_ties_misaligned(vocab, dtype, layout, backend, devi
     n_generated = torch.tensor(case["n_generated"], dtype=torch.int32, device=device)
     done = torch.tensor(case["done"], dtype=torch.bool, device=device)
     before = logits.clone()
-    accepted = ops.verify_and_commit(
-        logits,
-        block,
-        torch.tensor(case["fill"], **long),
-        seqlens,
-        out,
-        n_generated,
-        done,
-        torch.tensor(case["eos"], **long),
-        case["max_new_tokens"],
-        case["chunked"],
-        backend=backend,
+    target = ops.CommitTarget(
+        out, n_generated, done, torch.tensor(case["eos"], **long), case["max_new_tokens"], seqlens, case["chunked"]
     )
+    accepted = ops.verify_and_commit(logits, block, torch.tensor(case["fill"], **long), target, backend=backend)
     expected = dict(
         block=[list(r) for r in case["block"]],
         seqlens=list(case["seqlens"]),
@@ -476,18 +484,16 @@ def test_realistic_vocab_argmax_only(dtype, device):
     block = torch.tensor([[0] + row[:-1] for row in preds], **long)
     out = torch.full((batch, 2 * n + 1), POISON, **long)[:, 1:]
     n_generated = torch.zeros(batch, dtype=torch.int32, device=device)
-    accepted = ops.verify_and_commit(
-        logits,
-        block,
-        torch.zeros((batch, n), **long),
-        torch.zeros(batch, dtype=torch.int32, device=device),
+    target = ops.CommitTarget(
         out,
         n_generated,
         torch.zeros(batch, dtype=torch.bool, device=device),
         torch.zeros(0, **long),
         2 * n,
+        torch.zeros(batch, dtype=torch.int32, device=device),
         False,
     )
+    accepted = ops.verify_and_commit(logits, block, torch.zeros((batch, n), **long), target)
     assert accepted.tolist() == [n] * batch
     assert out[:, :n].tolist() == preds
     assert out[:, n:].tolist() == [[POISON] * n] * batch

@@ -115,7 +115,16 @@ def bench_verify(device: torch.device, sizes, repeats: int) -> list[dict]:
             # Reset what a step advances so every timed call does the same work.
             state["n_generated"].zero_()
             state["done"].zero_()
-            ops.verify_and_commit(scores, *state.values(), 4096, False, backend=backend)
+            target = ops.CommitTarget(
+                state["out_tokens"],
+                state["n_generated"],
+                state["done"],
+                state["eos_ids"],
+                4096,
+                state["cache_seqlens"],
+                False,
+            )
+            ops.verify_and_commit(scores, state["block"], state["fill"], target, backend=backend)
 
         logit_bytes = logits.numel() * logits.element_size()
         small_bytes = batch * n * 8 * 4  # block, fill, preds, emitted tokens

@@ -81,22 +81,22 @@ void test_slot_decisions() {
   for (uint64_t seed = 0; seed < 64; ++seed) {
     const SlotUniforms u = slot_uniforms(seed, 0, 0, 0);
     // A draft with no target weight is always rejected; its replacement has weight.
-    SlotResult r = decide_slot_sequential(p.data(), q.data(), 4, 3, DraftRule::kRatio, u);
+    SlotResult r = decide_slot_sequential(p.data(), q.data(), 4, true, 3, DraftRule::kRatio, u);
     EXPECT_TRUE(!r.accept && (r.corrective == 1 || r.corrective == 2));
-    r = decide_slot_sequential(p.data(), q.data(), 4, 0, DraftRule::kOneHot, u);
+    r = decide_slot_sequential(p.data(), q.data(), 4, true, 0, DraftRule::kOneHot, u);
     EXPECT_TRUE(!r.accept && (r.corrective == 1 || r.corrective == 2));
     // p(d) >= q(d): accepted by the ratio rule.
-    r = decide_slot_sequential(p.data(), q.data(), 4, 1, DraftRule::kRatio, u);
+    r = decide_slot_sequential(p.data(), q.data(), 4, true, 1, DraftRule::kRatio, u);
     EXPECT_TRUE(r.accept && r.corrective == -1);
     // A proposal equal to the target accepts every draft it can produce.
-    r = decide_slot_sequential(p.data(), p.data(), 4, 2, DraftRule::kRatio, u);
+    r = decide_slot_sequential(p.data(), p.data(), 4, true, 2, DraftRule::kRatio, u);
     EXPECT_TRUE(r.accept);
     // The fresh sample lies in the support; no draft (the last slot) means accepted.
-    r = decide_slot_sequential(p.data(), q.data(), 4, -1, DraftRule::kFixed, u);
+    r = decide_slot_sequential(p.data(), q.data(), 4, false, -1, DraftRule::kFixed, u);
     EXPECT_TRUE(r.accept && (r.sample == 1 || r.sample == 2));
     // A target with all its weight on the draft cannot reject it.
     const std::vector<float> sure{0.0f, 0.0f, 1.0f, 0.0f};
-    r = decide_slot_sequential(sure.data(), q.data(), 4, 2, DraftRule::kOneHot, u);
+    r = decide_slot_sequential(sure.data(), q.data(), 4, true, 2, DraftRule::kOneHot, u);
     EXPECT_TRUE(r.accept);
   }
 }
@@ -170,6 +170,63 @@ void test_tree_walk() {
   EXPECT_TRUE(tree_plan_covers(plan, 1, 3, 3) && !tree_plan_covers(plan, 2, 3, 3));
 }
 
+// Token ids from device tensors: an id outside [0, V) is never read (the weight vectors are
+// exactly V long, so AddressSanitizer reports any access past them), never accepted whatever the
+// rule (the chunk's fixed slots included), and flagged; a candidate outside it is never chosen.
+void test_ids_outside_the_vocabulary() {
+  const int64_t vocab = 4;
+  const std::vector<float> p{0.0f, 0.5f, 0.5f, 0.0f};
+  const std::vector<float> q{0.25f, 0.25f, 0.25f, 0.25f};
+  const std::vector<float> nothing(vocab, 0.0f);  // no weight anywhere: the "it stands" fallback
+  const int64_t bad[] = {-1, -5, vocab, int64_t{1} << 40, INT64_MIN, INT64_MAX};
+  for (uint64_t seed = 0; seed < 16; ++seed) {
+    const SlotUniforms u = slot_uniforms(seed, 0, 0, 0);
+    for (int64_t draft : bad) {
+      for (DraftRule rule : {DraftRule::kRatio, DraftRule::kOneHot, DraftRule::kFixed}) {
+        SlotResult r = decide_slot_sequential(p.data(), q.data(), vocab, true, draft, rule, u);
+        EXPECT_TRUE(!r.accept && (r.corrective == 1 || r.corrective == 2));
+        r = decide_slot_sequential(nothing.data(), q.data(), vocab, true, draft, rule, u);
+        EXPECT_TRUE(!r.accept);
+        const BlockDecision d = decide_block_sequential(p.data(), q.data(), vocab, draft, rule, u, 1.0);
+        EXPECT_TRUE(!d.accept && (d.corrective == 1 || d.corrective == 2) && d.rest.n_excluded == 0);
+      }
+    }
+  }
+  const int64_t good_block[3] = {0, 1, 2};
+  const int64_t bad_block[3] = {99, 1, vocab};  // slot 0 is never read: only slot 2 counts
+  EXPECT_TRUE(draft_errors(good_block, 3, vocab) == 0u);
+  EXPECT_TRUE(draft_errors(bad_block, 3, vocab) == kErrorBlockTokens);
+  const TreeShape shape{3, 2, 2};
+  const int64_t candidates[4] = {2, -7, 3, 0};
+  const bool both[2] = {true, true};
+  const bool second_only[2] = {false, true};
+  EXPECT_TRUE(tree_token_errors(shape, good_block, candidates, both, vocab) == kErrorCandidates);
+  EXPECT_TRUE(tree_token_errors(shape, good_block, candidates, second_only, vocab) == 0u);
+  EXPECT_TRUE(tree_token_errors(shape, bad_block, candidates, both, vocab) == (kErrorBlockTokens | kErrorCandidates));
+}
+
+
+// The point-mass tree of test_tree_walk with branch 1's first token (the one node 0 is sure of)
+// replaced by ids outside the vocabulary: it is never chosen nor read, so nothing is accepted at
+// node 0 and the last token is drawn from what is left there (token 3 only), on the block's path.
+void test_tree_walk_skips_bad_candidates() {
+  const int64_t vocab = 4;
+  const TreeShape shape{3, 2, 2};
+  std::vector<float> probs(7 * vocab, 0.0f);
+  const int64_t sure[7] = {3, 2, 1, 0, 0, 0, 2};
+  for (int64_t node = 0; node < 7; ++node) probs[node * vocab + sure[node]] = 1.0f;
+  const int64_t block[3] = {0, 1, 2};
+  const bool usable[2] = {true, true};
+  PointStats stats{probs.data(), vocab, block};
+  for (int64_t token : {int64_t{-1}, vocab, int64_t{1} << 40, INT64_MIN}) {
+    const int64_t candidates[4] = {2, 1, token, 0};
+    const TreeWalk walk = walk_tree(shape, block, candidates, usable, probs.data(), vocab, stats);
+    EXPECT_TRUE(walk.winner == -1 && walk.accepted == 1);
+    auto sample_rest = [vocab](const NodeWeight& weight, double u) { return sample_sequential(weight, vocab, u); };
+    EXPECT_TRUE(finish_walk(walk, sample_rest) == 3);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -180,6 +237,8 @@ int main() {
   test_slot_decisions();
   test_assemble_and_plan();
   test_tree_walk();
+  test_ids_outside_the_vocabulary();
+  test_tree_walk_skips_bad_candidates();
   if (failures) {
     std::fprintf(stderr, "%d failure(s)\n", failures);
     return EXIT_FAILURE;
