@@ -70,7 +70,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from jacobi_engine import models
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     trainer = train_consistency(
         models.resolve(args.model),
