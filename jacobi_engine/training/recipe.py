@@ -15,6 +15,12 @@ from pathlib import Path
 import torch
 import transformers
 
+from jacobi_engine.training.checkpoints import (
+    check_out_dir,
+    last_checkpoint,
+    remove_partial_checkpoints,
+    remove_previous_run,
+)
 from jacobi_engine.training.packing import PackedCollator, PackedConsistencyTrainer, PackedTrajectories, group_by_prompt
 from jacobi_engine.training.schedules import NOISE_SCHEDULES
 from jacobi_engine.training.trainer import LOSSES, REQUIRED_COLUMNS, ConsistencyTrainer, TrajectoryCollator
@@ -104,6 +110,7 @@ def train_consistency(
     logging_steps: int = 10,
     seed: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     lora: bool = False,
     lora_r: int = 16,
     lora_alpha: int = 32,
@@ -118,8 +125,12 @@ def train_consistency(
 ) -> ConsistencyTrainer:
     """Fine-tune the model in ``model_dir`` into a CLLM on the trajectories in ``data_dir``.
 
-    Checkpoints go to ``out_dir/checkpoint-<step>`` every ``save_steps``; with ``resume`` the
-    latest one is continued (model, optimizer, scheduler, RNG and data order). The final model
+    Checkpoints go to ``out_dir/checkpoint-<step>`` every ``save_steps``, each written whole or
+    not at all (:mod:`jacobi_engine.training.checkpoints`); with ``resume`` the latest one is
+    continued (model, optimizer, scheduler, RNG and data order). A non-empty ``out_dir`` is refused
+    unless ``resume`` or ``overwrite`` is given; ``overwrite`` deletes the checkpoints of the run saved
+    there before training (its final model is replaced at the end). ``out_dir`` may be neither the
+    model folder nor inside it nor hold it. The final model
     (LoRA merged into the weights) and the tokenizer are saved to ``out_dir`` with
     ``save_pretrained``. Works unchanged under ``torchrun`` / ``accelerate launch`` (DDP; gloo
     on CPU); ``fsdp`` shards parameters, gradients and optimizer state across the processes
@@ -142,7 +153,6 @@ def train_consistency(
     instead of a fresh adapter. With ``lora`` the adapter alone is saved too, in ``out_dir/adapter``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -159,6 +169,7 @@ def train_consistency(
         raise ValueError("lora_init continues a LoRA adapter: it needs lora=True")
     if fsdp and lora:
         raise ValueError("fsdp and lora cannot be combined: the merged model is built from unsharded adapters")
+    check_out_dir(out_dir, model_dir, resume=resume, overwrite=overwrite, lora_init=lora_init)
     out_dir = Path(out_dir)
     dataset = _load_dataset(data_dir, use_labels)
     # float32 master weights; ``bf16`` turns on autocast (mixed precision), not bf16 weights.
@@ -227,7 +238,13 @@ def train_consistency(
         trainer = ConsistencyTrainer(
             train_dataset=dataset, data_collator=TrajectoryCollator(**collator_options), **trainer_options
         )
-    checkpoint = get_last_checkpoint(str(out_dir)) if resume and out_dir.is_dir() else None
+    if trainer.args.should_save:  # one process per folder deletes, before any process reads it
+        if overwrite:
+            remove_previous_run(out_dir)
+        else:
+            remove_partial_checkpoints(out_dir)
+    trainer.accelerator.wait_for_everyone()
+    checkpoint = last_checkpoint(out_dir) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     save_final_model(trainer, out_dir)
     return trainer

@@ -18,19 +18,24 @@ A step then runs
    one backward, which keeps DDP to one gradient all-reduce per step.
 
 Sequences are right-padded, so positions are plain ``0..len-1`` and padding never changes a
-real token's logits. The recipe that builds and runs a trainer from folders is
-:func:`jacobi_engine.training.recipe.train_consistency`.
+real token's logits. Checkpoints are written whole or not at all
+(:mod:`jacobi_engine.training.checkpoints`). The recipe that builds and runs a trainer from folders
+is :func:`jacobi_engine.training.recipe.train_consistency`.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from jacobi_engine.training.checkpoints import publish_checkpoint, staging_dir
 from jacobi_engine.training.distributed import enable_fsdp_on_cpu
 from jacobi_engine.training.losses import IGNORE_INDEX, ar_loss, consistency_loss
 from jacobi_engine.training.schedules import NOISE_SCHEDULES, draw_state_index
@@ -239,6 +244,43 @@ class ConsistencyTrainer(transformers.Trainer):
             self.add_callback(_CollatorEpoch(self.data_collator))
         self._loss_sums = {"consistency_loss": 0.0, "ar_loss": 0.0}
         self._loss_count = 0
+
+    # While a checkpoint is being written: the folder transformers writes it into (see _save_checkpoint).
+    _staging_dir: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-<step>`` whole or not at all: transformers writes everything (weights,
+        optimizer, scheduler, RNG, trainer state; each process its part) into
+        ``tmp-checkpoint-<step>/checkpoint-<step>``, which is renamed to ``checkpoint-<step>`` once all
+        processes are done; the ``save_total_limit`` rotation then runs on the real folder (the one
+        transformers runs inside the staging folder sees only the new checkpoint)."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_dir(run_dir, self.state.global_step)
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == str(staging / name):
+            self.state.best_model_checkpoint = str(run_dir / name)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staging / name, run_dir / name)
+            staging.rmdir()
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
