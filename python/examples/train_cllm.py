@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         save_steps=max(50, args.max_steps // 4),
         logging_steps=10,
         seed=args.seed,
-        resume=(out / "cllm").exists() and any((out / "cllm").glob("checkpoint-*")),
+        resume=True,  # a rerun continues (or, with no checkpoint yet, starts) the run in OUT/cllm
         packing=args.packing,
     )
     timings["train_seconds"] = time.perf_counter() - phase
