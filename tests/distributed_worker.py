@@ -88,7 +88,7 @@ def run_cli(out_dir: Path, argv: list[str]) -> None:
     import transformers
 
     from jacobi_engine import cli
-    from jacobi_engine.training import collect, trainer
+    from jacobi_engine.training import collect, recipe
 
     die_at = int(os.environ.get("JE_TEST_DIE_AT", "0"))  # kill this process at its n-th batch/step
     die_rank = int(os.environ.get("JE_TEST_DIE_RANK", "-1"))  # -1: every rank
@@ -112,7 +112,7 @@ def run_cli(out_dir: Path, argv: list[str]) -> None:
             record["steps"].append(state.global_step)
             dying(len(record["steps"]))
 
-    train_consistency = trainer.train_consistency
+    train_consistency = recipe.train_consistency
 
     def recording_train(*args, **kwargs):
         result = train_consistency(*args, **kwargs, callbacks=[Recorder()])
@@ -121,7 +121,7 @@ def run_cli(out_dir: Path, argv: list[str]) -> None:
         return result
 
     collect.JacobiEngine.generate = recording_generate
-    trainer.train_consistency = recording_train  # commands.py imports it when the command runs
+    recipe.train_consistency = recording_train  # commands.py imports it when the command runs
     code = cli.main(argv)
     _write(out_dir, record)
     if code:

@@ -3,6 +3,7 @@ equality of the fixed points, degenerate filtering, resume after a kill, augment
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -283,3 +284,171 @@ def test_collect_command(tmp_path, tokenizer, prompts):
     assert labels[1] == []
     assert labels[2] == tokenizer("y", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert len(dataset) == 3 * 2  # two chunks of 4 per prompt
+
+
+# -- what a resume must match: shards against the manifest, the model's weights -----------------------
+def _edit_line(path, number: int, edit) -> None:
+    """Apply ``edit`` to the decoded row on line ``number`` of a JSONL shard (it may also return new text)."""
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[number - 1])
+    replaced = edit(row)
+    lines[number - 1] = replaced if isinstance(replaced, str) else json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _set(field, value):
+    return lambda row, vocab: row.__setitem__(field, value)
+
+
+def _set_token(field, index, value):
+    def edit(row, vocab):
+        tokens = row[field] if isinstance(field, str) else row[field[0]][field[1]]
+        tokens[index] = value(vocab)
+
+    return edit
+
+
+def _empty_chunk(row, vocab):
+    row["fixed_point"], row["states"] = [], [[]]
+
+
+def _id_equal_to_vocab(row, vocab):  # in the fixed point and its last state, so nothing else is off
+    row["fixed_point"][0] = row["states"][-1][0] = vocab
+
+
+# Edits of line 2 of shard 0 (prompt 0, chunk 1: 4 tokens generated before it), and the field named.
+EDITS = {
+    "id 1e12": (_set_token("prompt_ids", 3, lambda vocab: 10**12), "prompt_ids[3]"),
+    "float id": (_set_token(("states", 0), 1, lambda vocab: 1e12), "states[0][1]"),
+    "id = vocab": (_id_equal_to_vocab, "fixed_point[0]"),
+    "negative label": (_set("label_ids", [-1]), "label_ids[0]"),
+    "no states": (_set("states", []), "states"),
+    "short state": (lambda row, vocab: row["states"][0].pop(), "states[0]"),
+    "negative prompt length": (_set("prompt_length", -3), "prompt_length"),
+    "prompt length past prompt": (
+        lambda row, vocab: row.update(prompt_length=len(row["prompt_ids"]) + 1),
+        "prompt_length",
+    ),
+    "bool prompt length": (_set("prompt_length", True), "prompt_length"),
+    "fixed point not last state": (
+        lambda row, vocab: row["fixed_point"].append(row["fixed_point"].pop() ^ 1),
+        "fixed_point",
+    ),
+    "empty chunk": (_empty_chunk, "fixed_point"),
+    "prompt of another batch": (_set("prompt_index", 5), "prompt_index"),
+    "negative chunk": (_set("chunk_index", -1), "chunk_index"),
+    "chunk past its context": (_set("chunk_index", 9), "chunk_index"),
+    "past max_new_tokens": (lambda row, vocab: row["prompt_ids"].extend([5] * MAX_NEW), "prompt_ids"),
+    "missing field": (lambda row, vocab: row.pop("label_ids"), "label_ids"),
+    "not JSON": (lambda row, vocab: '{"prompt_index": 0,', None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_edited_shard_is_refused_naming_file_line_and_field(tmp_path, tokenizer, prompts, name):
+    out_dir = tmp_path / "data"
+    dataset = _collect(_model(tokenizer), tokenizer, prompts, out_dir, eos_token_id=[])  # batches of 4 prompts
+    vocab = len(tokenizer)  # the model's embedding rows
+    shard = out_dir / "shards" / "batch-000000.jsonl"
+    assert json.loads(shard.read_text().splitlines()[1]) == dataset[1]  # the row edited below is valid
+    edit, field = EDITS[name]
+    _edit_line(shard, 2, lambda row: edit(row, vocab))
+    expected = r"batch-000000\.jsonl:2: " + (f"field '{re.escape(field)}'" if field else "not valid JSON")
+    with pytest.raises(ValueError, match=expected):
+        collect_module.assemble_dataset(out_dir)
+
+
+def test_shard_with_other_sample_count_is_refused(tmp_path, tokenizer, prompts):
+    out_dir = tmp_path / "data"
+    _collect(_model(tokenizer), tokenizer, prompts, out_dir, eos_token_id=[])
+    shard = out_dir / "shards" / "batch-000001.jsonl"
+    recorded = len(shard.read_text().splitlines())
+    shard.write_text("".join(shard.read_text().splitlines(keepends=True)[1:]))  # a row lost
+    with pytest.raises(
+        ValueError, match=rf"batch-000001\.jsonl: holds {recorded - 1} samples, the manifest records {recorded}"
+    ):
+        collect_module.assemble_dataset(out_dir)
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"batch-000001\.jsonl: the manifest lists batch 1 but its shard is missing"):
+        collect_module.assemble_dataset(out_dir)
+
+
+def test_resume_validates_recorded_shards_before_decoding(tmp_path, tokenizer, prompts, monkeypatch):
+    model, out_dir = _model(tokenizer), tmp_path / "data"
+    calls = []
+    original = collect_module.JacobiEngine.generate
+
+    def dies_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module.JacobiEngine, "generate", dies_on_second_batch)
+    with pytest.raises(_Killed):
+        _collect(model, tokenizer, prompts, out_dir, eos_token_id=[], batch_size=2)
+    _edit_line(out_dir / "shards" / "batch-000000.jsonl", 1, lambda row: row.update(prompt_length=-3))
+    calls.clear()
+    with pytest.raises(ValueError, match=r"batch-000000\.jsonl:1: field 'prompt_length'"):
+        _collect(model, tokenizer, prompts, out_dir, eos_token_id=[], batch_size=2)
+    assert calls == []  # nothing decoded
+
+
+def test_weights_sha256():
+    model = tiny_model("llama", vocab_size=64)
+    digest = collect_module.weights_sha256(model)
+    assert len(digest) == 64 and digest == collect_module.weights_sha256(model)
+    same = tiny_model("llama", vocab_size=64)
+    same.load_state_dict(model.state_dict())
+    assert collect_module.weights_sha256(same) == digest  # the weights, not the object
+    with torch.no_grad():
+        weight = same.model.layers[1].mlp.down_proj.weight
+        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(float("inf")))  # one ulp of one weight
+    assert collect_module.weights_sha256(same) != digest
+    assert collect_module.weights_sha256(model.to(torch.bfloat16)) not in (digest, collect_module.weights_sha256(same))
+
+
+def test_resume_refuses_a_model_with_other_weights(tmp_path, tokenizer, prompts):
+    model, out_dir = _model(tokenizer), tmp_path / "data"
+    _collect(model, tokenizer, prompts[:2], out_dir, eos_token_id=[])
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0  # retrained in place
+    with pytest.raises(ValueError) as refused:
+        _collect(model, tokenizer, prompts[:2], out_dir, eos_token_id=[])
+    config = json.loads((out_dir / "manifest.json").read_text())["config"]
+    assert config["vocab_size"] == len(tokenizer)
+    recorded, changed = config["model_sha256"], collect_module.weights_sha256(model)
+    assert re.search(rf"sha256 {recorded}.*sha256 {changed}.*new --out", str(refused.value))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] -= 1.0
+    assert collect_module.weights_sha256(model) == recorded
+    _collect(model, tokenizer, prompts[:2], out_dir, eos_token_id=[])  # the original weights resume
+
+
+def test_version_1_manifest_resumes_with_a_warning(tmp_path, tokenizer, prompts, monkeypatch):
+    model = _model(tokenizer)
+    reference = _collect(model, tokenizer, prompts, tmp_path / "reference", eos_token_id=[], batch_size=2)
+    calls = []
+    original = collect_module.JacobiEngine.generate
+
+    def dies_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module.JacobiEngine, "generate", dies_on_second_batch)
+    out_dir = tmp_path / "data"
+    with pytest.raises(_Killed):
+        _collect(model, tokenizer, prompts, out_dir, eos_token_id=[], batch_size=2)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    for key in ("vocab_size", "model_sha256"):  # as the code before weights were recorded wrote it
+        manifest["config"].pop(key, None)
+    manifest["config"]["version"] = 1
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    calls.append(1)  # never die again
+    with pytest.warns(UserWarning, match="predate"):
+        resumed = _collect(model, tokenizer, prompts, out_dir, eos_token_id=[], batch_size=2)
+    assert resumed.to_list() == reference.to_list()
+    config = json.loads((out_dir / "manifest.json").read_text())["config"]
+    assert config["version"] == 2 and config["model_sha256"] == collect_module.weights_sha256(model)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from jacobi_engine.training.trainer import LR_ANCHORS, default_learning_rate
+from jacobi_engine.training.recipe import LR_ANCHORS, default_learning_rate
 
 
 def test_anchors_and_clipping():

@@ -28,7 +28,7 @@ from models import tiny_model
 
 from jacobi_engine.training import toy
 from jacobi_engine.training.collect import collect_trajectories
-from jacobi_engine.training.trainer import train_consistency
+from jacobi_engine.training.recipe import train_consistency
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "distributed_worker.py"

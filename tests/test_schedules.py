@@ -10,8 +10,8 @@ from models import tiny_model
 
 from jacobi_engine.training import toy
 from jacobi_engine.training.collect import collect_trajectories
+from jacobi_engine.training.recipe import train_consistency
 from jacobi_engine.training.schedules import draw_state_index, wrong_tokens
-from jacobi_engine.training.trainer import train_consistency
 
 # Noise (wrong tokens vs the fixed point [1, 2, 3, 4]) of the intermediate states: 3, 2, 3, 1, 1;
 # state 4 is wrong in its last slot only, which the consistency loss never covers.

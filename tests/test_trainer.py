@@ -16,12 +16,8 @@ from models import tiny_model
 from jacobi_engine import cli
 from jacobi_engine.training import toy
 from jacobi_engine.training.collect import collect_trajectories
-from jacobi_engine.training.trainer import (
-    ConsistencyTrainer,
-    TrajectoryCollator,
-    pick_states,
-    train_consistency,
-)
+from jacobi_engine.training.recipe import train_consistency
+from jacobi_engine.training.trainer import ConsistencyTrainer, TrajectoryCollator, pick_states
 
 BLOCK = 4
 

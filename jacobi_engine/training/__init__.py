@@ -20,8 +20,9 @@ from jacobi_engine.training.losses import (
     masked_kl,
 )
 from jacobi_engine.training.packing import PackedCollator, PackedConsistencyTrainer, group_by_prompt, packed_losses
+from jacobi_engine.training.recipe import train_consistency
 from jacobi_engine.training.rounds import run_rounds
-from jacobi_engine.training.trainer import ConsistencyTrainer, TrajectoryCollator, train_consistency
+from jacobi_engine.training.trainer import ConsistencyTrainer, TrajectoryCollator
 
 __all__ = [
     "ConsistencyTrainer",

@@ -4,7 +4,8 @@
     jacobi-engine train --model DIR --data DATA --out CLLM --loss global --ar-weight 10 --max-steps 1000 \
         --learning-rate 2e-5
 
-Both resume when rerun with the same arguments (``train`` with ``--resume``).
+Both resume when rerun with the same arguments (``train`` with ``--resume``). ``train`` refuses a
+non-empty ``--out`` unless ``--resume`` or ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from jacobi_engine import models
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     trainer = train_consistency(
         models.resolve(args.model),
@@ -94,6 +95,7 @@ def _train(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         lora=args.lora,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -185,6 +187,12 @@ def register(subparsers) -> None:
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run saved in a non-empty --out (its checkpoints are deleted first); without it or "
+        "--resume a non-empty --out is refused",
+    )
     train.add_argument("--lora", action="store_true", help="train LoRA adapters (peft), merged into the saved model")
     train.add_argument("--lora-r", type=int, default=16)
     train.add_argument("--lora-alpha", type=int, default=32)

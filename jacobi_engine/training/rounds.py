@@ -60,7 +60,7 @@ def run_rounds(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jacobi_engine.training.collect import collect_trajectories
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")

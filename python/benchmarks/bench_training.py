@@ -100,7 +100,7 @@ def collect(args, data_dir: Path) -> tuple[int, int]:
 
 
 def train_run(args, data_dir: Path, packing: bool, out: Path) -> dict:
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     timer = StepTimer()
 

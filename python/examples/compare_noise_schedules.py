@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from jacobi_engine.domains import get_domain
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     torch.set_num_threads(args.threads)
     done = json.loads((args.round / "done.json").read_text())

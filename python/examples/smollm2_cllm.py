@@ -118,7 +118,7 @@ def _collect(args) -> dict:
 
 def _train(args) -> dict:
     from jacobi_engine import models
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     here = args.out / f"round-{args.round}"
     adapter = None if args.round == 0 else args.out / f"round-{args.round - 1}" / "cllm" / "adapter"

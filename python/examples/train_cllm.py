@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from jacobi_engine import JacobiEngine
     from jacobi_engine.gsm8k import format_prompt, load_jsonl_gz, repo_data_path
     from jacobi_engine.training.collect import collect_trajectories
-    from jacobi_engine.training.trainer import train_consistency
+    from jacobi_engine.training.recipe import train_consistency
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         save_steps=max(50, args.max_steps // 4),
         logging_steps=10,
         seed=args.seed,
-        resume=(out / "cllm").exists() and any((out / "cllm").glob("checkpoint-*")),
+        resume=True,  # a rerun continues (or, with no checkpoint yet, starts) the run in OUT/cllm
         packing=args.packing,
     )
     timings["train_seconds"] = time.perf_counter() - phase

@@ -276,6 +276,18 @@ def greedy_accuracy(model, tokenizer, records: list[dict], batch_size: int, max_
     }
 
 
+def save_state(checkpoint_dir: Path, state: dict) -> None:
+    """Write the resume state (tensors, numbers, lists and dicts of them) to ``checkpoint_dir/state.pt``."""
+    torch.save(state, checkpoint_dir / "state.pt.tmp")
+    (checkpoint_dir / "state.pt.tmp").replace(checkpoint_dir / "state.pt")  # atomic: a kill keeps the last one
+
+
+def load_state(checkpoint_dir: Path) -> dict:
+    """Read ``checkpoint_dir/state.pt`` with ``weights_only=True``: the state holds only tensors and plain
+    containers of numbers, so unpickling anything else (code a crafted file would run) is refused."""
+    return torch.load(checkpoint_dir / "state.pt", weights_only=True)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -297,7 +309,7 @@ def main() -> None:
     if (checkpoint_dir / "state.pt").exists():
         # The tokenizer is loaded, not retrained: the checkpoint's weights belong to its ids.
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint_dir))
-        resume_state = torch.load(checkpoint_dir / "state.pt", weights_only=False)
+        resume_state = load_state(checkpoint_dir)
         log(f"resuming from {checkpoint_dir} at step {resume_state['step']}")
     else:
         tokenizer = train_tokenizer(train_texts, args.vocab_size)
@@ -444,8 +456,7 @@ def main() -> None:
                 "seconds": time.perf_counter() - train_started,
                 "cpu_seconds": time.process_time() - train_cpu_started,
             }
-            torch.save(state, checkpoint_dir / "state.pt.tmp")
-            (checkpoint_dir / "state.pt.tmp").replace(checkpoint_dir / "state.pt")  # atomic: a kill keeps the last one
+            save_state(checkpoint_dir, state)
             log(f"checkpoint at step {step + 1} in {checkpoint_dir}")
     steps_done = step + 1 if not stopped_early else step
     train_seconds = time.perf_counter() - train_started
