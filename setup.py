@@ -2,7 +2,7 @@
 
 This file is the single source of truth for what goes into the extension: the source list,
 the flags and the CUDA decision below. (CMakeLists.txt has a different job: it builds the
-torch-free C++ unit tests of csrc/verify_commit.h; see the README.)
+torch-free C++ unit tests of csrc/verify_commit.h; see docs/architecture.md.)
 
 The C++ CPU ops are always built. The CUDA sources are compiled and linked whenever nvcc and a
 CUDA build of torch are present, with or without a GPU. JACOBI_ENGINE_CUDA=1 makes a missing

@@ -14,7 +14,7 @@ take effect) and sorted into one outcome:
 - ``wrong``: accepted, but different tokens; ``crashed``: accepted, then ``generate`` raised.
 
 The test fails on any ``wrong`` or ``crashed``. ``python tests/test_arch_sweep.py`` prints the
-table the README's "Architecture coverage" section carries.
+tables docs/models.md carries.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _reason(outcome: str, detail: str) -> str:
 
 
 def markdown(results) -> str:
-    """The README table: one row per outcome and reason, with the model types."""
+    """The docs/models.md table: one row per outcome and reason, with the model types."""
     groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for name, (outcome, detail) in sorted(results.items()):
         groups[(outcome, "" if outcome == "exact" else _reason(outcome, detail))].append(name)

@@ -1,4 +1,4 @@
-"""A tiny offline model, tokenizer and prompt set, for smoke tests and the README walk-through.
+"""A tiny offline model, tokenizer and prompt set, for smoke tests and the walk-through in docs/training.md.
 
 Nothing here is downloaded: the tokenizer is a small BPE trained with the ``tokenizers``
 library on the Python standard library's own source, and the model is a randomly initialised

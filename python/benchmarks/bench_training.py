@@ -1,6 +1,6 @@
 """Consistency-training throughput: packed rows against one row per sample, on the same data, in one run.
 
-    python python/benchmarks/bench_training.py --json benchmarks_results/bench_training.json
+    python python/benchmarks/bench_training.py --json docs/results/bench_training.json
 
 Data: the shipped GSM8K teacher's trajectories (n=16, up to 256 new tokens) on ``--prompts`` train
 questions (the first of train_cllm.py's seeded shuffle), collected once into ``--data`` (resumable).

@@ -1,7 +1,7 @@
-"""Progressive against random noise on the GSM8K v2 pair (issue 12, point 2), same data, same steps.
+"""Progressive against random noise on the GSM8K v2 pair, same data, same steps.
 
     python python/examples/compare_noise_schedules.py --teacher runs/v2/gsm8k/teacher \
-        --round runs/v2/gsm8k/cllm/round-0 --out runs/v2/gsm8k/schedules --json benchmarks_results/noise_schedules_gsm8k.json
+        --round runs/v2/gsm8k/cllm/round-0 --out runs/v2/gsm8k/schedules --json docs/results/noise_schedules_gsm8k.json
 
 Takes round 0 of ``train_cllm_rounds.py`` (trajectories the teacher collected, and the CLLM trained
 on them with ``--noise-schedule random``), trains a second CLLM from the teacher on the very same

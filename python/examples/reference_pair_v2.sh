@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reference pair v2 (issue 12): teacher, R on-policy rounds of collect + packed consistency training,
+# Reference pair v2: teacher, R on-policy rounds of collect + packed consistency training,
 # shipping. Every stage resumes when this script (or the one stage's command) is rerun after a kill:
 #   teacher  -> OUT/teacher/checkpoint/ every 200 steps (train_teacher.py)
 #   rounds   -> OUT/cllm/round-r/{data,cllm,done.json}: collection per batch, training per checkpoint
@@ -8,9 +8,9 @@
 #   bash python/examples/reference_pair_v2.sh gsm8k        # or: code
 #   RUNS=/work/runs/v2 THREADS=1 bash python/examples/reference_pair_v2.sh gsm8k teacher   # one stage
 #
-# Budget (issue 12): 3 hours on 2 cores for teacher + CLLM, each stage under about 80 minutes.
+# Budget: 3 hours on 2 cores for teacher + CLLM, each stage under about 80 minutes.
 # The teacher is 4.2M parameters (d=256, 6 layers, GQA 8/2), stored in bfloat16 (8.4 MB) and run by
-# the engine in float32 on CPU; 4 epochs. Timings measured so far are in the README (Reference CLLM).
+# the engine in float32 on CPU; 4 epochs. Timings measured so far are in docs/reference-models.md.
 set -euo pipefail
 
 DOMAIN=${1:?usage: reference_pair_v2.sh gsm8k|code [teacher|cllm|ship|all]}

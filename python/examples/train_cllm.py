@@ -7,9 +7,9 @@ Steps (everything seeded):
    prompt format, with the reference answers as ground-truth labels;
 2. ``collect_trajectories``: the teacher decodes them with the engine in chunked mode (block
    ``--block-size``, random-prompt initial guesses, batched, KV-cached) and every state of every
-   chunk is saved (issue 4's collector);
+   chunk is saved (the collector of ``jacobi-engine collect``);
 3. ``train_consistency``: global consistency loss + AR loss (``--ar-weight``, 5) on ground-truth answers
-   drawn from the WHOLE train split (issue 4's trainer with ``ar_data``: with a few hundred
+   drawn from the WHOLE train split (the trainer of ``jacobi-engine train`` with ``ar_data``: with a few hundred
    collected prompts, an AR term on their own answers memorises them and the held-out perplexity
    rises), ``--max-steps`` steps of ``--batch-size`` samples;
 4. a quick check on ``--dev`` other TRAIN questions: tokens per forward of teacher and CLLM

@@ -1,10 +1,10 @@
 """Measure `jacobi-engine train` settings the way a new user runs it: fresh tiny model, CLI defaults.
 
     python python/examples/tune_defaults.py --out /tmp/tune --steps 300 \\
-        --learning-rates 2e-5 1e-3 --schedules random progressive --json benchmarks_results/tune_defaults.json
+        --learning-rates 2e-5 1e-3 --schedules random progressive --json docs/results/tune_defaults.json
 
 For each model seed: the toy setup (a random 2-layer Llama, BPE tokenizer on stdlib source, 8
-prompts written 16 times), ``jacobi-engine collect`` (block 8, 32 new tokens, no EOS: the README's
+prompts written 16 times), ``jacobi-engine collect`` (block 8, 32 new tokens, no EOS: docs/training.md's
 toy command), then for every (learning rate, noise schedule, packing) one ``jacobi-engine train``
 with every other option at its default apart from ``--max-steps``. Each CLLM is measured on the 8
 prompts with random initial guesses the training never saw (engine seeds 1000-1002, chunked mode):
