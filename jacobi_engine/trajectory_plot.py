@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from jacobi_engine.trajectory import BlockTrajectory
 
 ACCEPTED, STATIONARY, TRANSIENT, WRONG = "accepted", "stationary", "correct, later changed", "wrong"
@@ -104,12 +102,10 @@ def _token_labels(tokenizer, states: list[list[int]]) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jacobi_engine import JacobiEngine
+    from jacobi_engine import JacobiEngine, models
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32).eval()
+    model, tokenizer = models.load(args.model)
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     engine = JacobiEngine(model, block_size=args.block_size, mode="chunked", init=args.init, seed=args.seed)
     out = engine.generate(input_ids, max_new_tokens=args.max_new_tokens, record_trajectory=True)
@@ -127,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("trajectory", help="draw one Jacobi trajectory of a local model as a PNG")
-    parser.add_argument("--model", required=True, help="a local Hugging Face causal LM directory")
+    parser.add_argument(
+        "--model", required=True, help="a named model (jacobi_engine.models), a local model folder or a hub id"
+    )
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--block-size", type=int, default=16)

@@ -16,6 +16,9 @@ Rows (batch size 1, greedy, the same questions for every row; each model is run 
     engine_jacobi        JacobiEngine(block_size=n)
     engine_jacobi_ngram  JacobiEngine(block_size=n, init="ngram")
     engine_pool          JacobiEngine(block_size=n, init="ngram", candidates=k, candidate_len=g)  (--pool K G)
+    engine_auto          JacobiEngine(block_size="auto", candidates="auto", init="ngram"): the step shape chosen
+                         per sync from the measured costs (compiled: blocks 1/4/16 x candidates 0/k); the
+                         shapes chosen over the timed calls are in the JSON (``shapes_chosen``)
 Every engine row runs twice, eagerly ("compile": false) and with JacobiEngine(compile=True) ("compile": true).
 Compiled rows (HF's and ours) are warmed up on the longest prompt first, so that the timed loop
 reuses one graph; ``recompiles`` counts the graphs dynamo still compiled during the timed loop.
@@ -198,6 +201,19 @@ class Method:
             self.engine = JacobiEngine(
                 model, block_size=block_size, init="ngram", candidates=k, candidate_len=g, compile=compile
             )
+        elif name == "engine_auto":
+            # The step shape chosen per sync from the measured costs; compiled, a small fixed set of graphs.
+            counts = (0, pool[0]) if compile else None
+            self.engine = JacobiEngine(
+                model,
+                block_size="auto",
+                candidates="auto",
+                candidate_counts=counts,
+                candidate_len=pool[1],
+                init="ngram",
+                compile=compile,
+            )
+        self.shapes: dict = {}  # engine_auto: the shapes chosen over the timed calls
         self.extra = {}
         if name == "hf_prompt_lookup":
             self.extra = {"prompt_lookup_num_tokens": 10}
@@ -218,6 +234,10 @@ class Method:
             out = self.engine.generate(
                 input_ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad
             )
+            for shape, used in (out.stats.shapes or {}).items():
+                total = self.shapes.setdefault(shape, {"decisions": 0, "forwards": 0})
+                total["decisions"] += used["decisions"]
+                total["forwards"] += used["forwards"]
             return out.sequences[0, input_ids.shape[1] :].tolist(), out.stats.forward_passes
         # The hook is attached only around HF's own calls: present while a step is compiled, it would be
         # traced into the graph, whose guard on its Python counter then fails at every step.
@@ -251,6 +271,8 @@ def run_methods(
     for key, method in methods.items():
         # Warm-up (and compile); compiled rows on the longest prompt so that caches are sized once.
         method(longest if (key[2] or method.extra.get("cache_implementation")) else prompts[0])
+    for method in methods.values():
+        method.shapes.clear()  # count the timed calls only
     results = {key: ([], 0.0, 0, 0) for key in plan}
     for input_ids in prompts:
         for key, method in methods.items():
@@ -266,7 +288,11 @@ def run_methods(
                 calls + forwards,
                 recompiles + counters["stats"]["unique_graphs"] - graphs,
             )
+    SHAPES_CHOSEN.update({key: dict(method.shapes) for key, method in methods.items() if method.shapes})
     return results
+
+
+SHAPES_CHOSEN: dict = {}  # (method, model, compile) -> {shape: decisions, forwards} of engine_auto rows
 
 
 SAMPLING_METHODS = (
@@ -439,6 +465,11 @@ def main(argv=None) -> int:
         "--sampling", choices=("on", "only", "off"), default="on", help="the sampling rows: with, only, or without"
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="only these rows (hf_greedy and hf_prompt_lookup always run: the speedups need them)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
@@ -497,6 +528,8 @@ def main(argv=None) -> int:
         ("engine_jacobi_ngram", "teacher", True),
         ("engine_pool", "teacher", False),
         ("engine_pool", "teacher", True),
+        ("engine_auto", "teacher", False),
+        ("engine_auto", "teacher", True),
         # The CLLM's own greedy output: its baseline and the reference for agreement.
         ("hf_greedy", "cllm", False),
         ("hf_prompt_lookup", "cllm", False),
@@ -507,7 +540,11 @@ def main(argv=None) -> int:
         ("engine_jacobi_ngram", "cllm", True),
         ("engine_pool", "cllm", False),
         ("engine_pool", "cllm", True),
+        ("engine_auto", "cllm", False),
+        ("engine_auto", "cllm", True),
     ]
+    if args.methods:
+        plan = [entry for entry in plan if entry[0] in (*args.methods, "hf_greedy", "hf_prompt_lookup")]
     if args.no_compile:
         plan = [entry for entry in plan if not entry[2]]
     results = run_methods(plan, models, tokenizer, prompts, args.max_new_tokens, block_size, tuple(args.pool))
@@ -538,6 +575,7 @@ def main(argv=None) -> int:
                 tokens=tokens,
                 seconds=seconds,
                 forwards=calls,
+                shapes_chosen=SHAPES_CHOSEN.get((method, model_name, compiled)),
             )
         )
     rate = {

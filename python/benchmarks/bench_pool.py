@@ -23,7 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import ForwardCounter, fit_context, load_records, max_positions, model_dir  # sys.path: this folder
+from bench_generate import (  # sys.path: this folder
+    ForwardCounter,
+    fit_context,
+    format_chat,
+    load_records,
+    max_positions,
+    model_dir,
+)
 
 from jacobi_engine import JacobiEngine, build_info, domains
 
@@ -101,9 +108,13 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32).eval()
     limit = max_positions({"model": model})
-    records, skipped = fit_context(load_records(None, domain), tokenizer, args.max_new_tokens, limit, answers=False)
+    records = load_records(None, domain)
+    format_chat(records, tokenizer, domain)
+    records, skipped = fit_context(
+        records, tokenizer, args.max_new_tokens, limit, answers=False, add_special_tokens=not domain.chat
+    )
     records = records[: args.limit]
-    prompts = [tokenizer(r["prompt"], return_tensors="pt").input_ids for r in records]
+    prompts = [domain.encode(tokenizer, r["prompt"], return_tensors="pt") for r in records]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     greedy, greedy_seconds, _ = run(model, prompts, args.max_new_tokens, eos, pad, None)
     greedy_tokens = sum(len(o) for o in greedy)

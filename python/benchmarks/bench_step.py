@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=("teacher", "llama1b"), default=None)
+    parser.add_argument("--model", choices=("teacher", "llama1b", "smollm2"), default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prefix", type=int, default=None, help="prompt tokens (default: 64 on CPU, 512 on CUDA)")
     parser.add_argument("--steps", type=int, default=64)
@@ -92,7 +92,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     model_name = args.model or ("llama1b" if device.type == "cuda" else "teacher")
     prefix = args.prefix or (512 if device.type == "cuda" else 64)
-    model = llama_1b(device) if model_name == "llama1b" else shipped_teacher(device)
+    if model_name == "smollm2":
+        from jacobi_engine import models
+
+        model = models.load("smollm2-135m-instruct", device=device)[0]
+    else:
+        model = llama_1b(device) if model_name == "llama1b" else shipped_teacher(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     weight_read_seconds = None
     if device.type == "cuda":
