@@ -45,6 +45,9 @@ class JacobiCache(Cache):
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
         # A constant 2-D attention mask for models that want one; see prefill.ModelForward.
         self.ones_mask = torch.ones(batch_size, max_seq_len, dtype=torch.long, device=self.device)
+        # A 4-D placeholder mask: transformers' mask creation returns a 4-D mask as given, so an engine
+        # forward builds no mask at all (our attention masks by cache_seqlens and never reads it).
+        self.no_mask = torch.ones(batch_size, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._scratch()
         self.parent: tuple[JacobiCache, int, int] | None = None  # (cache, start, stop) of a row view
 
@@ -61,6 +64,7 @@ class JacobiCache(Cache):
         )
         view.cache_seqlens = self.cache_seqlens[start:stop]
         view.ones_mask = self.ones_mask[start:stop]
+        view.no_mask = self.no_mask[start:stop]
         view._scratch()
         view.parent = (self, start, stop)
         return view

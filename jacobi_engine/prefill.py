@@ -43,7 +43,7 @@ class ModelForward:
         kwargs = {
             self.info.cache_keyword: cache,
             "position_ids": positions,
-            "attention_mask": cache.ones_mask,
+            "attention_mask": cache.no_mask,
             "use_cache": True,
         }
         self.kept = logits_to_keep is not None and self.info.accepts_logits_to_keep
