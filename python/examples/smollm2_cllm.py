@@ -147,6 +147,43 @@ def _train(args) -> dict:
     return {"steps": trainer.state.global_step, "final_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
+def _dev(args) -> dict:
+    """Plain-Jacobi tokens per forward (n=16) and greedy agreement with the base model on train prompts
+    used by no round (the last --dev lines of the shuffle), for the base model and each round's CLLM."""
+    import torch
+
+    from jacobi_engine import JacobiEngine, models
+
+    lines = (args.out / "prompts.jsonl").read_text().splitlines()[-args.dev :]
+    records = [json.loads(line) for line in lines]
+    names = {"base": BASE} | {
+        f"round{r}": str(args.out / f"round-{r}" / "cllm")
+        for r in range(args.round + 1)
+        if (args.out / f"round-{r}" / "cllm" / "config.json").exists()
+    }
+    result, outputs = {}, {}
+    for label, name in names.items():
+        model, tokenizer = models.load(name, progress=False)
+        engine = JacobiEngine(model, block_size=args.block_size, seed=1000)  # guesses unseen in training
+        tokens = forwards = 0
+        outputs[label] = []
+        for record in records:
+            ids = torch.tensor([tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]])
+            out = engine.generate(ids, max_new_tokens=args.dev_tokens)
+            tokens += out.stats.tokens_generated
+            forwards += out.stats.forward_passes
+            outputs[label].append(out.sequences[0, ids.shape[1] :].tolist())
+        result[f"{label}_tokens_per_forward"] = tokens / forwards
+        same = sum(a == b for x, y in zip(outputs["base"], outputs[label]) for a, b in zip(x, y))
+        result[f"{label}_greedy_tokens_unchanged"] = same / max(1, sum(len(x) for x in outputs["base"]))
+        print(label, json.dumps({k: v for k, v in result.items() if k.startswith(label)}), flush=True)
+    metrics_path = args.out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics[f"dev_after_round_{args.round}"] = dict(result, prompts=len(records), new_tokens=args.dev_tokens)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return result
+
+
 def _ship(args) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -183,7 +220,7 @@ def _ship(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prompts", "collect", "train", "ship"))
+    parser.add_argument("stage", choices=("prompts", "collect", "train", "dev", "ship"))
     parser.add_argument("--out", type=Path, required=True, help="run folder (outside the repo)")
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--prompts-per-round", type=lambda s: [int(x) for x in s.split(",")], default=[320, 240])
@@ -198,6 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--lora-r", type=int, default=32)
+    parser.add_argument("--dev", type=int, default=8, help="dev prompts (the last of the shuffle, in no round)")
+    parser.add_argument("--dev-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -210,7 +249,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_started = usage.ru_utime + usage.ru_stime
-    stage = {"prompts": _prompts, "collect": _collect, "train": _train, "ship": _ship}[args.stage]
+    stage = {"prompts": _prompts, "collect": _collect, "train": _train, "dev": _dev, "ship": _ship}[args.stage]
     result = stage(args)
     name = args.stage if args.stage == "prompts" else f"{args.stage}-round-{args.round}"
     _log_stage(args.out, name, started, cpu_started, **result)

@@ -24,6 +24,8 @@ fi
 stage prompts
 stage collect 0   # trajectories of the base model (bf16, chunked mode, n=16, 192 new tokens), 320 prompts
 stage train 0     # 160 steps of 8 prompts, LoRA r=32 on every linear layer, global loss + 10 x AR
+stage dev 0       # plain-Jacobi tokens/forward of base and round 0 on 8 train prompts no round uses
 stage collect 1   # trajectories of round 0's CLLM on 240 fresh prompts
 stage train 1     # 120 more steps, continuing round 0's adapter
+stage dev 1
 stage ship 1
