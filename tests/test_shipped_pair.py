@@ -91,7 +91,7 @@ def test_cllm_accepts_more_tokens_and_keeps_perplexity(pair):
 
 def test_demo_runs_the_shipped_pair(capsys):
     assert torch.is_grad_enabled()
-    assert cli.main(["demo", "--max-new-tokens", "24"]) == 0
+    assert cli.main(["demo", "--pair", "gsm8k", "--max-new-tokens", "24"]) == 0
     assert torch.is_grad_enabled(), "the demo must not switch autograd off for its caller"
     out = capsys.readouterr().out
     assert "shipped GSM8K pair" in out
