@@ -15,11 +15,11 @@
 
 ``sample_verify_and_commit``  exact speculative sampling over the block + the same commit (csrc/,
     ``torch.ops.jacobi_engine.sample_verify_and_commit``); backends as verify_and_commit's, the
-    reference being :func:`jacobi_engine.sampling.sample_verify_and_commit`.
+    reference being :func:`jacobi_engine.sampling_reference.sample_verify_and_commit`.
 
 ``sample_tree_verify_and_commit``  the same over a token tree of candidate branches (SpecInfer-style
     multi-candidate verification; ``torch.ops.jacobi_engine.sample_tree_verify_and_commit``), the
-    reference being :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
+    reference being :func:`jacobi_engine.sampling_reference.sample_tree_verify_and_commit`.
 
 Swapping a kernel means editing this file only; the decoding loop calls these functions.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jacobi_engine import _ext, reference  # _ext loads _C, which registers torch.ops.jacobi_engine.*
+from jacobi_engine import _ext, reference, sampling_reference  # _ext loads _C: registers torch.ops.jacobi_engine.*
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 VERIFY_BACKENDS = ("auto", "native", "torch")
@@ -105,8 +105,8 @@ def resolve_verify_backend(backend: str, device: torch.device | str, graph_safe:
     :func:`verify_backend_warning`). ``"native"`` where nothing was compiled raises ValueError naming
     the setting (the dispatcher would raise NotImplementedError at the first verify). ``"torch"`` stays.
     ``graph_safe``: the caller captures or compiles the step. Every torch path is graph-safe (the tree
-    sampling verify included: :func:`jacobi_engine.sampling.sample_tree_verify_and_commit` has no host
-    reads), so it does not change the answer; it is part of the contract for callers that need it.
+    sampling verify included: :func:`jacobi_engine.sampling_reference.sample_tree_verify_and_commit` has
+    no host reads), so it does not change the answer; it is part of the contract for callers that need it.
     """
     _check_choice("verify_backend", backend, VERIFY_BACKENDS)
     del graph_safe  # every resolution below is graph-safe
@@ -462,7 +462,7 @@ def sample_verify_and_commit(
     target: CommitTarget,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exact sampling verify + commit; see :func:`jacobi_engine.sampling.sample_verify_and_commit`.
+    """Exact sampling verify + commit; see :func:`jacobi_engine.sampling_reference.sample_verify_and_commit`.
 
     ``probs`` float32 [B, n, V]; ``block``/``fill`` int64 [B, n]; the drafts' state in ``sampling``,
     the commit in ``target``. ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or
@@ -470,8 +470,6 @@ def sample_verify_and_commit(
     ``n_accepted`` int32 [B].
     """
     if _verify_backend(backend, block.device) == "torch":
-        from jacobi_engine import sampling as sampling_reference
-
         return sampling_reference.sample_verify_and_commit(probs, block, fill, sampling, target)
     return torch.ops.jacobi_engine.sample_verify_and_commit(probs, block, fill, *sampling.op_args(), *target.op_args())
 
@@ -493,7 +491,7 @@ def sample_tree_verify_and_commit(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact sampling over the token tree [block | candidate branches] + the commit of the winning path;
-    see :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
+    see :func:`jacobi_engine.sampling_reference.sample_tree_verify_and_commit`.
 
     ``probs`` float32 [B, n + k * g, V], ``block`` int64 [B, n], ``candidates`` int64 [B, k, g], ``usable``
     bool [B, k], ``row``/``fill`` int64 [B, max(n, g + 1)]. ``backend``: ``"native"`` (C++ on CPU, CUDA on
@@ -501,8 +499,6 @@ def sample_tree_verify_and_commit(
     Returns (``n_accepted`` int32 [B], ``winner`` int64 [B], -1 where the block won).
     """
     if _verify_backend(backend, block.device) == "torch":
-        from jacobi_engine import sampling as sampling_reference
-
         return sampling_reference.sample_tree_verify_and_commit(
             probs, block, candidates, usable, row, fill, sampling, target
         )
