@@ -18,7 +18,7 @@ from jacobi_engine import reference
 from jacobi_engine.sampling import lane_totals, positive_weights, sample_lane_order, slot_uniforms
 
 if TYPE_CHECKING:
-    from jacobi_engine.ops import CommitTarget, SamplingState
+    from jacobi_engine.op_args import CommitTarget, SamplingState
 
 
 def _tree_path_node(n: int, g: int, path: int, depth: int) -> int:

@@ -17,7 +17,7 @@ from jacobi_engine import reference
 from jacobi_engine.sampling import lane_totals, positive_weights, sample_lane_order, slot_uniforms
 
 if TYPE_CHECKING:
-    from jacobi_engine.ops import CommitTarget, SamplingState
+    from jacobi_engine.op_args import CommitTarget, SamplingState
 
 
 def sample_verify_and_commit(
@@ -26,7 +26,7 @@ def sample_verify_and_commit(
     """One exact sampling verification and commit, for every sequence of the batch.
 
     ``probs`` float32 [B, n, V]: slot ``i``'s target distribution (weights, normalised here).
-    ``sampling`` (:class:`jacobi_engine.ops.SamplingState`): the drafts' proposals and kinds, the chunk's
+    ``sampling`` (:class:`jacobi_engine.op_args.SamplingState`): the drafts' proposals and kinds, the chunk's
     verified prefix ``n_fixed`` and the Philox counter. ``block``, ``fill`` and ``target`` are
     :func:`jacobi_engine.reference.verify_and_commit`'s, updated the same way.
 

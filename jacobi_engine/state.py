@@ -150,7 +150,7 @@ class StepState:
     # fmt: on
 
     def commit(self, chunked: bool):
-        """The verify ops' :class:`~jacobi_engine.ops.CommitTarget` over this state's tensors, built once
+        """The verify ops' :class:`~jacobi_engine.op_args.CommitTarget` over this state's tensors, built once
         per commit mode."""
         from jacobi_engine import ops
 
@@ -169,7 +169,7 @@ class StepState:
         return targets[chunked]
 
     def sampling_state(self):
-        """The sampling ops' draft state of this state (:class:`~jacobi_engine.ops.SamplingState`)."""
+        """The sampling ops' draft state of this state (:class:`~jacobi_engine.op_args.SamplingState`)."""
         from jacobi_engine import ops
 
         return ops.SamplingState(
