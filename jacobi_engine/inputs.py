@@ -1,7 +1,7 @@
 """A ``generate`` request and its checks: token ids, the attention mask, lengths, settings, streamer.
 
 :func:`make_request` turns the arguments of ``generate`` into a :class:`Request`, resolving the
-generation settings as ``model.generate`` does (:func:`jacobi_engine.processors.resolve_generation`),
+generation settings as ``model.generate`` does (:func:`jacobi_engine.generation.resolve_generation`),
 or raises a ValueError/TypeError naming the bad argument.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from jacobi_engine.config import check_int
+from jacobi_engine.generation import GenerationSettings, resolve_generation
 from jacobi_engine.hf_compat import ModelInfo
 from jacobi_engine.prefill import Prompts
-from jacobi_engine.processors import GenerationSettings, resolve_generation
 
 
 @dataclass(frozen=True)

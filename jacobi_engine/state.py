@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from jacobi_engine.cache import JacobiCache
+from jacobi_engine.generation import ProcessorSpec
 from jacobi_engine.guesses import GuessStrategy
 from jacobi_engine.pool import CandidatePool
-from jacobi_engine.processors import ProcessorSpec
 from jacobi_engine.sampling import SamplingSpec
 
 MIN_CAPACITY = 64
