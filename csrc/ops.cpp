@@ -163,7 +163,7 @@ void move_cache_rows_cpu(at::TensorList buffers, const at::Tensor& src, const at
   }
 }
 
-// The commit's per-row view of the target's tensors (the CommitTarget of jacobi_engine/ops.py).
+// The commit's per-row view of the target's tensors (the CommitTarget of jacobi_engine/op_args.py).
 VerifyRow commit_view(const int64_t* preds, int64_t* block, const int64_t* fill, at::Tensor& tokens,
                       at::Tensor& lengths, at::Tensor& done, const at::Tensor& eos, at::Tensor& cache_seqlens,
                       int64_t b) {

@@ -1,8 +1,9 @@
 // Per-slot and per-row logic of the sampling verify-and-commit op (exact speculative sampling over
 // a Jacobi block). The math lives here once: the CPU op (ops.cpp) runs it sequentially, the CUDA
 // kernel (kernels.cu) computes the lane totals below with one thread per lane and calls the same
-// functions for everything else, and jacobi_engine/sampling.py states it in plain PyTorch. The
-// three agree bit for bit on the same inputs (same summation order, no contracted multiply-adds).
+// functions for everything else, and jacobi_engine/sampling_reference.py states it in plain
+// PyTorch. The three agree bit for bit on the same inputs (same summation order, no contracted
+// multiply-adds).
 // Plain C++ with no torch headers, so it also compiles into the standalone tests (tests/cpp/).
 //
 // Randomness: Philox4x32-10 (Salmon et al., SC'11), keyed by the 64-bit seed, counter

@@ -58,7 +58,7 @@ JE_HOST_DEVICE inline CommitBounds commit_bounds(int64_t length, int64_t limit, 
 // length and limit leave it nothing it could write, see commit_bounds; the bits of what was out of
 // range are ORed into *errors). The cache length advances by a (by the number of emitted tokens
 // when the sequence finishes). Sliding mode commits every step; chunked mode only when the whole
-// chunk is verified (a == n) or the sequence finishes. See jacobi_engine/ops.py CommitTarget for
+// chunk is verified (a == n) or the sequence finishes. See jacobi_engine/op_args.py CommitTarget for
 // the terms and jacobi_engine/reference.py for the full contract.
 JE_HOST_DEVICE inline int32_t verify_commit_row(const VerifyRow& row, int64_t n, int64_t limit, bool chunked,
                                                 uint32_t* errors) {

@@ -119,6 +119,32 @@ def new_cost_model(device: torch.device, dtype: torch.dtype) -> CostModel:
     return CostModel(_device_name(device), str(dtype).removeprefix("torch."), measured_at=time.strftime("%Y-%m-%d"))
 
 
+def engine_cost_model(setting, adaptive: bool, device: torch.device, dtype: torch.dtype) -> CostModel | None:
+    """An engine's cost model: ``setting`` (``JacobiEngine(cost_model=...)``: a saved one's path, a
+    :class:`CostModel` or None), which must have been measured on ``device`` in ``dtype``; an adaptive
+    engine without one gets a new, empty one (measured as its calls need it)."""
+    cost_model = None
+    if isinstance(setting, str):
+        cost_model = CostModel.load(setting)
+    elif setting is not None:
+        cost_model = setting
+    if cost_model is not None and not cost_model.matches(device, dtype):
+        raise ValueError(
+            f"cost_model was measured on {cost_model.device} in {cost_model.dtype}; this model is on "
+            f"{device} in {dtype}: measure a new one (leave cost_model unset)"
+        )
+    if adaptive and cost_model is None:
+        cost_model = new_cost_model(device, dtype)
+    return cost_model
+
+
+def save_cost_model(cost_model: CostModel | None, path: str | Path) -> None:
+    """Writes an engine's measured step costs to ``path`` (:meth:`CostModel.save`)."""
+    if cost_model is None:
+        raise ValueError("this engine has no cost model: it is made by block_size='auto' or candidates='auto'")
+    cost_model.save(path)
+
+
 def measure(run_step, snapshot, restore, shapes, sync) -> dict:
     """{shape: seconds per step}: ``run_step(shape)`` once to warm up, then :data:`TIMED_STEPS` timed
     (the median), each shape on the same snapshot of the state, restored after."""

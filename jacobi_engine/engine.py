@@ -1,11 +1,12 @@
 """The Jacobi decoding loop: check the request, get its state, prefill, run the steps, build the output.
 
 Each phase lives in its own module: settings in :mod:`~jacobi_engine.config`, the request and its
-checks in :mod:`~jacobi_engine.inputs`, the device state in :mod:`~jacobi_engine.state`, the model
-forward and the first token in :mod:`~jacobi_engine.prefill`, the step in :mod:`~jacobi_engine.step`,
-the loop, compile and capture in :mod:`~jacobi_engine.runner`, the output in
-:mod:`~jacobi_engine.output`. Requests that join and leave a running batch are
-:mod:`~jacobi_engine.scheduler`'s.
+checks in :mod:`~jacobi_engine.inputs`, the device state in :mod:`~jacobi_engine.state` (cached with
+its step variants in :mod:`~jacobi_engine.entries`), the model forward and the first token in
+:mod:`~jacobi_engine.prefill`, the step in :mod:`~jacobi_engine.step`, the loop, compile and capture
+in :mod:`~jacobi_engine.runner`, the output in :mod:`~jacobi_engine.output`, the measured step costs
+of ``block_size="auto"`` in :mod:`~jacobi_engine.adaptive`. Requests that join and leave a running
+batch are :mod:`~jacobi_engine.scheduler`'s.
 
 The fixed point of the iteration is exactly greedy autoregressive decoding, with the
 generation_config processors HF applies (:mod:`jacobi_engine.processors`). With ``do_sample=True``
@@ -14,28 +15,30 @@ the output is distributed exactly like HF's sampling (:mod:`jacobi_engine.sampli
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import warnings
 
 import torch
 
-from jacobi_engine import ops
-from jacobi_engine.adaptive import CostModel, ShapePolicy, new_cost_model
+from jacobi_engine import adaptive, ops
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.config import EngineConfig, split_engine_kwargs
-from jacobi_engine.context import ForwardContext
+from jacobi_engine.entries import Entry, StateCache, entry_key, new_entry
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
 from jacobi_engine.hf_compat import has_windowed_attention, inspect_model, length_dependent_rope, model_device
-from jacobi_engine.inputs import ModelLimits, Request, make_request, position_limit
+from jacobi_engine.inputs import (
+    ModelLimits,
+    Request,
+    check_engine_request,
+    check_engine_settings,
+    make_request,
+    position_limit,
+)
 from jacobi_engine.output import JacobiOutput, JacobiStats, Timings, build_output, empty_output
-from jacobi_engine.pool import tree_layout
-from jacobi_engine.prefill import ModelForward, prefill, start_decoding
-from jacobi_engine.processors import LogitsProcessing
-from jacobi_engine.runner import Entry, Runner, StateCache, Stream, Variant
-from jacobi_engine.state import StateKey, allocate, capacity_bucket
-from jacobi_engine.step import StepConfig
+from jacobi_engine.prefill import prefill, start_decoding
+from jacobi_engine.runner import Runner, Stream
+from jacobi_engine.state import StateKey, capacity_bucket
 
 __all__ = ["JacobiEngine", "JacobiOutput", "JacobiStats", "generate"]
 
@@ -88,12 +91,7 @@ class JacobiEngine:
         config = self.config
         self.rope_switches = length_dependent_rope(model)
         self.windowed_attention = has_windowed_attention(model)
-        max_positions = self.info.max_positions
-        if config.max_seq_len is not None and not self.rope_switches and max_positions is not None:
-            if config.max_seq_len > max_positions:
-                raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's {max_positions} positions")
-        if config.cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        check_engine_settings(config, self.limits)
         self.verify_backend = ops.resolve_verify_backend(config.verify_backend, device, graph_safe=config.cuda_graph)
         warning = ops.verify_backend_warning(device) if config.verify_backend == "auto" else None
         if warning is not None:
@@ -101,19 +99,8 @@ class JacobiEngine:
         self.guess_strategy: GuessStrategy = make_guess_strategy(config.init)
         self.states = StateCache(config.max_cached_states)
         self.runner = Runner(model, config.verified_width, config.tree_tokens, config.steps_between_syncs)
-        self.cost_model = None
-        if isinstance(config.cost_model, str):
-            self.cost_model = CostModel.load(config.cost_model)
-        elif config.cost_model is not None:
-            self.cost_model = config.cost_model
         dtype = next(model.parameters()).dtype
-        if self.cost_model is not None and not self.cost_model.matches(device, dtype):
-            raise ValueError(
-                f"cost_model was measured on {self.cost_model.device} in {self.cost_model.dtype}; this model is on "
-                f"{device} in {dtype}: measure a new one (leave cost_model unset)"
-            )
-        if config.adaptive and self.cost_model is None:
-            self.cost_model = new_cost_model(device, dtype)
+        self.cost_model = adaptive.engine_cost_model(config.cost_model, config.adaptive, device, dtype)
         self._lock = threading.RLock()
 
     # Settings read as attributes, as before the config existed.
@@ -140,82 +127,25 @@ class JacobiEngine:
     # -- phases --------------------------------------------------------------------------------
     def _entry(self, request: Request) -> Entry:
         """The state of this request's key, from the cache or allocated."""
-        config, settings = self.config, request.settings
+        config = self.config
         capacity = config.max_seq_len if config.max_seq_len is not None else capacity_bucket(request.needed_rows)
-        key = StateKey(
+        key = entry_key(
+            config,
+            request.settings,
+            self.model,
+            self.info,
             batch=request.batch,
             capacity=capacity,
-            block_size=config.max_block_size,
-            chunked=config.mode == "chunked",
-            candidates=config.max_candidates,
-            candidate_len=config.candidate_len,
-            eos_slots=max(4, len(settings.eos_ids)),
-            processors=settings.processors if settings.processors.active else None,
-            sampling=settings.sampling,
             logging=request.record_trajectory,
-            vocab_size=self.info.vocab_size,
-            device=model_device(self.model),
-            dtype=next(self.model.parameters()).dtype,
         )
         return self.states.get(key, lambda: self._new_entry(key))
 
     def _new_entry(self, key: StateKey) -> Entry:
-        config = self.config
-        state = allocate(key, self.info.num_layers, self.guess_strategy, config.pool_buckets, config.pool_slots)
-        processing = LogitsProcessing(key.processors, key.vocab_size, key.device) if key.processors else None
-        variants = {}
-        for shape in config.shapes():
-            tree_mask = tree_depth = None
-            if shape.candidates:
-                tree_mask, tree_depth = tree_layout(shape.block, shape.candidates, shape.candidate_len, key.device)
-            step_config = StepConfig(
-                shape.block,
-                key.chunked,
-                self.verify_backend,
-                processing,
-                candidates=shape.candidates,
-                candidate_len=shape.candidate_len,
-                tree_mask=tree_mask,
-                tree_depth=tree_depth,
-                sampling=key.sampling,
-                sampling_rule=config.sampling_rule,
-            )
-            variants[shape] = Variant(shape, state.view(shape.block, shape.candidates), step_config)
-        widest = max(variants, key=lambda shape: (shape.block, shape.candidates))
-        context = ForwardContext(state.cache, ops.resolve_attention_backend(config.attention_backend, key.device))
-        return Entry(key, state, context, ModelForward(self.model, self.info, context), variants, widest)
-
-    def _start_policy(self, entry: Entry) -> float:
-        """A fresh per-step choice for a call (adaptive engines): times the shapes the cost model lacks for
-        this batch size, on the entry's prefilled state; returns the seconds it took."""
-        if not entry.adaptive:
-            return 0.0
-        started = time.perf_counter()
-        batch, shapes = entry.key.batch, list(entry.variants)
-        missing = self.cost_model.missing(batch, shapes)
-        if missing:
-            for shape, seconds in self.runner.measure_costs(entry, missing).items():
-                self.cost_model.seconds[(batch, shape)] = seconds
-            self.cost_model.cache_length[batch] = int(entry.state.cache.cache_seqlens.max())
-        costs = {shape: self.cost_model.cost(batch, shape) for shape in shapes}
-        entry.policy = ShapePolicy(shapes, costs)
-        entry.histogram = entry.state.histogram.tolist()
-        self.runner.switch(entry, entry.policy.choose())
-        return time.perf_counter() - started if missing else 0.0
+        return new_entry(key, self.model, self.info, self.config, self.guess_strategy, self.verify_backend)
 
     def save_cost_model(self, path) -> None:
         """Writes the measured step costs (``JacobiEngine(..., cost_model=path)`` reuses them)."""
-        if self.cost_model is None:
-            raise ValueError("this engine has no cost model: it is made by block_size='auto' or candidates='auto'")
-        self.cost_model.save(path)
-
-    def _check_sampling_candidates(self, request: Request) -> None:
-        limit = ops.MAX_SAMPLING_CANDIDATES
-        if request.settings.sampling is not None and self.config.max_candidates > limit:
-            raise ValueError(
-                f"do_sample=True verifies at most {limit} candidates per step (the tree verifier's branch "
-                f"limit), got candidates={self.config.max_candidates}"
-            )
+        adaptive.save_cost_model(self.cost_model, path)
 
     # -- the call ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -240,12 +170,7 @@ class JacobiEngine:
         """
         with self._lock:
             request = make_request(self.model, self.limits, input_ids, attention_mask, **kwargs)
-            self._check_sampling_candidates(request)
-            if request.record_trajectory and self.config.adaptive:
-                raise ValueError(
-                    "record_trajectory=True needs a fixed block_size and candidates (the trajectories of "
-                    "consistency training have one block width), not 'auto'"
-                )
+            check_engine_request(request, self.config)
             stream = Stream(request.streamer)
             stream.put(request.prompts.input_ids)
             if request.max_new_tokens == 0:
@@ -307,7 +232,7 @@ class JacobiEngine:
                 timings.compile = self.runner.compile(entry)
             if self.config.cuda_graph:
                 timings.capture = self.runner.capture(entry)
-            timings.cost_model = self._start_policy(entry)
+            timings.cost_model = self.runner.start_policy(entry, self.cost_model)
             decode_started = time.perf_counter()
             self.runner.run_until_done(entry, settings.max_new_tokens + self.config.max_block_size, stream)
             sync()
@@ -358,15 +283,10 @@ class JacobiEngine:
         """Device bytes held by the cached states."""
         return self.states.nbytes
 
-    @contextlib.contextmanager
     def watch_steps(self, watcher):
         """Calls ``watcher(entry, run_step)`` instead of each eager decode step inside this context
         (``run_step()`` runs it): for tests and profiling."""
-        previous, self.runner.step_watcher = self.runner.step_watcher, watcher
-        try:
-            yield
-        finally:
-            self.runner.step_watcher = previous
+        return self.runner.watching(watcher)
 
 
 def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from jacobi_engine.support import check_supported  # support imports the engine's modules only when it probes
+
 try:  # transformers is a hard dependency, but keep the error readable
     from transformers import PreTrainedModel
 except ImportError as error:  # pragma: no cover
@@ -106,29 +108,12 @@ def inspect_model(model: object) -> ModelInfo:
         vocab_size=int(vocab_size),
         num_layers=int(num_layers),
     )
-    __import__("jacobi_engine.support").support.check_supported(model, info)  # stateful layers, probe forward
+    check_supported(model, info)  # stateful layers, probe forward
     return info
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
-
-
-def eos_ids_from(value, generation_config) -> list[int]:
-    """Normalise ``eos_token_id`` (int, list of ints, tensor or None -> model default) to a list."""
-    if value is None:
-        value = getattr(generation_config, "eos_token_id", None)
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        value = value.flatten().tolist()
-    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
-        raise TypeError(f"eos_token_id must be an int, a list of ints or None, got {type(value).__name__}")
-    ids = [value] if isinstance(value, int) else list(value)
-    for token in ids:
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise ValueError(f"eos_token_id must hold non-negative ints, got {value!r}")
-    return ids
 
 
 # RoPE types whose frequencies are picked from the largest position of each forward.

@@ -1,8 +1,10 @@
 """A ``generate`` request and its checks: token ids, the attention mask, lengths, settings, streamer.
 
 :func:`make_request` turns the arguments of ``generate`` into a :class:`Request`, resolving the
-generation settings as ``model.generate`` does (:func:`jacobi_engine.processors.resolve_generation`),
-or raises a ValueError/TypeError naming the bad argument.
+generation settings as ``model.generate`` does (:func:`jacobi_engine.generation.resolve_generation`),
+or raises a ValueError/TypeError naming the bad argument. The engine's settings are checked against the
+model (:func:`check_engine_settings`) and each request against the engine's settings
+(:func:`check_engine_request`) here too.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from jacobi_engine.config import check_int
+from jacobi_engine import ops
+from jacobi_engine.config import EngineConfig, check_int
+from jacobi_engine.generation import GenerationSettings, resolve_generation
 from jacobi_engine.hf_compat import ModelInfo
 from jacobi_engine.prefill import Prompts
-from jacobi_engine.processors import GenerationSettings, resolve_generation
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,35 @@ class Request:
     def needed_rows(self) -> int:
         """Cache rows (and token columns) for prompts and new tokens."""
         return max(self.prompts.longest, self.prompts.width) + self.max_new_tokens
+
+
+def check_engine_settings(config: EngineConfig, limits: ModelLimits) -> None:
+    """Refuses engine settings the model cannot serve (at ``JacobiEngine(model, ...)``), naming them."""
+    max_positions = limits.info.max_positions
+    if config.max_seq_len is not None and not limits.rope_switches and max_positions is not None:
+        if config.max_seq_len > max_positions:
+            raise ValueError(f"max_seq_len={config.max_seq_len} exceeds the model's {max_positions} positions")
+    if config.cuda_graph and limits.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {limits.device}")
+
+
+def check_sampling_candidates(settings: GenerationSettings, config: EngineConfig) -> None:
+    limit = ops.MAX_SAMPLING_CANDIDATES
+    if settings.sampling is not None and config.max_candidates > limit:
+        raise ValueError(
+            f"do_sample=True verifies at most {limit} candidates per step (the tree verifier's branch "
+            f"limit), got candidates={config.max_candidates}"
+        )
+
+
+def check_engine_request(request: Request, config: EngineConfig) -> None:
+    """Refuses a ``generate`` request that an engine with ``config`` cannot serve, naming the setting."""
+    check_sampling_candidates(request.settings, config)
+    if request.record_trajectory and config.adaptive:
+        raise ValueError(
+            "record_trajectory=True needs a fixed block_size and candidates (the trajectories of "
+            "consistency training have one block width), not 'auto'"
+        )
 
 
 def position_limit(limits: ModelLimits, lengths: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

@@ -6,8 +6,9 @@
 
 ``verify_and_commit``  fused fixed-point check + commit (csrc/, registered with TORCH_LIBRARY as
     ``torch.ops.jacobi_engine.verify_and_commit``). Where and how it commits is one argument, a
-    :class:`CommitTarget` (the terms verified, accepted, emitted, committed and limits are defined there);
-    the sampling ops take their draft state as a :class:`SamplingState`.
+    :class:`~jacobi_engine.op_args.CommitTarget` (the terms verified, accepted, emitted, committed and
+    limits are defined there); the sampling ops take their draft state as a
+    :class:`~jacobi_engine.op_args.SamplingState` (both re-exported here, with the error word's functions).
     backends: ``"native"`` (the C++ op on CPU, the CUDA op on GPU), ``"torch"``
     (:func:`jacobi_engine.reference.verify_and_commit`); ``"auto"`` = native where the op was compiled
     for the device, else torch (:func:`resolve_verify_backend`). Every op takes an int32 [1] error
@@ -15,11 +16,11 @@
 
 ``sample_verify_and_commit``  exact speculative sampling over the block + the same commit (csrc/,
     ``torch.ops.jacobi_engine.sample_verify_and_commit``); backends as verify_and_commit's, the
-    reference being :func:`jacobi_engine.sampling.sample_verify_and_commit`.
+    reference being :func:`jacobi_engine.sampling_reference.sample_verify_and_commit`.
 
 ``sample_tree_verify_and_commit``  the same over a token tree of candidate branches (SpecInfer-style
     multi-candidate verification; ``torch.ops.jacobi_engine.sample_tree_verify_and_commit``), the
-    reference being :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
+    reference being :func:`jacobi_engine.sampling_reference.sample_tree_verify_and_commit`.
 
 Swapping a kernel means editing this file only; the decoding loop calls these functions.
 """
@@ -27,11 +28,21 @@ Swapping a kernel means editing this file only; the decoding loop calls these fu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from jacobi_engine import _ext, reference  # _ext loads _C, which registers torch.ops.jacobi_engine.*
+from jacobi_engine import _ext, reference, sampling_reference  # _ext loads _C: registers torch.ops.jacobi_engine.*
+
+# The ops' argument groups and error word (jacobi_engine.op_args), reached here beside the ops that take them.
+from jacobi_engine.op_args import (  # noqa: F401  (re-exported: ops.CommitTarget, ops.raise_if_error, ...)
+    ERROR_BITS,
+    CommitTarget,
+    SamplingState,
+    check_error_word,
+    error_messages,
+    new_error_word,
+    raise_if_error,
+)
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 VERIFY_BACKENDS = ("auto", "native", "torch")
@@ -40,47 +51,6 @@ VERIFY_BACKENDS = ("auto", "native", "torch")
 MAX_SAMPLING_CANDIDATES: int = _ext.CONSTANTS["max_tree_branches"]  # k branches the sampling tree op verifies
 SAMPLE_LANES: int = _ext.CONSTANTS["sample_lanes"]  # lanes of the lane-order sampler
 PREFILL_STEP: int = _ext.CONSTANTS["prefill_step"]  # Philox step word of the first token after prefill
-
-# The ops' error word (csrc/op_errors.h): int32 [1]; each op ORs in a bit when a value only the device
-# sees breaks its contract, after clamping it (the ops never index out of bounds). CPU ops raise instead.
-ERROR_BITS: dict[str, int] = dict(_ext.CONSTANTS["error_bits"])  # argument at fault -> bit
-_ERROR_MEANINGS = {
-    "limits": "limits[b] outside [0, tokens.size(1)] (clamped into it)",
-    "lengths": "lengths[b] outside [0, limits[b]] (the row was left as it is)",
-    "block": "a draft block[b, j] (j >= 1) is not a token id of the vocabulary [0, V) (rejected)",
-    "candidates": "a usable candidates[b, m, i] is not a token id of the vocabulary [0, V) (never chosen)",
-    "src/dst": "move_cache_rows: rows outside the cache, or moving forward over themselves (not moved)",
-}
-
-
-def new_error_word(device: torch.device | str) -> torch.Tensor:
-    """A zeroed error word (int32 [1]) on ``device``, for the ops' ``errors`` arguments."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def error_messages(word: int) -> list[str]:
-    """What the bits of an error word say, one line per bit, each naming the argument at fault."""
-    lines = [f"{name}: {_ERROR_MEANINGS[name]}" for name, bit in ERROR_BITS.items() if word & bit]
-    known = sum(ERROR_BITS.values())
-    if word & ~known:
-        lines.append(f"unknown error bits {word & ~known:#x}")
-    return lines
-
-
-def check_error_word(word: int, errors: torch.Tensor | None = None) -> None:
-    """Raises ValueError naming the arguments at fault when ``word`` (an error word read on the host,
-    e.g. in the engine's existing ``torch.stack([...]).tolist()`` sync) has any bit set; ``errors``,
-    when given, is the device word it was read from, and is zeroed first so the next call starts clean."""
-    if word:
-        if errors is not None:
-            errors.zero_()
-        raise ValueError("a verify op received out-of-range values: " + "; ".join(error_messages(word)))
-
-
-def raise_if_error(errors: torch.Tensor, reset: bool = True) -> None:
-    """Reads the error word ``errors`` (int32 [1]; one host sync) and raises ValueError naming the
-    arguments at fault if any bit is set (:func:`check_error_word`), zeroing it first when ``reset``."""
-    check_error_word(int(errors.reshape(-1)[0]), errors if reset else None)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -105,8 +75,8 @@ def resolve_verify_backend(backend: str, device: torch.device | str, graph_safe:
     :func:`verify_backend_warning`). ``"native"`` where nothing was compiled raises ValueError naming
     the setting (the dispatcher would raise NotImplementedError at the first verify). ``"torch"`` stays.
     ``graph_safe``: the caller captures or compiles the step. Every torch path is graph-safe (the tree
-    sampling verify included: :func:`jacobi_engine.sampling.sample_tree_verify_and_commit` has no host
-    reads), so it does not change the answer; it is part of the contract for callers that need it.
+    sampling verify included: :func:`jacobi_engine.sampling_reference.sample_tree_verify_and_commit` has
+    no host reads), so it does not change the answer; it is part of the contract for callers that need it.
     """
     _check_choice("verify_backend", backend, VERIFY_BACKENDS)
     del graph_safe  # every resolution below is graph-safe
@@ -294,117 +264,6 @@ def jacobi_attention(
     )
 
 
-@dataclass(frozen=True)
-class CommitTarget:
-    """Where the verify ops commit verified tokens, and the per-row state they advance (B sequences).
-
-    Fields, in the order of the ops' schemas:
-
-    ``tokens`` int64 [B, W] (any strides): each row's tokens; committed tokens are written at columns
-        ``lengths[b], lengths[b] + 1, ...`` (in the engine: the prompt, then the generated tokens).
-    ``lengths`` int32 [B]: one past each row's last known token, the column the next committed token
-        goes to. Advanced in place.
-    ``done`` bool [B]: finished rows, set in place. A finished row is neither read nor written again
-        (its ``n_accepted`` is 0).
-    ``eos_ids`` int64 [E]: end-of-sequence ids; ids < 0 never match (padding).
-    ``limits`` int32 [B]: each row's column limit, ``0 <= lengths[b] <= limits[b] <= W`` (in the
-        engine: prompt width + max_new_tokens). A Python int is broadcast to every row.
-    ``cache_seqlens`` int32 [B]: committed rows of each sequence's KV cache. Advanced in place.
-    ``chunked``: the commit mode (below).
-    ``errors`` int32 [1]: the ops' error word (:data:`ERROR_BITS`; a fresh zeroed word when not given).
-        The CUDA ops cannot check device values without a host sync: they clamp them and set bits here,
-        which :func:`raise_if_error` (or :func:`check_error_word`, at an existing sync) turns into a
-        ValueError naming the argument. The CPU ops raise directly.
-
-    Terms, for one row of a step that fed the block ``[t0, d_1, ..., d_{n-1}]`` (``t0`` known):
-
-    * the step's *predictions* ``p[0..n-1]``: ``p[j]`` is the op's token for the position after slot ``j``
-      (greedy: the argmax; sampling: an accepted draft, a replacement, a bonus or a fresh sample);
-    * the *accepted* count ``a`` (``n_accepted``, 1 <= a <= n): 1 + the length of the longest prefix of
-      drafts the op accepts (greedy: ``d_{j+1} == p[j]``);
-    * the *verified* tokens ``p[:a]``: exact, whatever the drafts were;
-    * the *emitted* tokens: the verified ones, cut after the first EOS and at the row's limit
-      (``lengths[b] + emitted <= limits[b]``); the row *finishes* when it emits an EOS or reaches its limit;
-    * the step *commits* when it writes the emitted tokens to ``tokens``, advances ``lengths`` by their
-      count and ``cache_seqlens`` by ``a`` (by the emitted count when the row finishes) and shifts the
-      block: always in sliding mode; in chunked mode (``chunked=True``) only once the whole chunk is
-      verified (``a == n``) or the row finishes; otherwise the chunk takes the Jacobi update in place.
-    """
-
-    tokens: torch.Tensor
-    lengths: torch.Tensor
-    done: torch.Tensor
-    eos_ids: torch.Tensor
-    limits: torch.Tensor
-    cache_seqlens: torch.Tensor
-    chunked: bool
-    errors: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.errors is None and isinstance(self.tokens, torch.Tensor):
-            object.__setattr__(self, "errors", new_error_word(self.tokens.device))
-        if isinstance(self.limits, torch.Tensor) or not isinstance(self.tokens, torch.Tensor):
-            return  # tensors are checked by the ops themselves
-        limit = self.limits
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise TypeError(f"limits must be an int or an int32 tensor, got {type(limit).__name__}")
-        if limit < 0:
-            raise ValueError(f"limits must be >= 0, got {limit}")
-        if self.tokens.dim() == 2 and self.tokens.shape[1] < limit:
-            raise ValueError(f"tokens has {self.tokens.shape[1]} columns, fewer than limits={limit}")
-        rows = self.tokens.shape[0] if self.tokens.dim() > 0 else 0
-        object.__setattr__(self, "limits", torch.full((rows,), limit, dtype=torch.int32, device=self.tokens.device))
-
-    def op_args(self) -> tuple:
-        """The fields in the ops' schema order."""
-        return (
-            self.tokens,
-            self.lengths,
-            self.done,
-            self.eos_ids,
-            self.limits,
-            self.cache_seqlens,
-            self.chunked,
-            self.errors,
-        )
-
-    def rows(self, index) -> CommitTarget:
-        """The target restricted to the rows ``index`` (a slice: views that write through)."""
-        return CommitTarget(
-            self.tokens[index],
-            self.lengths[index],
-            self.done[index],
-            self.eos_ids,
-            self.limits[index],
-            self.cache_seqlens[index],
-            self.chunked,
-            self.errors,
-        )
-
-
-@dataclass(frozen=True)
-class SamplingState:
-    """What the sampling verify ops read and keep about the block's drafts (B sequences, n slots, V tokens).
-
-    ``proposal`` float32 [B, n, V]: ``proposal[b, j]`` is the distribution block slot ``j``'s draft was
-    drawn from, where ``draft_sampled[b, j]`` (bool [B, n]); other drafts are deterministic. Both are
-    rewritten in place for the next block. ``n_fixed`` int32 [B]: block slots ``1..n_fixed`` already
-    hold verified tokens (chunked mode). ``seed`` int64 [1], ``sequence_ids`` int64 [B], ``step`` int64
-    [1]: the Philox counter (see :mod:`jacobi_engine.sampling`).
-    """
-
-    proposal: torch.Tensor
-    draft_sampled: torch.Tensor
-    n_fixed: torch.Tensor
-    seed: torch.Tensor
-    sequence_ids: torch.Tensor
-    step: torch.Tensor
-
-    def op_args(self) -> tuple:
-        """The fields in the ops' schema order."""
-        return (self.proposal, self.draft_sampled, self.n_fixed, self.seed, self.sequence_ids, self.step)
-
-
 def verify_and_commit(
     scores: torch.Tensor, block: torch.Tensor, fill: torch.Tensor, target: CommitTarget, backend: str = "auto"
 ) -> torch.Tensor:
@@ -462,7 +321,7 @@ def sample_verify_and_commit(
     target: CommitTarget,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Exact sampling verify + commit; see :func:`jacobi_engine.sampling.sample_verify_and_commit`.
+    """Exact sampling verify + commit; see :func:`jacobi_engine.sampling_reference.sample_verify_and_commit`.
 
     ``probs`` float32 [B, n, V]; ``block``/``fill`` int64 [B, n]; the drafts' state in ``sampling``,
     the commit in ``target``. ``backend``: ``"native"`` (C++ on CPU, CUDA on GPU; ``"auto"``) or
@@ -470,8 +329,6 @@ def sample_verify_and_commit(
     ``n_accepted`` int32 [B].
     """
     if _verify_backend(backend, block.device) == "torch":
-        from jacobi_engine import sampling as sampling_reference
-
         return sampling_reference.sample_verify_and_commit(probs, block, fill, sampling, target)
     return torch.ops.jacobi_engine.sample_verify_and_commit(probs, block, fill, *sampling.op_args(), *target.op_args())
 
@@ -493,7 +350,7 @@ def sample_tree_verify_and_commit(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact sampling over the token tree [block | candidate branches] + the commit of the winning path;
-    see :func:`jacobi_engine.sampling.sample_tree_verify_and_commit`.
+    see :func:`jacobi_engine.sampling_reference.sample_tree_verify_and_commit`.
 
     ``probs`` float32 [B, n + k * g, V], ``block`` int64 [B, n], ``candidates`` int64 [B, k, g], ``usable``
     bool [B, k], ``row``/``fill`` int64 [B, max(n, g + 1)]. ``backend``: ``"native"`` (C++ on CPU, CUDA on
@@ -501,8 +358,6 @@ def sample_tree_verify_and_commit(
     Returns (``n_accepted`` int32 [B], ``winner`` int64 [B], -1 where the block won).
     """
     if _verify_backend(backend, block.device) == "torch":
-        from jacobi_engine import sampling as sampling_reference
-
         return sampling_reference.sample_tree_verify_and_commit(
             probs, block, candidates, usable, row, fill, sampling, target
         )

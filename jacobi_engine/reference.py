@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from jacobi_engine._ext import CONSTANTS
 
 if TYPE_CHECKING:
-    from jacobi_engine.ops import CommitTarget
+    from jacobi_engine.op_args import CommitTarget
 
 
 @dataclass
@@ -244,7 +244,7 @@ def verify_and_commit(
     ``scores`` is either the block's logits [B, n, V] (float) or their argmax [B, n] (int64).
     ``block`` int64 [B, n] holds the tokens that were fed: ``block[:, 0]`` is known-correct, the
     rest are guesses. ``fill`` int64 [B, n] supplies guesses for slots the shift frees. ``target``
-    (:class:`jacobi_engine.ops.CommitTarget`) is where the verified tokens go, with the terms used here.
+    (:class:`jacobi_engine.op_args.CommitTarget`) is where the verified tokens go, with the terms used here.
 
     Per active sequence the predictions are ``p = argmax(scores)`` and the accepted count ``a`` is 1
     plus the length of the longest prefix with ``block[j+1] == p[j]``. A committed block becomes

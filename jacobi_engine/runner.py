@@ -1,13 +1,9 @@
-"""Running decode steps: the bounded cache of states, one loop for eager steps and graph replays,
-capture and compile with their fallback, the per-step choice of an adaptive engine, the host-side
-bounds, and the streamer.
+"""Running decode steps: one loop for eager steps and graph replays, capture and compile with their
+fallback, the per-step choice of an adaptive engine, the host-side bounds, and the streamer.
 
-Each :class:`Entry` is one state (:mod:`jacobi_engine.state`) with what runs on it: its forward
-context and model forward, and one :class:`Variant` per step shape it may run (a fixed engine has one;
-``block_size="auto"`` has a few, :mod:`jacobi_engine.adaptive`), each with its step config, its width
-view of the state and, once set up, its compiled step and CUDA graph. The :class:`StateCache` keeps the
-last ``max_cached_states`` entries (LRU) so that calls with the same key reuse them (gpt-fast's
-pattern: a graph captured once per key is replayed by every later call); ``clear()`` frees them.
+It runs the engine's entries (:mod:`jacobi_engine.entries`: a state with one
+:class:`~jacobi_engine.entries.Variant` per step shape it may run, each with its step config, its width
+view of the state and, once set up, its compiled step and CUDA graph).
 
 The loop syncs with the host once per ``sync_every`` steps: it reads whether every row is done, the
 longest cache row and the longest token row (one small transfer, with the histogram of verified
@@ -21,14 +17,12 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from jacobi_engine import ops
-from jacobi_engine.adaptive import Shape, ShapePolicy, measure
+from jacobi_engine.adaptive import CostModel, Shape, ShapePolicy, measure
 from jacobi_engine.compile import (
     abandon_compiled,
     compile_step,
@@ -36,90 +30,10 @@ from jacobi_engine.compile import (
     first_compiled_call,
     is_step_compile_error,
 )
-from jacobi_engine.context import ForwardContext
+from jacobi_engine.entries import Entry, Variant
 from jacobi_engine.prefill import ModelForward
-from jacobi_engine.state import StateKey, StepState
-from jacobi_engine.step import StepBounds, StepConfig, decode_step
-
-
-@dataclass
-class Variant:
-    """One step shape of an entry: its config, its width view of the state, its compiled step and graph."""
-
-    shape: Shape
-    state: StepState
-    config: StepConfig
-    graph: object | None = None  # torch.cuda.CUDAGraph once captured
-    compiled: Callable | None = None  # the torch.compile'd step (compile=True), once compiled
-    compile_failed: str | None = None  # why the step could not be compiled (then it runs eagerly)
-
-
-@dataclass
-class Entry:
-    """One cached state and what runs on it (``state`` is the widest view; the others share its buffers)."""
-
-    key: StateKey
-    state: StepState
-    context: ForwardContext
-    forward: ModelForward
-    variants: dict[Shape, Variant]
-    active: Shape
-    policy: ShapePolicy | None = None  # the running choice of an adaptive engine's call
-    histogram: list[int] = field(default_factory=list)  # at the last sync
-
-    @property
-    def variant(self) -> Variant:
-        return self.variants[self.active]
-
-    # The active variant's set-up, as a fixed engine's single entry exposes it.
-    @property
-    def config(self) -> StepConfig:
-        return self.variant.config
-
-    @property
-    def compiled(self):
-        return self.variant.compiled
-
-    @property
-    def compile_failed(self):
-        return self.variant.compile_failed
-
-    @property
-    def graph(self):
-        return self.variant.graph
-
-    @property
-    def adaptive(self) -> bool:
-        return len(self.variants) > 1
-
-
-class StateCache:
-    """The last ``max_states`` entries, least recently used first out."""
-
-    def __init__(self, max_states: int):
-        self.max_states = max_states
-        self._entries: OrderedDict[StateKey, Entry] = OrderedDict()
-
-    def get(self, key: StateKey, create: Callable[[], Entry]) -> Entry:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry
-        # Evict before allocating, so a new state never coexists with more than max_states - 1 others.
-        while len(self._entries) >= self.max_states:
-            self._entries.popitem(last=False)
-        entry = self._entries[key] = create()
-        return entry
-
-    def entries(self) -> list[Entry]:
-        return list(self._entries.values())
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(entry.state.nbytes for entry in self._entries.values())
+from jacobi_engine.state import StepState
+from jacobi_engine.step import StepBounds, decode_step
 
 
 class Stream:
@@ -159,6 +73,15 @@ class Runner:
         self.tree_tokens = tree_tokens  # the most tokens one step appends to the cache
         self.sync_every = sync_every
         self.step_watcher: Callable | None = None
+
+    @contextlib.contextmanager
+    def watching(self, watcher: Callable):
+        """``watcher(entry, run_step)`` wraps every eager step inside this context (``step_watcher``)."""
+        previous, self.step_watcher = self.step_watcher, watcher
+        try:
+            yield
+        finally:
+            self.step_watcher = previous
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, entry: Entry, bounds: StepBounds | None) -> None:
@@ -260,6 +183,24 @@ class Runner:
         return costs
 
     # -- the per-step choice -----------------------------------------------------------------------
+    def start_policy(self, entry: Entry, cost_model: CostModel | None) -> float:
+        """A fresh per-step choice for a call (adaptive engines): times the shapes the cost model lacks for
+        this batch size, on the entry's prefilled state; returns the seconds it took."""
+        if not entry.adaptive:
+            return 0.0
+        started = time.perf_counter()
+        batch, shapes = entry.key.batch, list(entry.variants)
+        missing = cost_model.missing(batch, shapes)
+        if missing:
+            for shape, seconds in self.measure_costs(entry, missing).items():
+                cost_model.seconds[(batch, shape)] = seconds
+            cost_model.cache_length[batch] = int(entry.state.cache.cache_seqlens.max())
+        costs = {shape: cost_model.cost(batch, shape) for shape in shapes}
+        entry.policy = ShapePolicy(shapes, costs)
+        entry.histogram = entry.state.histogram.tolist()
+        self.switch(entry, entry.policy.choose())
+        return time.perf_counter() - started if missing else 0.0
+
     def switch(self, entry: Entry, shape: Shape) -> None:
         """Makes ``shape`` the entry's active variant, carrying the block over (a narrower block drops the
         last guesses, a wider one gets fresh guesses from the strategy)."""

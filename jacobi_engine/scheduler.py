@@ -40,9 +40,16 @@ import torch
 
 from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.config import check_int
-from jacobi_engine.inputs import check_input_ids, check_lengths, make_request, position_limit
+from jacobi_engine.entries import entry_key
+from jacobi_engine.inputs import (
+    check_input_ids,
+    check_lengths,
+    check_sampling_candidates,
+    make_request,
+    position_limit,
+)
 from jacobi_engine.prefill import Prompts, prefill, start_decoding
-from jacobi_engine.state import StateKey, capacity_bucket
+from jacobi_engine.state import capacity_bucket
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -135,7 +142,7 @@ class Scheduler:
             self.settings = dataclasses.replace(
                 self.settings, processors=dataclasses.replace(spec, prompt_width=0, max_length=0)
             )
-        engine._check_sampling_candidates(resolved)
+        check_sampling_candidates(resolved.settings, engine.config)
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._rows: list[RequestHandle | None] = [None] * max_batch
         self._streamed = [0] * max_batch  # token columns of each row handed out so far
@@ -234,20 +241,9 @@ class Scheduler:
             return self._entry
         engine, settings = self.engine, self.settings
         config = engine.config
-        key = StateKey(
-            batch=self.max_batch,
-            capacity=capacity_bucket(self.max_seq_len),
-            block_size=config.max_block_size,
-            chunked=config.mode == "chunked",
-            candidates=config.max_candidates,
-            candidate_len=config.candidate_len,
-            eos_slots=max(4, len(settings.eos_ids)),
-            processors=settings.processors if settings.processors.active else None,
-            sampling=settings.sampling,
-            logging=False,
-            vocab_size=engine.info.vocab_size,
-            device=engine.limits.device,
-            dtype=next(engine.model.parameters()).dtype,
+        capacity = capacity_bucket(self.max_seq_len)
+        key = entry_key(
+            config, settings, engine.model, engine.info, batch=self.max_batch, capacity=capacity, logging=False
         )
         entry = engine._new_entry(key)  # the scheduler's own state, not one of the engine's cached ones
         state = entry.state
@@ -259,7 +255,7 @@ class Scheduler:
         if settings.eos_ids:
             state.eos_ids[: len(settings.eos_ids)] = torch.tensor(settings.eos_ids, device=key.device)
         state.reset_counters()
-        engine._start_policy(entry)
+        engine.runner.start_policy(entry, engine.cost_model)
         if config.compile:
             engine.runner.compile(entry)
         if config.cuda_graph:

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from jacobi_engine.cache import JacobiCache
+from jacobi_engine.generation import ProcessorSpec
 from jacobi_engine.guesses import GuessStrategy
 from jacobi_engine.pool import CandidatePool
-from jacobi_engine.processors import ProcessorSpec
 from jacobi_engine.sampling import SamplingSpec
 
 MIN_CAPACITY = 64
@@ -150,7 +150,7 @@ class StepState:
     # fmt: on
 
     def commit(self, chunked: bool):
-        """The verify ops' :class:`~jacobi_engine.ops.CommitTarget` over this state's tensors, built once
+        """The verify ops' :class:`~jacobi_engine.op_args.CommitTarget` over this state's tensors, built once
         per commit mode."""
         from jacobi_engine import ops
 
@@ -169,7 +169,7 @@ class StepState:
         return targets[chunked]
 
     def sampling_state(self):
-        """The sampling ops' draft state of this state (:class:`~jacobi_engine.ops.SamplingState`)."""
+        """The sampling ops' draft state of this state (:class:`~jacobi_engine.op_args.SamplingState`)."""
         from jacobi_engine import ops
 
         return ops.SamplingState(

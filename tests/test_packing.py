@@ -11,13 +11,8 @@ from models import tiny_model
 
 from jacobi_engine.training import toy
 from jacobi_engine.training.collect import collect_trajectories
-from jacobi_engine.training.packing import (
-    PackedCollator,
-    dense_packed_mask,
-    group_by_prompt,
-    packed_logits,
-    packed_losses,
-)
+from jacobi_engine.training.packed_attention import dense_packed_mask, packed_logits
+from jacobi_engine.training.packing import PackedCollator, group_by_prompt, packed_losses
 from jacobi_engine.training.trainer import TrajectoryCollator
 
 BLOCK = 4

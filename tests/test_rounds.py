@@ -9,8 +9,8 @@ import transformers
 from models import tiny_model
 
 from jacobi_engine.training import toy
-from jacobi_engine.training.collect import read_manifest
 from jacobi_engine.training.rounds import round_dir, run_rounds
+from jacobi_engine.training.shards import read_manifest
 
 
 class _StepsRun(transformers.TrainerCallback):

@@ -11,7 +11,7 @@ import torch
 from sampling_stats import chi2_sf
 from test_graph_safety import FORBIDDEN, OpRecorder
 
-from jacobi_engine import ops, sampling
+from jacobi_engine import ops, sampling_oracle, sampling_reference
 
 ALPHA = 1e-4
 
@@ -135,9 +135,9 @@ def test_vectorized_reference_matches_the_rowwise_statement(chunk):
     for _ in range(50):
         case = random_tree_case(rng)
         expected_accepted, expected_winner, expected = run_reference(
-            case, sampling.sample_tree_verify_and_commit_rowwise
+            case, sampling_oracle.sample_tree_verify_and_commit_rowwise
         )
-        accepted, winner, state = run_reference(case, sampling.sample_tree_verify_and_commit)
+        accepted, winner, state = run_reference(case, sampling_reference.sample_tree_verify_and_commit)
         assert accepted.dtype == expected_accepted.dtype and winner.dtype == expected_winner.dtype
         assert torch.equal(accepted, expected_accepted)
         assert torch.equal(winner, expected_winner)
@@ -151,8 +151,8 @@ def test_vectorized_reference_is_graph_safe():
     """No host read and no data-dependent shape (what a CUDA graph cannot hold), unlike the rowwise one."""
     case = random_tree_case(random.Random(11))
     for reference, safe in (
-        (sampling.sample_tree_verify_and_commit, True),
-        (sampling.sample_tree_verify_and_commit_rowwise, False),
+        (sampling_reference.sample_tree_verify_and_commit, True),
+        (sampling_oracle.sample_tree_verify_and_commit_rowwise, False),
     ):
         recorder = OpRecorder()
         with recorder:

@@ -13,7 +13,8 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jacobi_engine.serve import Backend, build_app
+from jacobi_engine.serve import Backend
+from jacobi_engine.serve_app import build_app
 
 TEACHER = Path(__file__).resolve().parents[1] / "jacobi_engine" / "assets" / "cllm-gsm8k" / "teacher"
 CHAT_TEMPLATE = (

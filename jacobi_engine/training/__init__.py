@@ -10,7 +10,7 @@ Needs the ``train`` extras (``datasets``, ``accelerate``); LoRA needs ``peft``.
 
 from __future__ import annotations
 
-from jacobi_engine.training.collect import assemble_dataset, augment_states, collect_trajectories, read_prompts
+from jacobi_engine.training.collect import augment_states, collect_trajectories, read_prompts
 from jacobi_engine.training.losses import (
     ar_loss,
     consistency_loss,
@@ -22,6 +22,7 @@ from jacobi_engine.training.losses import (
 from jacobi_engine.training.packing import PackedCollator, PackedConsistencyTrainer, group_by_prompt, packed_losses
 from jacobi_engine.training.recipe import train_consistency
 from jacobi_engine.training.rounds import run_rounds
+from jacobi_engine.training.shards import assemble_dataset
 from jacobi_engine.training.trainer import ConsistencyTrainer, TrajectoryCollator
 
 __all__ = [

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
 
     from jacobi_engine import JacobiEngine, build_info
     from jacobi_engine.gsm8k import load_jsonl_gz, repo_data_path
-    from jacobi_engine.serve import Backend, build_app
+    from jacobi_engine.serve import Backend
+    from jacobi_engine.serve_app import build_app
 
     name, model, tokenizer = load_model(args.model, args.dtype)
     chat = getattr(tokenizer, "chat_template", None) is not None

@@ -144,7 +144,8 @@ def forward_rows(args, data_dir: Path) -> tuple[list[dict], str]:
     """Packed forward without gradients: SDPA boolean mask vs FlexAttention BlockMask."""
     from datasets import load_from_disk
 
-    from jacobi_engine.training.packing import PackedCollator, group_by_prompt, packed_logits
+    from jacobi_engine.training.packed_attention import packed_logits
+    from jacobi_engine.training.packing import PackedCollator, group_by_prompt
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(args.teacher), dtype=torch.float32).eval()
     records = group_by_prompt(load_from_disk(str(data_dir)))
