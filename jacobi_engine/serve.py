@@ -180,6 +180,10 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_or_auto(text: str):
+    return text if text == "auto" else int(text)
+
+
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -194,10 +198,10 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--block-size", type=_int_or_auto, default=16, help="n, or 'auto' (chosen per step)")
     serve.add_argument("--mode", default="sliding", choices=("sliding", "chunked"))
     serve.add_argument("--init", default="ngram", choices=("ngram", "random_prompt"))
-    serve.add_argument("--candidates", type=int, default=0)
+    serve.add_argument("--candidates", type=_int_or_auto, default=0, help="k, or 'auto'")
     serve.add_argument("--candidate-len", type=int, default=4)
     serve.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     serve.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (GPU)")
