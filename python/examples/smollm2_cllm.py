@@ -156,13 +156,20 @@ def _dev(args) -> dict:
 
     lines = (args.out / "prompts.jsonl").read_text().splitlines()[-args.dev :]
     records = [json.loads(line) for line in lines]
-    names = {"base": BASE} | {
-        f"round{r}": str(args.out / f"round-{r}" / "cllm")
-        for r in range(args.round + 1)
-        if (args.out / f"round-{r}" / "cllm" / "config.json").exists()
-    }
+    # The base model and the newest round: earlier rounds were measured by their own dev stage.
+    names = {"base": BASE, f"round{args.round}": str(args.out / f"round-{args.round}" / "cllm")}
+    # Each model's greedy outputs are kept (per label, prompts and length), so a rerun measures only what
+    # is missing.
+    cache_path = args.out / "dev_outputs.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     result, outputs = {}, {}
     for label, name in names.items():
+        key = f"{label}:{len(records)}:{args.dev_tokens}:{args.block_size}"
+        if key in cache:
+            outputs[label] = cache[key]["outputs"]
+            result.update(cache[key]["result"])
+            print(label, "(saved)", json.dumps(cache[key]["result"]), flush=True)
+            continue
         model, tokenizer = models.load(name, progress=False)
         engine = JacobiEngine(model, block_size=args.block_size, seed=1000)  # guesses unseen in training
         tokens = forwards = 0
@@ -176,7 +183,11 @@ def _dev(args) -> dict:
         result[f"{label}_tokens_per_forward"] = tokens / forwards
         same = sum(a == b for x, y in zip(outputs["base"], outputs[label]) for a, b in zip(x, y))
         result[f"{label}_greedy_tokens_unchanged"] = same / max(1, sum(len(x) for x in outputs["base"]))
-        print(label, json.dumps({k: v for k, v in result.items() if k.startswith(label)}), flush=True)
+        mine = {k: v for k, v in result.items() if k.startswith(label)}
+        cache[key] = {"outputs": outputs[label], "result": mine}
+        cache_path.with_suffix(".tmp").write_text(json.dumps(cache))
+        cache_path.with_suffix(".tmp").replace(cache_path)
+        print(label, json.dumps(mine), flush=True)
     metrics_path = args.out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics[f"dev_after_round_{args.round}"] = dict(result, prompts=len(records), new_tokens=args.dev_tokens)
