@@ -157,6 +157,10 @@ def test_bench_generate_rows_on_a_prompts_file(tmp_path):
     assert code == 0
     result = json.loads(out.read_text())
     assert result["questions"] == 2 and result["source"] == str(prompts)
+    table = out.with_suffix(".md").read_text().splitlines()  # the table written beside the JSON
+    assert table[0] == f"`{result['command']}`" and len([line for line in table if line.startswith("| ")]) == 1 + len(
+        result["rows"]
+    )
     found = {(row["method"], row["model"]) for row in result["rows"]}
     assert {
         ("hf_greedy", "teacher"),

@@ -589,28 +589,38 @@ def main(argv=None) -> int:
             row["speedup_vs_own_hf_static_compile"] = row["tokens_per_s"] / rate[("hf_static_compile", row["model"])]
     cllm_teacher_agreement = agreement(greedy["cllm"], greedy["teacher"])
 
-    fp32_column = fp32_greedy is not None
+    table = markdown_table(rows, domain, bf16=fp32_greedy is not None)
+    print("\n" + table)
+    print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
+    png = str(Path(args.json).with_suffix(".png"))
+    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png, plot_title(args, domain))
+    extra = dict(cllm_teacher_agreement=cllm_teacher_agreement, rows=rows, sampling_rows=sampled)
+    code = write_result(args, domain, records, skipped, block_size, extra)
+    md = Path(args.json).with_suffix(".md")
+    md.write_text(f"`{json.loads(Path(args.json).read_text())['command']}`\n\n{table}\n")
+    print(f"wrote {md}")
+    return code
+
+
+def markdown_table(rows: list[dict], domain: domains.Domain, bf16: bool) -> str:
+    """The greedy rows as a Markdown table (bf16 runs: agreement with bf16 and with fp32 HF greedy)."""
     header = (
         f"| method | model | compile | tokens/s | tokens/forward | {domain.quality_short} (pts) | perplexity | "
-        + ("agreement (bf16 HF greedy) | agreement (fp32 HF greedy) | " if fp32_column else "agreement | ")
+        + ("agreement (bf16 HF greedy) | agreement (fp32 HF greedy) | " if bf16 else "agreement | ")
         + "vs own HF greedy | vs own HF static+compile | vs own prompt lookup | vs teacher HF greedy |"
     )
-    print("\n" + header + "\n|" + "---|" * (13 if fp32_column else 12))
+    lines = [header, "|" + "---|" * (13 if bf16 else 12)]
     for r in rows:
         static = r.get("speedup_vs_own_hf_static_compile")
-        agree = f"{r['agreement']:.3f} | " + (f"{r['agreement_fp32']:.3f} | " if fp32_column else "")
-        print(
+        agree = f"{r['agreement']:.3f} | " + (f"{r['agreement_fp32']:.3f} | " if bf16 else "")
+        lines.append(
             f"| {r['method']} | {r['model']} | {'yes' if r['compile'] else 'no'} | {r['tokens_per_s']:.1f} | "
             f"{r['tokens_per_forward']:.2f} | {_number(r['quality'], 1)} | {_number(r['perplexity'], 3)} | "
             f"{agree}"
             f"{r['speedup_vs_own_greedy']:.2f}x | {'-' if static is None else f'{static:.2f}x'} | "
             f"{r['speedup_vs_own_prompt_lookup']:.2f}x | {r['speedup_vs_teacher_greedy']:.2f}x |"
         )
-    print(f"\nCLLM greedy output vs teacher greedy output: {cllm_teacher_agreement:.3f} of tokens agree")
-    png = str(Path(args.json).with_suffix(".png"))
-    plot([r for r in rows if not (r["method"] == "hf_greedy" and r["model"] == "cllm")], png, plot_title(args, domain))
-    extra = dict(cllm_teacher_agreement=cllm_teacher_agreement, rows=rows, sampling_rows=sampled)
-    return write_result(args, domain, records, skipped, block_size, extra)
+    return "\n".join(lines)
 
 
 def model_dir(given: str | None, name: str, domain: domains.Domain) -> str:
