@@ -206,21 +206,70 @@ def _convert_cllm(spec: NamedModel, progress: bool) -> Path:
             f"model {spec.name!r}: its LoRA adapter is not shipped in this install ({adapter} has no "
             "adapter_config.json); train and ship it with `bash python/examples/smollm2_cllm.sh`"
         )
-    if importlib.util.find_spec("peft") is None:
-        raise ModuleNotFoundError(f"model {spec.name!r} applies a LoRA adapter: pip install 'jacobi-engine[lora]'")
     base = _convert_base(MODELS[BASE_OF[spec.name]], progress)
     target = cache_root() / f"{spec.name}-{base.name.rsplit('-', 1)[1]}-{_adapter_key(adapter)}"
     if _trusted(target):
         return target
 
     def write(folder: Path) -> None:
-        from peft import PeftModel
-
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        merge_lora(model, adapter)
         _save_plain(model, AutoTokenizer.from_pretrained(str(base)), folder, progress)
 
     return _write_atomically(target, write, {"name": spec.name, "base": base.name, "adapter": str(adapter)})
+
+
+def merge_lora(model: torch.nn.Module, folder: str | os.PathLike) -> torch.nn.Module:
+    """Merge the LoRA adapter saved in ``folder`` (PEFT's ``adapter_config.json`` and
+    ``adapter_model.safetensors``) into ``model``'s linear weights, in place, without needing peft:
+    ``W += scaling * B @ A`` with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), in float32.
+
+    Adapters this cannot merge exactly (DoRA, trained biases, ``modules_to_save``, other adapter
+    types) are refused with the reason; so is a weight that names no module of ``model``."""
+    import math
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder}: a {config.get('peft_type')} adapter, only LoRA adapters can be merged")
+    for key, allowed in (
+        ("use_dora", (False, None)),
+        ("bias", ("none", None)),
+        ("modules_to_save", (None, [])),
+        ("alpha_pattern", (None, {})),
+    ):
+        if config.get(key) not in allowed:
+            raise ValueError(f"{folder}: adapter_config {key}={config.get(key)!r} cannot be merged into plain weights")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                name = key.split(marker)[0].removeprefix("base_model.model.")
+                pairs.setdefault(name, {})[part] = tensor
+                break
+        else:
+            raise ValueError(f"{folder}: adapter weight {key!r} is not a LoRA A or B matrix")
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            module = modules.get(name)
+            if not isinstance(module, torch.nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{folder}: adapter weights for {name!r} do not match a linear layer of the model")
+            r, alpha = pair["lora_A"].shape[0], config["lora_alpha"]  # a rank_pattern's rank is A's row count
+            scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+            delta = pair["lora_B"].float() @ pair["lora_A"].float()
+            if config.get("fan_in_fan_out"):
+                delta = delta.T
+            if delta.shape != module.weight.shape:
+                raise ValueError(
+                    f"{folder}: {name}: LoRA delta {tuple(delta.shape)} for weight {tuple(module.weight.shape)}"
+                )
+            module.weight += (scaling * delta).to(module.weight.dtype)
+    return model
 
 
 def resolve(name_or_path: str | os.PathLike, progress: bool = True) -> str:
