@@ -13,6 +13,7 @@ import torch
 from models import tiny_model
 
 from jacobi_engine import cli, domains
+from jacobi_engine import models as named_models
 from jacobi_engine.gsm8k import load_jsonl_gz
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,6 +145,7 @@ def test_demo_names_a_missing_pair_and_how_to_ship_it(tmp_path, monkeypatch, cap
 
 def test_demo_without_a_pair_falls_back_to_a_random_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(domains, "ASSETS_ROOT", tmp_path)
+    monkeypatch.setattr(named_models, "ASSETS", tmp_path)  # and no SmolLM2 CLLM adapter
     assert cli.main(["demo", "--max-new-tokens", "6"]) == 0
     assert "RANDOMLY INITIALISED" in capsys.readouterr().out
 

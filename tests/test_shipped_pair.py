@@ -16,6 +16,7 @@ import torch
 from models import tiny_model
 
 from jacobi_engine import JacobiEngine, cli, demo, domains
+from jacobi_engine import models as named_models
 from jacobi_engine.gsm8k import format_prompt, load_jsonl_gz, repo_data_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +122,7 @@ def test_demo_on_a_local_model_with_a_prompt(tmp_path, capsys):
 
 def test_demo_without_a_shipped_pair_says_the_model_is_random(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(domains, "ASSETS_ROOT", tmp_path / "nothing-here")
+    monkeypatch.setattr(named_models, "ASSETS", tmp_path / "nothing-here")  # and no SmolLM2 CLLM adapter
     assert cli.main(["demo", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert "RANDOMLY INITIALISED" in out
