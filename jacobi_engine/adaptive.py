@@ -22,9 +22,10 @@ tokens per second:
 
 The greedy output does not depend on the choice (every shape's fixed point is greedy decoding), only
 the speed does. Shape 1x0 is plain autoregressive decoding, so when no block pays for its width the
-engine falls back to one token per forward. Exploration is deterministic: every ``explore_every``-th
-decision tries the least-used shape that could still beat the best if its estimate were one token
-higher.
+engine falls back to one token per forward. Exploration is deterministic and paid from a budget:
+every ``explore_every``-th decision may try the least-used shape that could still beat the best if
+its estimate were higher by an optimism of ``1 / sqrt(1 + its forwards)`` tokens, when the budget
+(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers that shape's step.
 
 Under ``compile=True`` or ``cuda_graph=True`` each shape of the (small) set is compiled or captured
 once, like any state, and the choice only picks which graph runs: no recompiles.
@@ -176,12 +177,19 @@ class ShapePolicy:
     ``a`` tokens); ``choose()`` returns the shape of the next steps.
     """
 
-    def __init__(self, shapes, costs: dict, explore_every: int = 8, prior_steps: float = 4.0):
+    def __init__(
+        self, shapes, costs: dict, explore_every: int = 8, prior_steps: float = 4.0, explore_fraction: float = 0.05
+    ):
         if not shapes:
             raise ValueError("no shapes to choose from")
         self.shapes = sorted(shapes)
         self.costs = costs
         self.explore_every = explore_every
+        # Exploration is paid from a budget that grows by ``explore_fraction`` of each chosen step's cost:
+        # at most about that share of the time goes to shapes the estimates do not favour. It starts with
+        # one step of the dearest shape, so a call can look once early.
+        self.explore_fraction = explore_fraction
+        self.budget = max(costs[shape] for shape in self.shapes)
         self.prior_steps = prior_steps
         self.steps = {shape: 0 for shape in self.shapes}  # (row, forward) pairs
         self.tokens = {shape: 0 for shape in self.shapes}
@@ -243,18 +251,28 @@ class ShapePolicy:
         return self.estimate(shape) / self.costs[shape]
 
     # -- the choice ----------------------------------------------------------------------------
+    def optimism(self, shape: Shape) -> float:
+        """How many more tokens per forward ``shape`` might give than estimated: one untried, shrinking
+        as it is tried (1 / sqrt(1 + forwards))."""
+        return 1.0 / math.sqrt(1.0 + self.steps[shape])
+
     def choose(self) -> Shape:
         self.decisions += 1
         best = max(self.shapes, key=self.score)
+        self.budget += self.explore_fraction * self.costs[best]
         if self.explore_every and self.decisions % self.explore_every == 0:
             best_score = self.score(best)
             hopeful = [
                 s
                 for s in self.shapes
-                if s != best and (self.estimate(s) + 1.0) / self.costs[s] >= best_score and s.block > 1
+                if s != best
+                and s.block > 1
+                and self.costs[s] <= self.budget
+                and (self.estimate(s) + self.optimism(s)) / self.costs[s] >= best_score
             ]
             if hopeful:
                 best = min(hopeful, key=lambda s: (self.steps[s], s))
+                self.budget -= self.costs[best]
         self.chosen[best] += 1
         return best
 
