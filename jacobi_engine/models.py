@@ -219,10 +219,11 @@ def _convert_cllm(spec: NamedModel, progress: bool) -> Path:
     return _write_atomically(target, write, {"name": spec.name, "base": base.name, "adapter": str(adapter)})
 
 
-def merge_lora(model: torch.nn.Module, folder: str | os.PathLike) -> torch.nn.Module:
+def merge_lora(model: torch.nn.Module, folder: str | os.PathLike, scale: float = 1.0) -> torch.nn.Module:
     """Merge the LoRA adapter saved in ``folder`` (PEFT's ``adapter_config.json`` and
     ``adapter_model.safetensors``) into ``model``'s linear weights, in place, without needing peft:
-    ``W += scaling * B @ A`` with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), in float32.
+    ``W += scale * scaling * B @ A`` with ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), in
+    float32; ``scale`` (1: the adapter as trained) weakens or strengthens it.
 
     Adapters this cannot merge exactly (DoRA, trained biases, ``modules_to_save``, other adapter
     types) are refused with the reason; so is a weight that names no module of ``model``."""
@@ -260,7 +261,7 @@ def merge_lora(model: torch.nn.Module, folder: str | os.PathLike) -> torch.nn.Mo
             if not isinstance(module, torch.nn.Linear) or set(pair) != {"lora_A", "lora_B"}:
                 raise ValueError(f"{folder}: adapter weights for {name!r} do not match a linear layer of the model")
             r, alpha = pair["lora_A"].shape[0], config["lora_alpha"]  # a rank_pattern's rank is A's row count
-            scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+            scaling = scale * alpha / (math.sqrt(r) if config.get("use_rslora") else r)
             delta = pair["lora_B"].float() @ pair["lora_A"].float()
             if config.get("fan_in_fan_out"):
                 delta = delta.T

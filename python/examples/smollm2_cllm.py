@@ -148,12 +148,29 @@ def _train(args) -> dict:
     return {"steps": trainer.state.global_step, "final_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
+def _plain_jacobi(model, tokenizer, records: list[dict], args) -> tuple[float, list[list[int]]]:
+    """Plain-Jacobi tokens per forward (n = --block-size, batch 1) over ``records``' prompts, and the
+    greedy outputs (the same for every guess, which are seeded apart from training's)."""
+    import torch
+
+    from jacobi_engine import JacobiEngine
+
+    engine = JacobiEngine(model, block_size=args.block_size, seed=1000)  # guesses unseen in training
+    tokens = forwards = 0
+    outputs = []
+    for record in records:
+        ids = torch.tensor([tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]])
+        out = engine.generate(ids, max_new_tokens=args.dev_tokens)
+        tokens += out.stats.tokens_generated
+        forwards += out.stats.forward_passes
+        outputs.append(out.sequences[0, ids.shape[1] :].tolist())
+    return tokens / forwards, outputs
+
+
 def _dev(args) -> dict:
     """Plain-Jacobi tokens per forward (n=16) and greedy agreement with the base model on train prompts
     used by no round (the last --dev lines of the shuffle), for the base model and each round's CLLM."""
-    import torch
-
-    from jacobi_engine import JacobiEngine, models
+    from jacobi_engine import models
 
     lines = (args.out / "prompts.jsonl").read_text().splitlines()[-args.dev :]
     records = [json.loads(line) for line in lines]
@@ -172,16 +189,7 @@ def _dev(args) -> dict:
             print(label, "(saved)", json.dumps(cache[key]["result"]), flush=True)
             continue
         model, tokenizer = models.load(name, progress=False)
-        engine = JacobiEngine(model, block_size=args.block_size, seed=1000)  # guesses unseen in training
-        tokens = forwards = 0
-        outputs[label] = []
-        for record in records:
-            ids = torch.tensor([tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]])
-            out = engine.generate(ids, max_new_tokens=args.dev_tokens)
-            tokens += out.stats.tokens_generated
-            forwards += out.stats.forward_passes
-            outputs[label].append(out.sequences[0, ids.shape[1] :].tolist())
-        result[f"{label}_tokens_per_forward"] = tokens / forwards
+        result[f"{label}_tokens_per_forward"], outputs[label] = _plain_jacobi(model, tokenizer, records, args)
         same = sum(a == b for x, y in zip(outputs["base"], outputs[label]) for a, b in zip(x, y))
         result[f"{label}_greedy_tokens_unchanged"] = same / max(1, sum(len(x) for x in outputs["base"]))
         mine = {k: v for k, v in result.items() if k.startswith(label)}
@@ -196,25 +204,6 @@ def _dev(args) -> dict:
     return result
 
 
-def _scaled_model(adapter: Path, scale: float, scratch: Path):
-    """The base model with ``adapter`` merged at ``scale`` times its trained strength (LoRA's
-    alpha scaled: W = W0 + scale * alpha / r * B A)."""
-    import shutil
-
-    from peft import PeftModel
-
-    from jacobi_engine import models
-
-    folder = scratch / f"adapter-x{scale:g}"
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(adapter / "adapter_model.safetensors", folder / "adapter_model.safetensors")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["lora_alpha"] = config["lora_alpha"] * scale
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    model, tokenizer = models.load(BASE, progress=False)
-    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval(), tokenizer
-
-
 def _scale(args) -> dict:
     """The adapter's strength against quality, on dev data: self-distillation on greedy chunks sharpens
     the model, which raises the perplexity of reference answers. For each scale of ``--scales`` (W = W0 +
@@ -222,9 +211,7 @@ def _scale(args) -> dict:
     and the perplexity of the reference answers of ``--dev-answers`` train questions no round uses,
     and records which scales keep the perplexity within ``--ppl-guard`` of the base model's. ``ship
     --adapter-scale`` picks the strength shipped (default 1.0, the trained one)."""
-    import torch
-
-    from jacobi_engine import JacobiEngine, models
+    from jacobi_engine import models
     from jacobi_engine.domains import answer_perplexity
 
     lines = (args.out / "prompts.jsonl").read_text().splitlines()
@@ -237,20 +224,14 @@ def _scale(args) -> dict:
         ppl = answer_perplexity(
             model, tokenizer, [r["prompt"] for r in held], [r["answer"] for r in held], add_special_tokens=False
         )
-        engine = JacobiEngine(model, block_size=args.block_size, seed=1000)
-        tokens = forwards = 0
-        for record in dev:
-            ids = torch.tensor([tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]])
-            out = engine.generate(ids, max_new_tokens=args.dev_tokens)
-            tokens += out.stats.tokens_generated
-            forwards += out.stats.forward_passes
-        return {"perplexity": ppl, "tokens_per_forward": tokens / forwards}
+        return {"perplexity": ppl, "tokens_per_forward": _plain_jacobi(model, tokenizer, dev, args)[0]}
 
     base = measure(*models.load(BASE, progress=False))
     print("base", json.dumps(base), flush=True)
     rows = {}
     for scale in args.scales:
-        rows[scale] = measure(*_scaled_model(adapter, scale, args.out / "scales"))
+        model, tokenizer = models.load(BASE, progress=False)
+        rows[scale] = measure(models.merge_lora(model, adapter, scale=scale), tokenizer)
         print(f"x{scale:g}", json.dumps(rows[scale]), flush=True)
     within = [s for s, r in rows.items() if r["perplexity"] <= args.ppl_guard * base["perplexity"]]
     best_within = max(within, key=lambda s: rows[s]["tokens_per_forward"]) if within else None
