@@ -9,16 +9,25 @@ tokens per second:
     score(shape) = E[tokens verified per forward | shape] / cost(shape)
 
 * ``cost(shape)`` comes from a :class:`CostModel`: the engine times its own decode step over each shape
-  it may use (a few steps each on a snapshot of the first call's state, at that call's real cache
-  length, then restored), once per (batch size, dtype, device); ``JacobiEngine(cost_model=...)`` takes
-  a saved one (:meth:`CostModel.save` / :meth:`CostModel.load`).
-* ``E[tokens | shape]`` comes from the running statistics of the call (:class:`ShapePolicy`): the
-  histogram of newly verified tokens per (row, forward), which every step keeps on the device and the
-  sync reads together with the done flags (no extra host sync). For a plain block of ``n`` slots the
-  estimate is ``sum_{j<=n} S(j)``, ``S(j)`` the observed share of (row, forward) pairs that verified at
-  least ``j`` tokens among those whose block had ``j`` slots, extrapolated geometrically past the widest
-  block seen; a shape's own observed mean takes over as it is used. A shape with candidates starts from
-  its block's estimate times the lift candidates gave so far (optimistically 1.2 before any).
+  it may use (rounds over the shapes, interleaved, on a snapshot of the first call's state at that
+  call's real cache length, then restored; made non-decreasing in the step's tokens), once per (batch
+  size, dtype, device); ``JacobiEngine(cost_model=...)`` takes a saved one (:meth:`CostModel.save` /
+  :meth:`CostModel.load`, ``JacobiEngine.save_cost_model``).
+* ``E[tokens | shape]`` comes from running statistics (:class:`ShapePolicy`): the histogram of newly
+  verified tokens per (row, forward) and **draft context**, which every step keeps on the device and the
+  sync reads together with the done flags (no extra host sync). A row's draft context is how many
+  tokens the guess strategy drafted for its next block (n-gram lookup: the continuation of the latest
+  earlier occurrence; :func:`jacobi_engine.guesses.draft_context` buckets 0, 1, 2-3, 4-7, 8-15, 16+),
+  so a step is sized by the drafts its rows hold: a row with a long draft is worth a wide block, one
+  without often only one slot. For a plain block of ``n`` slots the estimate is ``sum_{j<=n} S(j)``,
+  ``S(j)`` the observed share of (row, forward) pairs that verified at least ``j`` tokens among those
+  whose block had ``j`` slots (per context, shrunk towards all contexts' share while a context has
+  few pairs), extrapolated geometrically past the widest block seen; a shape's own observed mean takes
+  over as it is used. A shape with candidates starts from its block's estimate times the lift
+  candidates gave so far (optimistically 1.2 before any). A batch's score sums its rows' estimates.
+* The statistics of a greedy call carry into the next call of the same batch size, halved
+  (:meth:`ShapePolicy.carried`), so an engine explores once, not at every call; a sampling call starts
+  from nothing, so that a seeded call repeats itself (its draws depend on the shapes it runs).
 
 The greedy output does not depend on the choice (every shape's fixed point is greedy decoding), only
 the speed does. Shape 1x0 is plain autoregressive decoding, so when no block pays for its width the
@@ -44,7 +53,7 @@ import torch
 DEFAULT_BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 COMPILED_BLOCK_SIZES = (1, 4, 16)  # a small fixed set when every shape is compiled or captured
 DEFAULT_CANDIDATES = (0, 2, 4)
-TIMED_STEPS = 2  # per shape, after one warm-up step
+TIMED_STEPS = 2  # rounds over the shapes, after one warm-up round
 
 
 @dataclass(frozen=True, order=True)
@@ -147,38 +156,66 @@ def save_cost_model(cost_model: CostModel | None, path: str | Path) -> None:
 
 
 def measure(run_step, snapshot, restore, shapes, sync) -> dict:
-    """{shape: seconds per step}: ``run_step(shape)`` once to warm up, then :data:`TIMED_STEPS` timed
-    (the median), each shape on the same snapshot of the state, restored after."""
-    costs = {}
+    """{shape: seconds per step}: ``run_step(shape)`` once each to warm up, then :data:`TIMED_STEPS`
+    rounds over every shape (interleaved, so that load which comes and goes falls on all shapes alike),
+    each step on the same snapshot of the state, restored after; a shape's cost is its median, made
+    non-decreasing in the tokens a step carries (:func:`monotone_costs`: timing noise must not make a
+    wider step look cheaper than a narrower one)."""
+    times = {shape: [] for shape in shapes}
     saved = snapshot()
     try:
-        for shape in shapes:
-            run_step(shape)
-            sync()
-            times = []
-            for _ in range(TIMED_STEPS):
+        for timed in range(TIMED_STEPS + 1):
+            for shape in shapes:
                 restore(saved)
                 started = time.perf_counter()
                 run_step(shape)
                 sync()
-                times.append(time.perf_counter() - started)
-            restore(saved)
-            costs[shape] = sorted(times)[len(times) // 2]
+                if timed:
+                    times[shape].append(time.perf_counter() - started)
     finally:
         restore(saved)
-    return costs
+    return monotone_costs({shape: sorted(t)[len(t) // 2] for shape, t in times.items()})
+
+
+def monotone_costs(costs: dict) -> dict:
+    """The least-squares fit of ``costs`` that is non-decreasing in (tokens, candidates) per step (pool
+    adjacent violators): a step over more tokens costs at least as much as one over fewer."""
+    order = sorted(costs, key=lambda s: (s.tokens, s.candidates, s.block))
+    blocks: list[list] = []  # [sum, count, shapes]
+    for shape in order:
+        blocks.append([costs[shape], 1, [shape]])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count, members = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+            blocks[-1][2] += members
+    return {shape: total / count for total, count, members in blocks for shape in members}
 
 
 class ShapePolicy:
-    """The per-step choice of one call (see the module docstring).
+    """The per-step choice (see the module docstring).
 
-    ``observe(shape, histogram_delta)`` adds what the steps run with ``shape`` since the last sync
-    verified (the delta of the state's histogram: ``[a]`` = (row, forward) pairs that newly verified
-    ``a`` tokens); ``choose()`` returns the shape of the next steps.
+    Statistics are kept per draft context (:func:`jacobi_engine.guesses.draft_context`: how many tokens
+    the guess strategy drafted for a row's next block), so that a step is sized by the drafts its rows
+    hold: a row with a long n-gram draft is worth a wide block, one without is often worth one slot.
+    A context's estimates lean on the statistics of all contexts until it has its own (``pooled_weight``
+    pseudo-observations).
+
+    ``observe(shape, delta)`` adds what the steps run with ``shape`` since the last sync verified (the
+    delta of the state's histogram: ``delta[c][a]`` = (row, forward) pairs in context ``c`` that newly
+    verified ``a`` tokens; a flat list is context 0); ``choose(contexts)`` returns the shape of the next
+    steps for rows in those contexts (a count per context, or None for one row in context 0).
+    :meth:`carried` starts the next call from this one's statistics, down-weighted.
     """
 
     def __init__(
-        self, shapes, costs: dict, explore_every: int = 8, prior_steps: float = 4.0, explore_fraction: float = 0.05
+        self,
+        shapes,
+        costs: dict,
+        explore_every: int = 8,
+        prior_steps: float = 4.0,
+        explore_fraction: float = 0.05,
+        pooled_weight: float = 4.0,
     ):
         if not shapes:
             raise ValueError("no shapes to choose from")
@@ -191,102 +228,179 @@ class ShapePolicy:
         self.explore_fraction = explore_fraction
         self.budget = max(costs[shape] for shape in self.shapes)
         self.prior_steps = prior_steps
-        self.steps = {shape: 0 for shape in self.shapes}  # (row, forward) pairs
-        self.tokens = {shape: 0 for shape in self.shapes}
-        self.reached: dict[int, float] = {}  # j -> pairs that verified >= j tokens, among blocks with >= j slots
-        self.tried: dict[int, float] = {}  # j -> pairs whose block had >= j slots
+        self.pooled_weight = pooled_weight
+        self.widest = max(shape.block for shape in self.shapes)
+        # Per context c (None: all contexts pooled): (row, forward) pairs and tokens per shape; per j,
+        # pairs that verified >= j tokens among plain blocks with >= j slots, and those pairs.
+        self.steps: dict = {}
+        self.tokens: dict = {}
+        self.reached: dict = {}
+        self.tried: dict = {}
         self.decisions = 0
-        self.chosen: dict[Shape, int] = {shape: 0 for shape in self.shapes}
+        self.chosen: dict[Shape, int] = {shape: 0 for shape in self.shapes}  # this call's decisions
+        self.call_steps: dict[Shape, int] = {shape: 0 for shape in self.shapes}  # this call's (row, forward) pairs
+        self.call_tokens: dict[Shape, int] = {shape: 0 for shape in self.shapes}
+        self._survival: dict = {}  # context -> [S(0), S(1), ..., S(widest)], until the next observation
 
-    def observe(self, shape: Shape, delta: list[int]) -> None:
+    def _counts(self, table: dict, context) -> dict:
+        return table.setdefault(context, {})
+
+    def observe(self, shape: Shape, delta) -> None:
+        rows = delta if delta and isinstance(delta[0], (list, tuple)) else [delta]
+        for context, histogram in enumerate(rows):
+            self._observe(shape, context, histogram)
+
+    def _observe(self, shape: Shape, context: int, delta) -> None:
         pairs = sum(delta[1:])
         if pairs <= 0:
             return
-        self.steps[shape] += pairs
-        self.tokens[shape] += sum(a * count for a, count in enumerate(delta))
-        if shape.candidates == 0:
-            at_least = 0
-            for j in range(len(delta) - 1, 0, -1):
-                at_least += delta[j]
-                if j <= shape.block:
-                    self.reached[j] = self.reached.get(j, 0) + at_least
-                    self.tried[j] = self.tried.get(j, 0) + pairs
+        self._survival.clear()
+        tokens = sum(a * count for a, count in enumerate(delta))
+        self.call_steps[shape] += pairs
+        self.call_tokens[shape] += tokens
+        for c in (context, None):
+            steps, totals = self._counts(self.steps, c), self._counts(self.tokens, c)
+            steps[shape] = steps.get(shape, 0) + pairs
+            totals[shape] = totals.get(shape, 0) + tokens
+            if shape.candidates == 0:
+                reached, tried = self._counts(self.reached, c), self._counts(self.tried, c)
+                at_least = 0
+                for j in range(len(delta) - 1, 0, -1):
+                    at_least += delta[j]
+                    if j <= shape.block:
+                        reached[j] = reached.get(j, 0) + at_least
+                        tried[j] = tried.get(j, 0) + pairs
+
+    def carried(self, decay: float = 0.5) -> ShapePolicy:
+        """A policy for the next call of the same shapes and costs that starts from this one's statistics,
+        each count multiplied by ``decay`` (so they weigh less than the new call's own as it goes)."""
+        new = ShapePolicy(
+            self.shapes, self.costs, self.explore_every, self.prior_steps, self.explore_fraction, self.pooled_weight
+        )
+        for name in ("steps", "tokens", "reached", "tried"):
+            table = getattr(self, name)
+            setattr(
+                new, name, {c: {key: value * decay for key, value in counts.items()} for c, counts in table.items()}
+            )
+        new.budget = min(self.budget, new.budget)
+        new.decisions = self.decisions
+        return new
 
     # -- estimates ---------------------------------------------------------------------------
-    def survival(self, j: int) -> float:
-        """P(a forward verifies >= j tokens): observed where blocks were that wide, else extrapolated."""
+    def survival(self, j: int, context=None) -> float:
+        """P(a forward verifies >= j tokens) in ``context`` (None: all): observed where blocks were that
+        wide (shrunk towards all contexts' value), else extrapolated from the widest seen."""
         if j <= 1:
             return 1.0
-        if self.tried.get(j, 0) > 0:
-            return (self.reached.get(j, 0) + 0.5) / (self.tried[j] + 1.0)
-        seen = [i for i in self.tried if self.tried[i] > 0 and i >= 2]
-        if not seen:
-            return 0.5 ** (j - 1)  # nothing seen yet: a modest prior, explored soon anyway
-        last = max(seen)
-        s_last = self.survival(last)
-        s_before = self.survival(last - 1) if last > 2 else 1.0
-        hazard = min(0.95, s_last / max(s_before, 1e-9))
-        return s_last * hazard ** (j - last)
+        curve = self._survival.get(context)
+        if curve is None:
+            curve = self._survival[context] = self._curve(context)
+        return curve[min(j, len(curve) - 1)]
 
-    def block_estimate(self, block: int) -> float:
-        return sum(self.survival(j) for j in range(1, block + 1))
+    def _curve(self, context) -> list[float]:
+        pooled = None if context is None else [self.survival(j) for j in range(self.widest + 1)]
+        reached, tried = self.reached.get(context, {}), self.tried.get(context, {})
+        curve = [1.0, 1.0]
+        last = None  # the widest j with observations (here or, for a context, in the pool)
+        for j in range(2, self.widest + 1):
+            seen = tried.get(j, 0)
+            if pooled is None:
+                value = (reached.get(j, 0) + 0.5) / (seen + 1.0) if seen > 0 else None
+            elif seen > 0 or self.tried.get(None, {}).get(j, 0) > 0:
+                m = self.pooled_weight
+                value = (reached.get(j, 0) + m * pooled[j]) / (seen + m)
+            else:
+                value = None
+            if value is None:
+                if last is None:
+                    value = 0.5 ** (j - 1)  # nothing seen yet: a modest prior, explored soon anyway
+                else:
+                    hazard = min(0.95, curve[last] / max(curve[last - 1], 1e-9)) if last > 1 else 0.5
+                    value = curve[last] * hazard ** (j - last)
+            else:
+                last = j
+                value = min(value, curve[j - 1])  # survival never grows with j
+            curve.append(value)
+        return curve
+
+    def block_estimate(self, block: int, context=None) -> float:
+        return sum(self.survival(j, context) for j in range(1, block + 1))
 
     def lift(self) -> float:
         """Tokens per forward of candidate shapes over their blocks' plain estimate, observed so far."""
-        observed = [s for s in self.shapes if s.candidates and self.steps[s] > 0]
+        steps, tokens = self.steps.get(None, {}), self.tokens.get(None, {})
+        observed = [s for s in self.shapes if s.candidates and steps.get(s, 0) > 0]
         if not observed:
             return 1.2
-        ratios = [self.tokens[s] / self.steps[s] / self.block_estimate(s.block) for s in observed]
+        ratios = [tokens[s] / steps[s] / self.block_estimate(s.block) for s in observed]
         return max(1.0, sum(ratios) / len(ratios))
 
-    def estimate(self, shape: Shape) -> float:
-        """Expected tokens verified per (row, forward): the shape's own mean blended with the model's."""
-        prior = self.block_estimate(shape.block)
+    def estimate(self, shape: Shape, context=None) -> float:
+        """Expected tokens verified per (row, forward) in ``context``: the shape's own mean there, blended
+        with the survival model's."""
+        prior = self.block_estimate(shape.block, context)
         if shape.candidates:
             prior = min(prior * self.lift(), shape.block + shape.candidate_len)
-        steps = self.steps[shape]
-        return (self.tokens[shape] + self.prior_steps * prior) / (steps + self.prior_steps)
+        steps = self.steps.get(context, {}).get(shape, 0)
+        tokens = self.tokens.get(context, {}).get(shape, 0)
+        return (tokens + self.prior_steps * prior) / (steps + self.prior_steps)
 
-    def score(self, shape: Shape) -> float:
-        return self.estimate(shape) / self.costs[shape]
+    def forwards(self, shape: Shape, context=None) -> float:
+        return self.steps.get(context, {}).get(shape, 0)
+
+    def score(self, shape: Shape, contexts=None) -> float:
+        """Expected tokens per second of the next step with ``shape``, for rows in ``contexts``."""
+        return sum(rows * self.estimate(shape, c) for c, rows in _rows(contexts)) / self.costs[shape]
 
     # -- the choice ----------------------------------------------------------------------------
-    def optimism(self, shape: Shape) -> float:
-        """How many more tokens per forward ``shape`` might give than estimated: one untried, shrinking
-        as it is tried (1 / sqrt(1 + forwards))."""
-        return 1.0 / math.sqrt(1.0 + self.steps[shape])
+    def optimism(self, shape: Shape, context=None) -> float:
+        """How many more tokens per forward ``shape`` might give than estimated in ``context``: one untried,
+        shrinking as it is tried (1 / sqrt(1 + forwards))."""
+        return 1.0 / math.sqrt(1.0 + self.forwards(shape, context))
 
-    def choose(self) -> Shape:
+    def choose(self, contexts=None) -> Shape:
+        """The shape of the next steps for rows in ``contexts`` ({context: rows}, a list of rows per
+        context, or None: one row in context 0)."""
+        rows = _rows(contexts)
         self.decisions += 1
-        best = max(self.shapes, key=self.score)
+        best = max(self.shapes, key=lambda s: self.score(s, rows))
         self.budget += self.explore_fraction * self.costs[best]
         if self.explore_every and self.decisions % self.explore_every == 0:
-            best_score = self.score(best)
-            hopeful = [
-                s
-                for s in self.shapes
-                if s != best
-                and s.block > 1
-                and self.costs[s] <= self.budget
-                and (self.estimate(s) + self.optimism(s)) / self.costs[s] >= best_score
+            best_score = self.score(best, rows)
+
+            def hopeful(s):
+                gain = sum(n * (self.estimate(s, c) + self.optimism(s, c)) for c, n in rows)
+                return gain / self.costs[s] >= best_score
+
+            candidates = [
+                s for s in self.shapes if s != best and s.block > 1 and self.costs[s] <= self.budget and hopeful(s)
             ]
-            if hopeful:
-                best = min(hopeful, key=lambda s: (self.steps[s], s))
+            if candidates:
+                best = min(candidates, key=lambda s: (sum(self.forwards(s, c) for c, _ in rows), s))
                 self.budget -= self.costs[best]
         self.chosen[best] += 1
         return best
 
     def summary(self) -> dict:
+        """This call's use of each shape (not the statistics carried from earlier calls)."""
+        steps, tokens = self.call_steps, self.call_tokens
         return {
             str(s): dict(
                 decisions=self.chosen[s],
-                forwards=self.steps[s],
-                tokens_per_forward=None if not self.steps[s] else self.tokens[s] / self.steps[s],
+                forwards=steps[s],
+                tokens_per_forward=None if not steps[s] else tokens[s] / steps[s],
                 seconds_per_step=self.costs[s],
             )
             for s in self.shapes
         }
 
 
-def expected_tokens_per_second(policy: ShapePolicy) -> dict:
-    return {str(s): policy.score(s) for s in policy.shapes if math.isfinite(policy.score(s))}
+def _rows(contexts) -> list[tuple[int, float]]:
+    """[(context, rows)] from {context: rows}, a sequence of per-context row counts, or None (one row, 0)."""
+    if contexts is None:
+        return [(0, 1)]
+    if isinstance(contexts, list) and contexts and isinstance(contexts[0], tuple):
+        return contexts
+    items = contexts.items() if isinstance(contexts, dict) else enumerate(contexts)
+    rows = [(c, n) for c, n in items if n]
+    return rows or [(0, 1)]

@@ -232,7 +232,8 @@ class JacobiEngine:
                 timings.compile = self.runner.compile(entry)
             if self.config.cuda_graph:
                 timings.capture = self.runner.capture(entry)
-            timings.cost_model = self.runner.start_policy(entry, self.cost_model)
+            # A seeded sampling call repeats itself: its choice starts from nothing, not the last call's.
+            timings.cost_model = self.runner.start_policy(entry, self.cost_model, carry=entry.key.sampling is None)
             decode_started = time.perf_counter()
             self.runner.run_until_done(entry, settings.max_new_tokens + self.config.max_block_size, stream)
             sync()

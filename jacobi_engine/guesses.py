@@ -19,6 +19,17 @@ import inspect
 
 import torch
 
+# Draft contexts: a row's guesses for its next step are bucketed by how many tokens the strategy drafted
+# (0, 1, 2-3, 4-7, 8-15, 16+): an adaptive engine keeps its acceptance statistics per context and sizes
+# each step by the contexts of its rows (:mod:`jacobi_engine.adaptive`).
+DRAFT_CONTEXTS = 6
+
+
+def draft_context(drafted: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: the context (0 .. DRAFT_CONTEXTS - 1) of rows with ``drafted`` draft tokens."""
+    d = drafted.to(torch.long)
+    return (d > 0).long() + (d >= 2).long() + (d >= 4).long() + (d >= 8).long() + (d >= 16).long()
+
 
 class GuessStrategy:
     """Base class. Subclasses override :meth:`fill` and, optionally, :meth:`refine`.
@@ -68,6 +79,12 @@ class GuessStrategy:
         Return a bool [B, n - 1] mask of the slots you rewrote: when sampling, those drafts are
         verified as deterministic ones (the exact rule for them). An override that returns None is
         taken to have rewritten every slot of ``rows``, which is exact but slower."""
+        return None
+
+    def draft_lengths(self) -> torch.Tensor | None:
+        """int64 [B]: how many draft tokens the last :meth:`refine` found for each row's next block, counted
+        at the full ``block_size`` of :meth:`start` (an adaptive engine's narrower blocks hold a prefix),
+        or None for a strategy without drafts (then every row is in context 0)."""
         return None
 
     def _keep(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -136,6 +153,7 @@ class NgramGuess(RandomPromptGuess):
         self.columns = self._keep("columns", torch.arange(tokens.shape[1], device=device))
         self.back = self._keep("back", torch.arange(self.max_ngram, device=device))
         self.slots = self._keep("slots", torch.arange(1, max(block_size, 2), device=device))
+        self.drafted = self._keep("drafted", torch.zeros(tokens.shape[0], dtype=torch.long, device=device))
 
     def refine(self, block, lengths, rows, known_columns: int | None = None) -> torch.Tensor:
         """The latest earlier occurrence of the longest suffix (``max_ngram`` .. ``min_ngram`` tokens).
@@ -145,8 +163,9 @@ class NgramGuess(RandomPromptGuess):
         where ``eq[i]`` marks the columns equal to the ``i``-th last known token.
         """
         n = block.shape[1]  # at most the block_size of start() (an adaptive engine's narrower blocks)
-        if n < 2:
+        if self.block_size < 2:
             return torch.zeros_like(block[:, 1:], dtype=torch.bool)
+        # An adaptive engine's one-slot step still looks up: the draft found sizes its next step.
         tokens = self.tokens
         width = tokens.shape[1]
         bound = width if known_columns is None else max(1, min(width, int(known_columns)))
@@ -173,11 +192,16 @@ class NgramGuess(RandomPromptGuess):
         for k, latest in reversed(found_by_length):  # the longest n-gram that occurred wins
             best_start = torch.where((latest >= 0) & (best_start < 0), latest + k, best_start)
         use = (best_start >= 0) & rows
+        # Continuation tokens known after the occurrence, as many as a full block takes.
+        self.drafted.copy_(torch.where(use, (end - best_start).clamp(min=0, max=self.block_size - 1), 0))
         source = best_start[:, None] + self.slots[None, : n - 1] - 1  # [B, n-1], first continuation token first
         in_range = use[:, None] & (source < end[:, None])
         proposal = tokens.gather(1, source.clamp(min=0, max=width - 1))
         block[:, 1:] = torch.where(in_range, proposal, block[:, 1:])
         return in_range
+
+    def draft_lengths(self) -> torch.Tensor | None:
+        return self.drafted
 
 
 def refine_guesses(strategy: GuessStrategy, block, lengths, rows, known_columns: int | None):

@@ -114,7 +114,7 @@ def build_output(
         )
     stats = None
     if return_stats:
-        histogram = state.histogram.tolist()
+        histogram = state.histogram.sum(dim=0).tolist()  # over the draft contexts
         histogram[0] = 0  # zeros are rows that had already finished, not forwards
         tokens = sum(generated)
         stats = JacobiStats(

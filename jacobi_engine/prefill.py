@@ -16,6 +16,7 @@ import torch
 
 from jacobi_engine import context as forward_context
 from jacobi_engine.cache import JacobiCache
+from jacobi_engine.guesses import draft_context
 from jacobi_engine.hf_compat import ModelInfo
 from jacobi_engine.pool import ngrams_of
 from jacobi_engine.state import StepState
@@ -145,6 +146,8 @@ def start_decoding(
     joined = torch.zeros(state.key.batch, dtype=torch.bool, device=device)
     joined[rows] = True
     state.guesses.refine(state.block, state.lengths, joined & ~state.done)
+    drafted = state.guesses.draft_lengths()
+    state.context[rows] = 0 if drafted is None else draft_context(drafted)[rows]
     return first
 
 

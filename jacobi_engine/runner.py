@@ -31,6 +31,7 @@ from jacobi_engine.compile import (
     is_step_compile_error,
 )
 from jacobi_engine.entries import Entry, Variant
+from jacobi_engine.guesses import refine_guesses
 from jacobi_engine.prefill import ModelForward
 from jacobi_engine.state import StepState
 from jacobi_engine.step import StepBounds, decode_step
@@ -73,6 +74,8 @@ class Runner:
         self.tree_tokens = tree_tokens  # the most tokens one step appends to the cache
         self.sync_every = sync_every
         self.step_watcher: Callable | None = None
+        # The last greedy call's choice per (batch size, shapes): the next call's prior.
+        self.policies: dict[tuple, ShapePolicy] = {}
 
     @contextlib.contextmanager
     def watching(self, watcher: Callable):
@@ -183,9 +186,12 @@ class Runner:
         return costs
 
     # -- the per-step choice -----------------------------------------------------------------------
-    def start_policy(self, entry: Entry, cost_model: CostModel | None) -> float:
-        """A fresh per-step choice for a call (adaptive engines): times the shapes the cost model lacks for
-        this batch size, on the entry's prefilled state; returns the seconds it took."""
+    def start_policy(self, entry: Entry, cost_model: CostModel | None, carry: bool = True) -> float:
+        """The per-step choice for a call (adaptive engines): times the shapes the cost model lacks for
+        this batch size, on the entry's prefilled state; returns the seconds it took. With ``carry`` the
+        choice starts from the entry's last call's statistics (down-weighted, :meth:`ShapePolicy.carried`),
+        so each call does not explore anew; without, from nothing (a seeded sampling call, whose draws
+        depend on the shapes run, then repeats whatever ran before it)."""
         if not entry.adaptive:
             return 0.0
         started = time.perf_counter()
@@ -196,9 +202,16 @@ class Runner:
                 cost_model.seconds[(batch, shape)] = seconds
             cost_model.cache_length[batch] = int(entry.state.cache.cache_seqlens.max())
         costs = {shape: cost_model.cost(batch, shape) for shape in shapes}
-        entry.policy = ShapePolicy(shapes, costs)
-        entry.histogram = entry.state.histogram.tolist()
-        self.switch(entry, entry.policy.choose())
+        key = (batch, tuple(sorted(shapes)))
+        previous = self.policies.get(key) if carry else None
+        if previous is not None and previous.costs == costs:
+            entry.policy = previous.carried()  # the last call's statistics, down-weighted, as the prior
+        else:
+            entry.policy = ShapePolicy(shapes, costs)
+        if carry:
+            self.policies[key] = entry.policy
+        entry.histogram = entry.state.histogram.view(-1).tolist()
+        self.switch(entry, entry.policy.choose(self._contexts(entry.state)))
         return time.perf_counter() - started if missing else 0.0
 
     def switch(self, entry: Entry, shape: Shape) -> None:
@@ -212,6 +225,9 @@ class Runner:
             target.block[:, :width] = source.block[:, :width]
             if target.block.shape[1] > width:
                 target.block[:, width:] = source.guesses.fill()[:, width : target.block.shape[1]]
+                if source.guesses.draft_lengths() is not None:
+                    # The new slots take the rest of the rows' drafts (the narrower block held a prefix).
+                    refine_guesses(source.guesses, target.block, source.lengths, ~source.done, None)
             if target.draft_sampled is not None:
                 target.draft_sampled[:, :width] = source.draft_sampled[:, :width]
                 target.draft_sampled[:, width:] = False
@@ -229,11 +245,25 @@ class Runner:
         else:
             entry.active = self.widest(entry)
 
-    def _choose(self, entry: Entry, histogram: list[int]) -> None:
+    def _choose(self, entry: Entry, histogram: list[int], contexts: list[int], done: list[int]) -> None:
         delta = [now - before for now, before in zip(histogram, entry.histogram)]
         entry.histogram = histogram
-        entry.policy.observe(entry.active, delta)
-        self.switch(entry, entry.policy.choose())
+        slots = entry.state.histogram.shape[1]
+        entry.policy.observe(entry.active, [delta[c : c + slots] for c in range(0, len(delta), slots)])
+        rows = {}
+        for context, finished in zip(contexts, done):
+            if not finished:
+                rows[context] = rows.get(context, 0) + 1
+        self.switch(entry, entry.policy.choose(rows))
+
+    @staticmethod
+    def _contexts(state: StepState) -> dict:
+        """{draft context: active rows} of the state (a host read: at the start of a call only)."""
+        rows = {}
+        for context, finished in zip(state.context.tolist(), state.done.tolist()):
+            if not finished:
+                rows[context] = rows.get(context, 0) + 1
+        return rows
 
     # -- the loop ----------------------------------------------------------------------------------
     def sync(self, entry: Entry) -> tuple[int, int, int]:
@@ -249,12 +279,14 @@ class Runner:
         ]
         stacked = torch.stack(values)
         if entry.policy is not None:
-            stacked = torch.cat([stacked, state.histogram])
+            # The choice reads the histogram by draft context, and each row's context and done flag.
+            stacked = torch.cat([stacked, state.histogram.view(-1), state.context, state.done.long()])
         read = stacked.tolist()
         finished, longest, known, errors = read[:4]
         ops.check_error_word(errors, state.errors)
         if entry.policy is not None and not finished:
-            self._choose(entry, read[4:])
+            batch, cells = state.key.batch, state.histogram.numel()
+            self._choose(entry, read[4 : 4 + cells], read[4 + cells : 4 + cells + batch], read[4 + cells + batch :])
         return finished, longest, known
 
     def run_until_done(self, entry: Entry, max_steps: int, stream: Stream) -> None:

@@ -255,7 +255,7 @@ class Scheduler:
         if settings.eos_ids:
             state.eos_ids[: len(settings.eos_ids)] = torch.tensor(settings.eos_ids, device=key.device)
         state.reset_counters()
-        engine.runner.start_policy(entry, engine.cost_model)
+        engine.runner.start_policy(entry, engine.cost_model, carry=key.sampling is None)
         if config.compile:
             engine.runner.compile(entry)
         if config.cuda_graph:

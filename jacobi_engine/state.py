@@ -27,7 +27,7 @@ import torch
 
 from jacobi_engine.cache import JacobiCache
 from jacobi_engine.generation import ProcessorSpec
-from jacobi_engine.guesses import GuessStrategy
+from jacobi_engine.guesses import DRAFT_CONTEXTS, GuessStrategy
 from jacobi_engine.pool import CandidatePool
 from jacobi_engine.sampling import SamplingSpec
 
@@ -128,7 +128,8 @@ class StepState:
     position_limit: torch.Tensor = _buffer(lambda k: (k.batch,))  # int64, largest position id worth feeding
     pad_lengths: torch.Tensor = _buffer(lambda k: (k.batch,))  # int64, leading padding of each prompt
     prompt_widths: torch.Tensor = _buffer(lambda k: (k.batch,))  # int64, columns of each row's prompt (padding incl.)
-    histogram: torch.Tensor = _buffer(lambda k: (k.verified_width + 1,), mutable=True, reset=True)  # newly verified per (row, forward)
+    histogram: torch.Tensor = _buffer(lambda k: (DRAFT_CONTEXTS, k.verified_width + 1), mutable=True, reset=True)  # newly verified per (row, forward), by draft context
+    context: torch.Tensor = _buffer(lambda k: (k.batch,), mutable=True)  # int64, each row's draft context (guesses.draft_context)
     verified_in_chunk: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32, mutable=True, reset=True)
     row_forwards: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32, mutable=True, reset=True)  # decode forwards per row
     lengths_before: torch.Tensor = _buffer(lambda k: (k.batch,), torch.int32)  # scratch of a step

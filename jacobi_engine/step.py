@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from jacobi_engine import ops, sampling
-from jacobi_engine.guesses import GuessStrategy, refine_guesses
+from jacobi_engine.guesses import GuessStrategy, draft_context, refine_guesses
 from jacobi_engine.pool import ngrams_of
 from jacobi_engine.processors import LogitsProcessing
 from jacobi_engine.sampling import SamplingSpec
@@ -202,8 +202,20 @@ def _count_newly_verified(config: StepConfig, state: StepState, n_accepted, comm
         state.verified_in_chunk.copy_(torch.where(committed, 0, torch.maximum(n_accepted, state.verified_in_chunk)))
     else:
         newly = torch.where(n_accepted > 0, emitted, 0)
-    state.histogram.scatter_add_(0, newly.to(torch.long), torch.ones_like(newly, dtype=torch.long))
+    # Counted under the draft context the row's block had; then the context of its next block.
+    slots = state.histogram.shape[1]
+    index = state.context * slots + newly.to(torch.long)
+    state.histogram.view(-1).scatter_add_(0, index, torch.ones_like(index))
     state.row_forwards += (n_accepted > 0).to(torch.int32)
+    update_context(state, committed)
+
+
+def update_context(state: StepState, rows: torch.Tensor) -> None:
+    """The draft context (:func:`~jacobi_engine.guesses.draft_context`) of ``rows`` after their guesses
+    were refined: how many tokens the strategy drafted for their next block."""
+    drafted = state.guesses.draft_lengths()
+    if drafted is not None:
+        state.context.copy_(torch.where(rows, draft_context(drafted), state.context))
 
 
 def _pool_step(model_forward, config: StepConfig, state: StepState, bounds: StepBounds | None) -> None:

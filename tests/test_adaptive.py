@@ -63,6 +63,69 @@ def test_survival_extrapolates_to_unseen_widths():
     assert policy.choose() == Shape(32)
 
 
+def test_choice_follows_the_rows_draft_contexts():
+    """Rows without a draft verify one token whatever the width; rows with a long draft verify many. With
+    width that costs, the choice is one slot for the first and a wide block for the second."""
+    shapes = [Shape(n) for n in (1, 4, 16)]
+    costs = {Shape(1): 1.0, Shape(4): 1.5, Shape(16): 2.0}
+    policy = ShapePolicy(shapes, costs, explore_every=0)
+    for shape in shapes:
+        undrafted = [0] * (shape.block + 1)
+        undrafted[1] = 300  # context 0: one token per forward
+        drafted = [0] * (shape.block + 1)
+        drafted[shape.block] = 300  # context 5: the whole block
+        policy.observe(shape, [undrafted, [0] * (shape.block + 1), [], [], [], drafted])
+    assert policy.choose({0: 1}) == Shape(1)
+    assert policy.choose({5: 1}) == Shape(16)
+    # A batch sums its rows' expectations: one drafted row among seven undrafted ones: 7 + 16 over 2.0
+    # beats 8 over 1.0 (and 7 + 4 over 1.5).
+    assert policy.choose({0: 7, 5: 1}) == Shape(16)
+    assert policy.choose({0: 30, 5: 1}) == Shape(1)
+    # A context with no statistics of its own leans on all contexts': between the two.
+    assert 1.0 < policy.estimate(Shape(16), 3) < 16.0
+    assert policy.estimate(Shape(16), 0) == pytest.approx(1.0, abs=0.05)
+
+
+def test_costs_are_monotone_in_tokens():
+    from jacobi_engine.adaptive import monotone_costs
+
+    noisy = {Shape(1): 1.0, Shape(2): 1.4, Shape(4): 1.2, Shape(8): 1.6, Shape(2, 2, 4): 1.5, Shape(16): 2.0}
+    fitted = monotone_costs(noisy)
+    order = sorted(noisy, key=lambda s: (s.tokens, s.candidates))
+    assert all(fitted[a] <= fitted[b] for a, b in zip(order, order[1:]))
+    assert fitted[Shape(2)] == fitted[Shape(4)] == pytest.approx(1.3)  # the violating pair, averaged
+    assert fitted[Shape(1)] == 1.0 and fitted[Shape(16)] == 2.0  # what was in order stays
+    assert monotone_costs({Shape(1): 3.0}) == {Shape(1): 3.0}
+
+
+def test_statistics_carry_across_greedy_calls_only():
+    shapes = [Shape(n) for n in (1, 4)]
+    policy = ShapePolicy(shapes, {s: 1.0 for s in shapes}, explore_every=0)
+    observe_geometric(policy, Shape(4), keep=0.9, pairs=100)
+    carried = policy.carried(decay=0.5)
+    assert carried.forwards(Shape(4)) == pytest.approx(policy.forwards(Shape(4)) / 2)
+    assert carried.estimate(Shape(4)) == pytest.approx(policy.estimate(Shape(4)), rel=0.05)
+    assert carried.summary()["4"]["forwards"] == 0  # a call reports its own forwards
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=5)
+    cost_model = CostModel("cpu", "float32", {(2, Shape(n)): 1.0 + n / 8 for n in (1, 4, 16)})
+    engine = JacobiEngine(
+        model, block_size="auto", block_sizes=(1, 4, 16), init="ngram", cost_model=cost_model, seed=11
+    )
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    engine.generate(input_ids, **kwargs)
+    (first,) = engine.runner.policies.values()
+    engine.generate(input_ids, **kwargs)
+    (second,) = engine.runner.policies.values()
+    assert second is not first and sum(second.steps[None].values()) > sum(first.call_steps.values())
+    # Sampling calls start from nothing: a seeded call repeats itself whatever ran before it.
+    sampled = dict(kwargs, do_sample=True)
+    a = engine.generate(input_ids, **sampled).sequences
+    engine.generate(input_ids, **dict(sampled, temperature=0.5))
+    engine.generate(input_ids, **kwargs)
+    assert torch.equal(engine.generate(input_ids, **sampled).sequences, a)
+
+
 def test_engine_follows_an_injected_cost_model():
     model = tiny_model("llama", vocab_size=VOCAB)
     input_ids, mask = repetitive()

@@ -47,3 +47,23 @@ def test_refine_matches_prompt_lookup_by_hand(max_ngram, min_ngram, bounded):
         if found is not None and rows[b]:
             expected = [99] + [t if t is not None else -7 for t in found]
         assert refined[b].tolist() == expected, f"row {b}"
+        # The draft length sizes an adaptive engine's steps: the known continuation tokens, up to n - 1.
+        drafted = 0 if found is None or not rows[b] else sum(t is not None for t in found)
+        assert int(strategy.draft_lengths()[b]) == drafted, f"row {b}"
+    # A one-slot block (an adaptive engine's autoregressive step) still looks up, at the full width.
+    narrow = block[:, :1].clone()
+    strategy.draft_lengths().fill_(-1)
+    strategy.refine(narrow, lengths, rows)
+    assert narrow.tolist() == block[:, :1].tolist()
+    for b in range(batch):
+        found = lookup_by_hand(tokens[b].tolist(), int(prompt_starts[b]), int(lengths[b]), max_ngram, min_ngram, n)
+        drafted = 0 if found is None or not rows[b] else sum(t is not None for t in found)
+        assert int(strategy.draft_lengths()[b]) == drafted, f"row {b}"
+
+
+def test_draft_context_buckets():
+    from jacobi_engine.guesses import DRAFT_CONTEXTS, draft_context
+
+    lengths = torch.tensor([0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 1000])
+    assert draft_context(lengths).tolist() == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 5]
+    assert DRAFT_CONTEXTS == 6
