@@ -250,20 +250,12 @@ class Runner:
         entry.histogram = histogram
         slots = entry.state.histogram.shape[1]
         entry.policy.observe(entry.active, [delta[c : c + slots] for c in range(0, len(delta), slots)])
-        rows = {}
-        for context, finished in zip(contexts, done):
-            if not finished:
-                rows[context] = rows.get(context, 0) + 1
-        self.switch(entry, entry.policy.choose(rows))
+        self.switch(entry, entry.policy.choose(_active_contexts(contexts, done)))
 
     @staticmethod
     def _contexts(state: StepState) -> dict:
         """{draft context: active rows} of the state (a host read: at the start of a call only)."""
-        rows = {}
-        for context, finished in zip(state.context.tolist(), state.done.tolist()):
-            if not finished:
-                rows[context] = rows.get(context, 0) + 1
-        return rows
+        return _active_contexts(state.context.tolist(), state.done.tolist())
 
     # -- the loop ----------------------------------------------------------------------------------
     def sync(self, entry: Entry) -> tuple[int, int, int]:
@@ -326,6 +318,15 @@ class Runner:
                 )
             for _ in range(steps):
                 self.step(entry, bounds)
+
+
+def _active_contexts(contexts: list[int], done: list) -> dict:
+    """{draft context: rows} over the rows not done."""
+    rows: dict[int, int] = {}
+    for context, finished in zip(contexts, done):
+        if not finished:
+            rows[context] = rows.get(context, 0) + 1
+    return rows
 
 
 def _own_tensors(view: StepState, primary: StepState) -> list[torch.Tensor]:
