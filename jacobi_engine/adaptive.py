@@ -240,7 +240,10 @@ class ShapePolicy:
         self.chosen: dict[Shape, int] = {shape: 0 for shape in self.shapes}  # this call's decisions
         self.call_steps: dict[Shape, int] = {shape: 0 for shape in self.shapes}  # this call's (row, forward) pairs
         self.call_tokens: dict[Shape, int] = {shape: 0 for shape in self.shapes}
-        self._survival: dict = {}  # context -> [S(0), S(1), ..., S(widest)], until the next observation
+        # Until the next observation: per context, [S(0), ..., S(widest)] and its prefix sums; the lift.
+        self._survival: dict = {}
+        self._sums: dict = {}
+        self._lift: float | None = None
 
     def _counts(self, table: dict, context) -> dict:
         return table.setdefault(context, {})
@@ -255,6 +258,8 @@ class ShapePolicy:
         if pairs <= 0:
             return
         self._survival.clear()
+        self._sums.clear()
+        self._lift = None
         tokens = sum(a * count for a, count in enumerate(delta))
         self.call_steps[shape] += pairs
         self.call_tokens[shape] += tokens
@@ -324,16 +329,22 @@ class ShapePolicy:
         return curve
 
     def block_estimate(self, block: int, context=None) -> float:
-        return sum(self.survival(j, context) for j in range(1, block + 1))
+        """Expected tokens verified by a plain block of ``block`` slots: ``sum_{j <= block} S(j)``."""
+        if context not in self._sums:
+            sums = [0.0]
+            for j in range(1, self.widest + 1):
+                sums.append(sums[-1] + self.survival(j, context))
+            self._sums[context] = sums
+        return self._sums[context][min(block, self.widest)]
 
     def lift(self) -> float:
         """Tokens per forward of candidate shapes over their blocks' plain estimate, observed so far."""
         steps, tokens = self.steps.get(None, {}), self.tokens.get(None, {})
-        observed = [s for s in self.shapes if s.candidates and steps.get(s, 0) > 0]
-        if not observed:
-            return 1.2
-        ratios = [tokens[s] / steps[s] / self.block_estimate(s.block) for s in observed]
-        return max(1.0, sum(ratios) / len(ratios))
+        if self._lift is None:
+            observed = [s for s in self.shapes if s.candidates and steps.get(s, 0) > 0]
+            ratios = [tokens[s] / steps[s] / self.block_estimate(s.block) for s in observed]
+            self._lift = max(1.0, sum(ratios) / len(ratios)) if ratios else 1.2
+        return self._lift
 
     def estimate(self, shape: Shape, context=None) -> float:
         """Expected tokens verified per (row, forward) in ``context``: the shape's own mean there, blended

@@ -169,6 +169,7 @@ def new_entry(
             tree_depth=tree_depth,
             sampling=key.sampling,
             sampling_rule=config.sampling_rule,
+            draft_contexts=config.adaptive,
         )
         variants[shape] = Variant(shape, state.view(shape.block, shape.candidates), step_config)
     widest = max(variants, key=lambda shape: (shape.block, shape.candidates))

@@ -52,6 +52,7 @@ class StepConfig:
 
     sampling: SamplingSpec | None = None  # None: greedy
     sampling_rule: str = "sjd"  # "one_hot": verify Jacobi drafts like deterministic ones (for comparison)
+    draft_contexts: bool = False  # keep each row's draft context (an adaptive engine's choice reads it)
 
     @property
     def tree(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -207,7 +208,8 @@ def _count_newly_verified(config: StepConfig, state: StepState, n_accepted, comm
     index = state.context * slots + newly.to(torch.long)
     state.histogram.view(-1).scatter_add_(0, index, torch.ones_like(index))
     state.row_forwards += (n_accepted > 0).to(torch.int32)
-    update_context(state, committed)
+    if config.draft_contexts:
+        update_context(state, committed)
 
 
 def update_context(state: StepState, rows: torch.Tensor) -> None:
