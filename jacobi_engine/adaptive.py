@@ -22,9 +22,16 @@ tokens per second:
   without often only one slot. For a plain block of ``n`` slots the estimate is ``sum_{j<=n} S(j)``,
   ``S(j)`` the observed share of (row, forward) pairs that verified at least ``j`` tokens among those
   whose block had ``j`` slots (per context, shrunk towards all contexts' share while a context has
-  few pairs), extrapolated geometrically past the widest block seen; a shape's own observed mean takes
-  over as it is used. A shape with candidates starts from its block's estimate times the lift
-  candidates gave so far (optimistically 1.2 before any). A batch's score sums its rows' estimates.
+  few pairs), extrapolated geometrically past the widest block seen: one model for every width, so the
+  choice does not chase one width's noise. A shape with candidates starts from its block's estimate
+  times the lift candidates gave so far (optimistically 1.2 before any), and its own observed mean
+  takes over as it is used. A batch's score sums its rows' estimates.
+* ``cost(shape)`` is then corrected by the wall time of the steps the calls run (between the syncs
+  they make anyway; greedy calls): the median of the measured cost, weighing as 3 steps, and the
+  shape's last 32 (a seeded sampling call keeps the measured costs, so its shapes, and with them its
+  draws, do not depend on wall time).
+* Widening does not restart a wide block's convergence: its new slots take what that block held when
+  it was last left, at the same sequence positions (``Runner.switch``), then the rows' drafts.
 * The statistics of a greedy call carry into the next call of the same batch size, halved
   (:meth:`ShapePolicy.carried`), so an engine explores once, not at every call; a sampling call starts
   from nothing, so that a seeded call repeats itself (its draws depend on the shapes it runs).
@@ -53,6 +60,8 @@ import torch
 DEFAULT_BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 COMPILED_BLOCK_SIZES = (1, 4, 16)  # a small fixed set when every shape is compiled or captured
 DEFAULT_CANDIDATES = (0, 2, 4)
+RECENT_TIMES = 32  # decode steps per shape whose wall time corrects its measured cost
+MEASURED_WEIGHT = 3  # the measured cost weighs as this many timed decode steps
 TIMED_STEPS = 2  # rounds over the shapes, after one warm-up round
 
 
@@ -216,6 +225,7 @@ class ShapePolicy:
         prior_steps: float = 4.0,
         explore_fraction: float = 0.05,
         pooled_weight: float = 4.0,
+        learn_costs: bool = True,
     ):
         if not shapes:
             raise ValueError("no shapes to choose from")
@@ -244,6 +254,12 @@ class ShapePolicy:
         self._survival: dict = {}
         self._sums: dict = {}
         self._lift: float | None = None
+        # Step times seen while decoding (the last RECENT_TIMES per shape): with the cost model's own
+        # measurement, they give the cost the choice divides by (:meth:`cost`).
+        self.timed: dict[Shape, list[float]] = {shape: [] for shape in self.shapes}
+        # Off for a seeded sampling call: its draws depend on the shapes it runs, which must not then
+        # depend on wall time.
+        self.learn_costs = learn_costs
 
     def _counts(self, table: dict, context) -> dict:
         return table.setdefault(context, {})
@@ -276,6 +292,25 @@ class ShapePolicy:
                         reached[j] = reached.get(j, 0) + at_least
                         tried[j] = tried.get(j, 0) + pairs
 
+    def observe_seconds(self, shape: Shape, seconds: float) -> None:
+        """A decode step of ``shape`` took ``seconds`` (wall time between host syncs, per step)."""
+        if not self.learn_costs:
+            return
+        times = self.timed[shape]
+        times.append(seconds)
+        del times[:-RECENT_TIMES]
+
+    def cost(self, shape: Shape) -> float:
+        """Seconds per step of ``shape``: the median of its measured cost (weighing as
+        :data:`MEASURED_WEIGHT` steps) and the steps of it timed while decoding. The cost model's
+        timing, a few steps on one state, is noisy under load and sees the first call's cache length
+        only; the steps a call runs correct it where it matters, the shapes it chooses."""
+        times = self.timed[shape]
+        if not times:
+            return self.costs[shape]
+        values = sorted(times + [self.costs[shape]] * MEASURED_WEIGHT)
+        return values[len(values) // 2]
+
     def carried(self, decay: float = 0.5) -> ShapePolicy:
         """A policy for the next call of the same shapes and costs that starts from this one's statistics,
         each count multiplied by ``decay`` (so they weigh less than the new call's own as it goes)."""
@@ -287,6 +322,7 @@ class ShapePolicy:
             setattr(
                 new, name, {c: {key: value * decay for key, value in counts.items()} for c, counts in table.items()}
             )
+        new.timed = {shape: list(times) for shape, times in self.timed.items()}
         new.budget = min(self.budget, new.budget)
         new.decisions = self.decisions
         return new
@@ -300,6 +336,10 @@ class ShapePolicy:
         curve = self._survival.get(context)
         if curve is None:
             curve = self._survival[context] = self._curve(context)
+            sums = [0.0]
+            for value in curve[1:]:
+                sums.append(sums[-1] + value)
+            self._sums[context] = sums
         return curve[min(j, len(curve) - 1)]
 
     def _curve(self, context) -> list[float]:
@@ -347,11 +387,14 @@ class ShapePolicy:
         return self._lift
 
     def estimate(self, shape: Shape, context=None) -> float:
-        """Expected tokens verified per (row, forward) in ``context``: the shape's own mean there, blended
-        with the survival model's."""
+        """Expected tokens verified per (row, forward) in ``context``. A plain block: the survival model's,
+        which pools every width's forwards (a block's first ``j`` slots verify as a ``j``-slot block's
+        would), so it does not chase the noise of one width's few forwards. With candidates: the shape's
+        own mean there, blended with its block's estimate times the candidates' lift."""
         prior = self.block_estimate(shape.block, context)
-        if shape.candidates:
-            prior = min(prior * self.lift(), shape.block + shape.candidate_len)
+        if not shape.candidates:
+            return prior
+        prior = min(prior * self.lift(), shape.block + shape.candidate_len)
         steps = self.steps.get(context, {}).get(shape, 0)
         tokens = self.tokens.get(context, {}).get(shape, 0)
         return (tokens + self.prior_steps * prior) / (steps + self.prior_steps)
@@ -361,7 +404,7 @@ class ShapePolicy:
 
     def score(self, shape: Shape, contexts=None) -> float:
         """Expected tokens per second of the next step with ``shape``, for rows in ``contexts``."""
-        return sum(rows * self.estimate(shape, c) for c, rows in _rows(contexts)) / self.costs[shape]
+        return sum(rows * self.estimate(shape, c) for c, rows in _rows(contexts)) / self.cost(shape)
 
     # -- the choice ----------------------------------------------------------------------------
     def optimism(self, shape: Shape, context=None) -> float:
@@ -375,20 +418,20 @@ class ShapePolicy:
         rows = _rows(contexts)
         self.decisions += 1
         best = max(self.shapes, key=lambda s: self.score(s, rows))
-        self.budget += self.explore_fraction * self.costs[best]
+        self.budget += self.explore_fraction * self.cost(best)
         if self.explore_every and self.decisions % self.explore_every == 0:
             best_score = self.score(best, rows)
 
             def hopeful(s):
                 gain = sum(n * (self.estimate(s, c) + self.optimism(s, c)) for c, n in rows)
-                return gain / self.costs[s] >= best_score
+                return gain / self.cost(s) >= best_score
 
             candidates = [
-                s for s in self.shapes if s != best and s.block > 1 and self.costs[s] <= self.budget and hopeful(s)
+                s for s in self.shapes if s != best and s.block > 1 and self.cost(s) <= self.budget and hopeful(s)
             ]
             if candidates:
                 best = min(candidates, key=lambda s: (sum(self.forwards(s, c) for c, _ in rows), s))
-                self.budget -= self.costs[best]
+                self.budget -= self.cost(best)
         self.chosen[best] += 1
         return best
 
@@ -400,7 +443,8 @@ class ShapePolicy:
                 decisions=self.chosen[s],
                 forwards=steps[s],
                 tokens_per_forward=None if not steps[s] else tokens[s] / steps[s],
-                seconds_per_step=self.costs[s],
+                seconds_per_step=self.cost(s),
+                measured_seconds_per_step=self.costs[s],
             )
             for s in self.shapes
         }

@@ -56,6 +56,7 @@ class Entry:
     active: Shape
     policy: ShapePolicy | None = None  # the running choice of an adaptive engine's call
     histogram: list[int] = field(default_factory=list)  # at the last sync
+    left_lengths: dict = field(default_factory=dict)  # shape -> the rows' lengths when it was last left
 
     @property
     def variant(self) -> Variant:

@@ -191,7 +191,8 @@ class Runner:
         this batch size, on the entry's prefilled state; returns the seconds it took. With ``carry`` the
         choice starts from the entry's last call's statistics (down-weighted, :meth:`ShapePolicy.carried`),
         so each call does not explore anew; without, from nothing (a seeded sampling call, whose draws
-        depend on the shapes run, then repeats whatever ran before it)."""
+        depend on the shapes run, then repeats whatever ran before it; nor does it correct the costs by
+        its steps' wall time)."""
         if not entry.adaptive:
             return 0.0
         started = time.perf_counter()
@@ -207,31 +208,43 @@ class Runner:
         if previous is not None and previous.costs == costs:
             entry.policy = previous.carried()  # the last call's statistics, down-weighted, as the prior
         else:
-            entry.policy = ShapePolicy(shapes, costs)
+            entry.policy = ShapePolicy(shapes, costs, learn_costs=carry)
         if carry:
             self.policies[key] = entry.policy
         entry.histogram = entry.state.histogram.view(-1).tolist()
+        entry.left_lengths.clear()  # the last call's tails
         self.switch(entry, entry.policy.choose(self._contexts(entry.state)))
         return time.perf_counter() - started if missing else 0.0
 
     def switch(self, entry: Entry, shape: Shape) -> None:
-        """Makes ``shape`` the entry's active variant, carrying the block over (a narrower block drops the
-        last guesses, a wider one gets fresh guesses from the strategy)."""
+        """Makes ``shape`` the entry's active variant, carrying the block over: a narrower block drops the
+        last guesses; a wider one's new slots take what that block held when it was last left, shifted
+        by the tokens committed since (:func:`shifted_tail`), else fresh guesses, and then the rest of
+        the rows' drafts where the strategy drafts."""
         if shape == entry.active:
             return
         source, target = entry.variant.state, entry.variants[shape].state
         if source.block is not target.block:
             width = min(source.block.shape[1], target.block.shape[1])
+            slots = target.block.shape[1]
+            if slots > width:
+                fresh = source.guesses.fill()[:, width:slots]
+                left = entry.left_lengths.get(shape)
+                if left is not None:
+                    # The wider block's slots past ``width`` still hold what it predicted when it was last
+                    # left: shifted by the tokens committed since, they are better guesses than fresh ones
+                    # (a fresh tail restarts the convergence a wide block builds up over its steps).
+                    fresh = shifted_tail(target.block, source.lengths - left, width, fresh)
+                target.block[:, width:] = fresh
             target.block[:, :width] = source.block[:, :width]
-            if target.block.shape[1] > width:
-                target.block[:, width:] = source.guesses.fill()[:, width : target.block.shape[1]]
-                if source.guesses.draft_lengths() is not None:
-                    # The new slots take the rest of the rows' drafts (the narrower block held a prefix).
-                    refine_guesses(source.guesses, target.block, source.lengths, ~source.done, None)
+            if slots > width and source.guesses.draft_lengths() is not None:
+                # The new slots take the rest of the rows' drafts (the narrower block held a prefix).
+                refine_guesses(source.guesses, target.block, source.lengths, ~source.done, None)
             if target.draft_sampled is not None:
                 target.draft_sampled[:, :width] = source.draft_sampled[:, :width]
                 target.draft_sampled[:, width:] = False
                 target.proposal[:, :width] = source.proposal[:, :width]
+        entry.left_lengths[entry.active] = source.lengths.clone()
         entry.active = shape
 
     def widest(self, entry: Entry) -> Shape:
@@ -244,6 +257,7 @@ class Runner:
             self.switch(entry, self.widest(entry))
         else:
             entry.active = self.widest(entry)
+        entry.left_lengths.clear()  # a (re)started row's old tails belong to another request
 
     def _choose(self, entry: Entry, histogram: list[int], contexts: list[int], done: list[int]) -> None:
         delta = [now - before for now, before in zip(histogram, entry.histogram)]
@@ -258,10 +272,11 @@ class Runner:
         return _active_contexts(state.context.tolist(), state.done.tolist())
 
     # -- the loop ----------------------------------------------------------------------------------
-    def sync(self, entry: Entry) -> tuple[int, int, int]:
+    def sync(self, entry: Entry, timed: tuple | None = None) -> tuple[int, int, int]:
         """(every row done, the longest cache row, the longest token row) in one host transfer, with the
         ops' error word (a bad value some op clamped raises here, naming it); an adaptive entry also reads
-        the histogram in it and chooses the next steps' shape."""
+        the histogram in it and chooses the next steps' shape. ``timed`` = (shape, steps, started) of the
+        steps run since the last sync gives the policy their wall time (up to this read)."""
         state = entry.state
         values = [
             state.done.all().to(torch.long),
@@ -274,6 +289,9 @@ class Runner:
             # The choice reads the histogram by draft context, and each row's context and done flag.
             stacked = torch.cat([stacked, state.histogram.view(-1), state.context, state.done.long()])
         read = stacked.tolist()
+        if timed is not None and entry.policy is not None:
+            shape, steps, started = timed
+            entry.policy.observe_seconds(shape, (time.perf_counter() - started) / steps)
         finished, longest, known, errors = read[:4]
         ops.check_error_word(errors, state.errors)
         if entry.policy is not None and not finished:
@@ -285,14 +303,16 @@ class Runner:
         """Steps (or replays the graph) until every row is done, syncing once per ``sync_every`` steps."""
         sync_every = 1 if stream.active else self.sync_every
         taken = 0
+        timed = None  # the steps since the last sync: their shape, count and start
         while True:
-            finished, longest, known = self.sync(entry)
+            finished, longest, known = self.sync(entry, timed)
             stream.advance(entry.state, known)
             if finished:
                 return
             if taken >= max_steps:  # pragma: no cover
                 raise RuntimeError("Jacobi decoding did not finish within its step bound; this is a bug")
             steps = min(sync_every, max_steps - taken)
+            timed = (entry.active, steps, time.perf_counter())
             self.run_steps(entry, steps, longest, known)
             taken += steps
 
@@ -318,6 +338,19 @@ class Runner:
                 )
             for _ in range(steps):
                 self.step(entry, bounds)
+
+
+def shifted_tail(stale: torch.Tensor, shift: torch.Tensor, width: int, fresh: torch.Tensor) -> torch.Tensor:
+    """Guesses for slots ``width:`` of a block that was left ``shift[b]`` committed tokens ago (per row):
+    slot ``i`` takes the stale block's slot ``i + shift`` (the same position of the sequence) where that
+    slot exists, else ``fresh`` (a [B, slots - width] tensor); a row whose shift is negative (it was
+    restarted since) takes ``fresh`` whole."""
+    slots = stale.shape[1]
+    shift = shift.to(torch.long)
+    index = torch.arange(width, slots, device=stale.device)[None, :] + shift[:, None]
+    carried = stale.gather(1, index.clamp(min=0, max=slots - 1))
+    keep = (index < slots) & (shift >= 0)[:, None]
+    return torch.where(keep, carried, fresh)
 
 
 def _active_contexts(contexts: list[int], done: list) -> dict:

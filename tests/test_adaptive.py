@@ -86,6 +86,82 @@ def test_choice_follows_the_rows_draft_contexts():
     assert policy.estimate(Shape(16), 0) == pytest.approx(1.0, abs=0.05)
 
 
+def test_step_times_correct_the_measured_costs():
+    """The cost model measured width as nearly free; the steps the call runs say it is dear: the choice
+    moves to the narrow block once enough of them outweigh the measurement."""
+    shapes = [Shape(1), Shape(16)]
+    policy = ShapePolicy(shapes, {Shape(1): 1.0, Shape(16): 1.1}, explore_every=0)
+    for shape in shapes:
+        observe_geometric(policy, shape, keep=0.5)  # about 2 tokens per forward at 16 slots
+    assert policy.choose() == Shape(16)
+    policy.observe_seconds(Shape(16), 4.0)
+    assert policy.cost(Shape(16)) == pytest.approx(1.1)  # one step does not outweigh the measurement
+    for _ in range(4):
+        policy.observe_seconds(Shape(16), 4.0)
+    assert policy.cost(Shape(16)) == pytest.approx(4.0) and policy.choose() == Shape(1)
+    assert policy.summary()["16"]["measured_seconds_per_step"] == 1.1
+    for _ in range(100):  # only the recent steps count
+        policy.observe_seconds(Shape(16), 1.2)
+    assert policy.cost(Shape(16)) == pytest.approx(1.2) and len(policy.timed[Shape(16)]) == 32
+
+
+@pytest.mark.parametrize("batch,slots,width", [(1, 2, 1), (3, 16, 4), (2, 32, 8), (4, 8, 7)])
+def test_shifted_tail_against_a_plain_loop(batch, slots, width):
+    from jacobi_engine.runner import shifted_tail
+
+    gen = torch.Generator().manual_seed(batch * 100 + slots)
+    stale = torch.randint(0, 1000, (batch, slots), generator=gen)
+    fresh = torch.randint(1000, 2000, (batch, slots - width), generator=gen)
+    shift = torch.randint(-2, slots + 2, (batch,), generator=gen, dtype=torch.int32)
+    shift[0] = 0
+    want = torch.empty_like(fresh)
+    for b in range(batch):
+        for i in range(width, slots):
+            old = i + int(shift[b])
+            want[b, i - width] = stale[b, old] if shift[b] >= 0 and old < slots else fresh[b, i - width]
+    assert torch.equal(shifted_tail(stale, shift, width, fresh), want)
+
+
+def test_widening_takes_the_left_blocks_tail_shifted(monkeypatch):
+    """16 -> 4 -> 16 slots: the 16-slot block's new slots 4.. hold what it held when it was left, at the
+    same sequence positions (slot i <- old slot i + tokens committed since), fresh guesses past it."""
+    from jacobi_engine.runner import Runner
+
+    sequence = [Shape(16), Shape(4), Shape(4), Shape(16)] * 20
+    steps = iter(sequence)
+    monkeypatch.setattr(ShapePolicy, "choose", lambda self, contexts=None: next(steps, Shape(16)))
+    left: dict = {}  # shape -> (its block, the rows' lengths) when it was left, recorded here
+    checked = []
+    original = Runner.switch
+
+    def switch(self, entry, shape):
+        before = entry.active
+        source, target = entry.variant.state, entry.variants[shape].state
+        recorded = left.get(shape)
+        if shape != before:
+            left[before] = (source.block.clone(), source.lengths.clone())
+        original(self, entry, shape)
+        if shape.block == 16 and before.block == 4 and recorded is not None:
+            old_block, old_lengths = recorded
+            shift = (source.lengths - old_lengths).tolist()
+            for b, k in enumerate(shift):
+                if entry.state.done[b]:
+                    continue
+                for i in range(4, 16 - k):
+                    assert target.block[b, i] == old_block[b, i + k], (b, i, k)
+                checked.append(k)
+
+    monkeypatch.setattr(Runner, "switch", switch)
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=5)
+    flat = CostModel("cpu", "float32", {(2, Shape(n)): 1.0 for n in (1, 4, 16)})
+    engine = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 16), cost_model=flat, sync_every=1)
+    kwargs = dict(attention_mask=mask, max_new_tokens=48, eos_token_id=[], pad_token_id=0)
+    out = engine.generate(input_ids, **kwargs)
+    assert torch.equal(out.sequences, model.generate(input_ids, do_sample=False, **kwargs))
+    assert len(checked) >= 4 and any(0 < k < 12 for k in checked), checked
+
+
 def test_costs_are_monotone_in_tokens():
     from jacobi_engine.adaptive import monotone_costs
 
@@ -167,19 +243,35 @@ def test_cost_model_is_measured_once_saved_and_loaded(tmp_path):
         CostModel.load(tmp_path / "bad.json")
 
 
+def cycle_shapes(monkeypatch):
+    """Makes every adaptive call switch shape at each decision (a fixed pseudo-random walk over the
+    shapes), whatever the statistics say: the output must stay exact whatever is chosen."""
+    original = ShapePolicy.choose
+
+    def choose(self, contexts=None):
+        picked = original(self, contexts)  # keeps its bookkeeping
+        shape = self.shapes[(self.decisions * 7 + self.decisions // 3) % len(self.shapes)]
+        self.chosen[picked] -= 1
+        self.chosen[shape] += 1
+        return shape
+
+    monkeypatch.setattr(ShapePolicy, "choose", choose)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2", "opt", "mistral_sliding", "gpt_neox"])
 @pytest.mark.parametrize(
     "settings",
     [dict(block_size="auto"), dict(block_size="auto", candidates="auto", init="ngram", candidate_len=3)],
     ids=["block", "block+candidates"],
 )
-def test_auto_is_token_identical_to_hf_greedy(arch, settings):
+def test_auto_is_token_identical_to_hf_greedy(arch, settings, monkeypatch):
     model = tiny_model(arch, vocab_size=VOCAB)
     input_ids, mask = repetitive(seed=len(arch))
     want = model.generate(
         input_ids, attention_mask=mask, do_sample=False, max_new_tokens=32, eos_token_id=2, pad_token_id=0
     )
-    # Flat costs: every width looks affordable, so the call explores and switches shapes many times.
+    # Every decision switches shape (the statistics and costs still run as they would).
+    cycle_shapes(monkeypatch)
     shapes = JacobiEngine(model, **settings).config.shapes()
     flat = CostModel("cpu", "float32", {(2, shape): 1.0 for shape in shapes})
     engine = JacobiEngine(model, cost_model=flat, **settings)
@@ -189,7 +281,8 @@ def test_auto_is_token_identical_to_hf_greedy(arch, settings):
     assert len(used) >= 2, out.stats.shapes  # the call really switched between shapes
 
 
-def test_compiled_auto_switches_graphs_without_recompiling():
+def test_compiled_auto_switches_graphs_without_recompiling(monkeypatch):
+    cycle_shapes(monkeypatch)
     model = tiny_model("llama", vocab_size=VOCAB)
     input_ids, mask = repetitive(seed=3)
     kwargs = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[], pad_token_id=0)

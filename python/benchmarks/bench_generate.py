@@ -238,6 +238,9 @@ class Method:
                 total = self.shapes.setdefault(shape, {"decisions": 0, "forwards": 0})
                 total["decisions"] += used["decisions"]
                 total["forwards"] += used["forwards"]
+                # The cost the choice divided by at the end of the call, and the cost model's measurement.
+                total["seconds_per_step"] = used["seconds_per_step"]
+                total["measured_seconds_per_step"] = used["measured_seconds_per_step"]
             return out.sequences[0, input_ids.shape[1] :].tolist(), out.stats.forward_passes
         # The hook is attached only around HF's own calls: present while a step is compiled, it would be
         # traced into the graph, whose guard on its Python counter then fails at every step.
