@@ -336,10 +336,6 @@ class ShapePolicy:
         curve = self._survival.get(context)
         if curve is None:
             curve = self._survival[context] = self._curve(context)
-            sums = [0.0]
-            for value in curve[1:]:
-                sums.append(sums[-1] + value)
-            self._sums[context] = sums
         return curve[min(j, len(curve) - 1)]
 
     def _curve(self, context) -> list[float]:
