@@ -257,6 +257,12 @@ class ShapePolicy:
         # Step times seen while decoding (the last RECENT_TIMES per shape): with the cost model's own
         # measurement, they give the cost the choice divides by (:meth:`cost`).
         self.timed: dict[Shape, list[float]] = {shape: [] for shape in self.shapes}
+        self._cost: dict[Shape, float] = {}  # cost(shape) until its next timed step
+        # The wall time of the last RECENT_TIMES switches of the active shape, widening and narrowing apart
+        # (a widening fills the new slots: the kept tail, fresh guesses, the rows' drafts): the next step
+        # of another shape than the current one pays it on top (:meth:`step_cost`).
+        self.switch_times: dict[bool, list[float]] = {True: [], False: []}
+        self.current: Shape | None = None  # the shape chosen last
         # Off for a seeded sampling call: its draws depend on the shapes it runs, which must not then
         # depend on wall time.
         self.learn_costs = learn_costs
@@ -299,17 +305,38 @@ class ShapePolicy:
         times = self.timed[shape]
         times.append(seconds)
         del times[:-RECENT_TIMES]
+        self._cost.pop(shape, None)
+
+    def observe_switch(self, source: Shape, target: Shape, seconds: float) -> None:
+        """Changing the active shape from ``source`` to ``target`` took ``seconds`` (host wall time)."""
+        if not self.learn_costs or source == target:
+            return
+        times = self.switch_times[target.block > source.block]
+        times.append(seconds)
+        del times[:-RECENT_TIMES]
+
+    def switch_cost(self, shape: Shape) -> float:
+        """Seconds to make ``shape`` active after the current one: the median of recent switches alike."""
+        if self.current is None or shape == self.current:
+            return 0.0
+        times = self.switch_times[shape.block > self.current.block]
+        return sorted(times)[len(times) // 2] if times else 0.0
+
+    def step_cost(self, shape: Shape) -> float:
+        """The next step's seconds with ``shape``: its cost, and the switch to it."""
+        return self.cost(shape) + self.switch_cost(shape)
 
     def cost(self, shape: Shape) -> float:
         """Seconds per step of ``shape``: the median of its measured cost (weighing as
         :data:`MEASURED_WEIGHT` steps) and the steps of it timed while decoding. The cost model's
         timing, a few steps on one state, is noisy under load and sees the first call's cache length
         only; the steps a call runs correct it where it matters, the shapes it chooses."""
-        times = self.timed[shape]
-        if not times:
-            return self.costs[shape]
-        values = sorted(times + [self.costs[shape]] * MEASURED_WEIGHT)
-        return values[len(values) // 2]
+        cost = self._cost.get(shape)
+        if cost is None:
+            times = self.timed[shape]
+            values = sorted(times + [self.costs[shape]] * MEASURED_WEIGHT)
+            cost = self._cost[shape] = values[len(values) // 2]
+        return cost
 
     def carried(self, decay: float = 0.5) -> ShapePolicy:
         """A policy for the next call of the same shapes and costs that starts from this one's statistics,
@@ -323,6 +350,7 @@ class ShapePolicy:
                 new, name, {c: {key: value * decay for key, value in counts.items()} for c, counts in table.items()}
             )
         new.timed = {shape: list(times) for shape, times in self.timed.items()}
+        new.switch_times = {widening: list(times) for widening, times in self.switch_times.items()}
         new.budget = min(self.budget, new.budget)
         new.decisions = self.decisions
         return new
@@ -400,7 +428,7 @@ class ShapePolicy:
 
     def score(self, shape: Shape, contexts=None) -> float:
         """Expected tokens per second of the next step with ``shape``, for rows in ``contexts``."""
-        return sum(rows * self.estimate(shape, c) for c, rows in _rows(contexts)) / self.cost(shape)
+        return sum(rows * self.estimate(shape, c) for c, rows in _rows(contexts)) / self.step_cost(shape)
 
     # -- the choice ----------------------------------------------------------------------------
     def optimism(self, shape: Shape, context=None) -> float:
@@ -420,7 +448,7 @@ class ShapePolicy:
 
             def hopeful(s):
                 gain = sum(n * (self.estimate(s, c) + self.optimism(s, c)) for c, n in rows)
-                return gain / self.cost(s) >= best_score
+                return gain / self.step_cost(s) >= best_score
 
             candidates = [
                 s for s in self.shapes if s != best and s.block > 1 and self.cost(s) <= self.budget and hopeful(s)
@@ -429,6 +457,7 @@ class ShapePolicy:
                 best = min(candidates, key=lambda s: (sum(self.forwards(s, c) for c, _ in rows), s))
                 self.budget -= self.cost(best)
         self.chosen[best] += 1
+        self.current = best
         return best
 
     def summary(self) -> dict:

@@ -57,6 +57,9 @@ class Entry:
     policy: ShapePolicy | None = None  # the running choice of an adaptive engine's call
     histogram: list[int] = field(default_factory=list)  # at the last sync
     left_lengths: dict = field(default_factory=dict)  # shape -> the rows' lengths when it was last left
+    # At least max(lengths - pool.fed): output tokens that plain steps committed and the candidate pool
+    # has not learned yet (a shape with candidates catches up first, jacobi_engine.step.catch_up_pool).
+    pool_span: int = 0
 
     @property
     def variant(self) -> Variant:

@@ -64,6 +64,10 @@ class CandidatePool:
         self.ngrams = torch.zeros((batch, entries + 1, candidate_len), dtype=torch.long, device=device)
         self.cursor = torch.zeros((batch, buckets), dtype=torch.long, device=device)
         self.slot_range = torch.arange(slots, device=device)
+        # Per sequence, the token column up to which the output's n-grams are in the table: every
+        # n-gram whose last token sits before it (kept by the step that feeds the output, see
+        # jacobi_engine.step.feed_output).
+        self.fed = torch.zeros(batch, dtype=torch.long, device=device)
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Empties the table of every sequence, or of those where ``rows`` (bool [B]) is set."""
@@ -76,7 +80,7 @@ class CandidatePool:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors insertion mutates (for a snapshot of the decode state)."""
-        return [self.keys, self.ngrams, self.cursor]
+        return [self.keys, self.ngrams, self.cursor, self.fed]
 
     def insert(self, keys: torch.Tensor, ngrams: torch.Tensor, valid: torch.Tensor) -> None:
         """Adds ``ngrams`` [B, E, g] after ``keys`` [B, E] where ``valid`` [B, E]; duplicates of an

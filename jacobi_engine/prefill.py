@@ -179,6 +179,8 @@ def _seed_pool(state: StepState, rows: slice, width: int) -> None:
         keys, ngrams = ngrams_of(state.tokens, key_columns, g)
         valid = (key_columns >= state.pad_lengths[:, None]) & selected[:, None]
         pool.insert(keys, ngrams, valid)
+    # The prompt's n-grams are in; the output's are fed from the one that ends in the first token on.
+    pool.fed[rows] = width
 
 
 def _int64(value: int) -> int:

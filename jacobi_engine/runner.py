@@ -34,7 +34,7 @@ from jacobi_engine.entries import Entry, Variant
 from jacobi_engine.guesses import refine_guesses
 from jacobi_engine.prefill import ModelForward
 from jacobi_engine.state import StepState
-from jacobi_engine.step import StepBounds, decode_step
+from jacobi_engine.step import StepBounds, catch_up_pool, decode_step
 
 
 class Stream:
@@ -167,6 +167,8 @@ class Runner:
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         active = entry.active
 
+        span = entry.pool_span
+
         def run_step(shape):
             self.switch(entry, shape)
             variant = entry.variant
@@ -175,13 +177,18 @@ class Runner:
                     variant.graph.replay()
                 else:
                     self._step(entry, variant, None)
+            self._count_pool_span(entry, 1)
 
         def snapshot():
             # Every width view's own buffers too: measuring runs steps on them.
             views = [v.state for v in entry.variants.values() if v.state is not state]
             return state.snapshot() + [(t, t.clone()) for view in views for t in _own_tensors(view, state)]
 
-        costs = measure(run_step, snapshot, StepState.restore, shapes, sync)
+        def restore(saved):
+            StepState.restore(saved)
+            entry.pool_span = span
+
+        costs = measure(run_step, snapshot, restore, shapes, sync)
         entry.active = active
         return costs
 
@@ -216,11 +223,12 @@ class Runner:
         self.switch(entry, entry.policy.choose(self._contexts(entry.state)))
         return time.perf_counter() - started if missing else 0.0
 
-    def switch(self, entry: Entry, shape: Shape) -> None:
+    def switch(self, entry: Entry, shape: Shape, known: int | None = None) -> None:
         """Makes ``shape`` the entry's active variant, carrying the block over: a narrower block drops the
         last guesses; a wider one's new slots take what that block held when it was last left, shifted
         by the tokens committed since (:func:`shifted_tail`), else fresh guesses, and then the rest of
-        the rows' drafts where the strategy drafts."""
+        the rows' drafts where the strategy drafts (looked up in the first ``known`` token columns, the
+        longest row at the sync just made, when given)."""
         if shape == entry.active:
             return
         source, target = entry.variant.state, entry.variants[shape].state
@@ -239,13 +247,26 @@ class Runner:
             target.block[:, :width] = source.block[:, :width]
             if slots > width and source.guesses.draft_lengths() is not None:
                 # The new slots take the rest of the rows' drafts (the narrower block held a prefix).
-                refine_guesses(source.guesses, target.block, source.lengths, ~source.done, None)
+                refine_guesses(source.guesses, target.block, source.lengths, ~source.done, known)
             if target.draft_sampled is not None:
                 target.draft_sampled[:, :width] = source.draft_sampled[:, :width]
                 target.draft_sampled[:, width:] = False
                 target.proposal[:, :width] = source.proposal[:, :width]
+        if shape.candidates and entry.pool_span:
+            # Plain steps leave the pool alone; the first step that looks candidates up needs their output.
+            catch_up_pool(target, entry.pool_span)
+            entry.pool_span = 0
         entry.left_lengths[entry.active] = source.lengths.clone()
         entry.active = shape
+
+    @staticmethod
+    def _count_pool_span(entry: Entry, steps: int) -> None:
+        """After ``steps`` steps of the active shape: a plain step commits at most its block's tokens
+        without feeding the pool; a step with candidates feeds it everything committed."""
+        if entry.state.pool is None:
+            return
+        shape = entry.active
+        entry.pool_span = 0 if shape.candidates else entry.pool_span + steps * shape.block
 
     def widest(self, entry: Entry) -> Shape:
         return max(entry.variants, key=lambda shape: (shape.block, shape.candidates))
@@ -257,14 +278,19 @@ class Runner:
             self.switch(entry, self.widest(entry))
         else:
             entry.active = self.widest(entry)
+            entry.pool_span = 0  # every row's prefill seeds its pool up to its length
         entry.left_lengths.clear()  # a (re)started row's old tails belong to another request
 
-    def _choose(self, entry: Entry, histogram: list[int], contexts: list[int], done: list[int]) -> None:
+    def _choose(self, entry: Entry, histogram: list[int], contexts: list[int], done: list[int], known: int) -> None:
         delta = [now - before for now, before in zip(histogram, entry.histogram)]
         entry.histogram = histogram
         slots = entry.state.histogram.shape[1]
-        entry.policy.observe(entry.active, [delta[c : c + slots] for c in range(0, len(delta), slots)])
-        self.switch(entry, entry.policy.choose(_active_contexts(contexts, done)))
+        policy, source = entry.policy, entry.active
+        policy.observe(source, [delta[c : c + slots] for c in range(0, len(delta), slots)])
+        shape = policy.choose(_active_contexts(contexts, done))
+        started = time.perf_counter()
+        self.switch(entry, shape, known)
+        policy.observe_switch(source, shape, time.perf_counter() - started)
 
     @staticmethod
     def _contexts(state: StepState) -> dict:
@@ -285,10 +311,15 @@ class Runner:
             state.errors[0].long(),
         ]
         stacked = torch.stack(values)
+        pool_span = entry.policy is not None and state.pool is not None
         if entry.policy is not None:
             # The choice reads the histogram by draft context, and each row's context and done flag.
             stacked = torch.cat([stacked, state.histogram.view(-1), state.context, state.done.long()])
+            if pool_span:  # and how far the pool lags behind the output, in the same transfer
+                stacked = torch.cat([stacked, (state.lengths.long() - state.pool.fed).max()[None]])
         read = stacked.tolist()
+        if pool_span:
+            entry.pool_span = max(0, read.pop())
         if timed is not None and entry.policy is not None:
             shape, steps, started = timed
             entry.policy.observe_seconds(shape, (time.perf_counter() - started) / steps)
@@ -296,7 +327,8 @@ class Runner:
         ops.check_error_word(errors, state.errors)
         if entry.policy is not None and not finished:
             batch, cells = state.key.batch, state.histogram.numel()
-            self._choose(entry, read[4 : 4 + cells], read[4 + cells : 4 + cells + batch], read[4 + cells + batch :])
+            histogram, contexts = read[4 : 4 + cells], read[4 + cells : 4 + cells + batch]
+            self._choose(entry, histogram, contexts, read[4 + cells + batch :], known)
         return finished, longest, known
 
     def run_until_done(self, entry: Entry, max_steps: int, stream: Stream) -> None:
@@ -327,6 +359,7 @@ class Runner:
                 stack.enter_context(torch.cuda.device(entry.state.key.device))
                 for _ in range(steps):
                     variant.graph.replay()
+                self._count_pool_span(entry, steps)
                 return
             bounds = None
             if variant.compiled is None:
@@ -338,6 +371,7 @@ class Runner:
                 )
             for _ in range(steps):
                 self.step(entry, bounds)
+        self._count_pool_span(entry, steps)
 
 
 def shifted_tail(stale: torch.Tensor, shift: torch.Tensor, width: int, fresh: torch.Tensor) -> torch.Tensor:

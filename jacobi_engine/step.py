@@ -92,8 +92,6 @@ def decode_step(model_forward, config: StepConfig, state: StepState, bounds: Ste
         scores = scores.float()  # HF processes and samples next-token scores in float32
     if config.processing is not None:
         scores = _process(config.processing, scores, state)
-    fed = state.block.clone() if state.pool is not None else None  # an adaptive engine's plain step
-    active = ~state.done
     if config.sampling is None:
         n_accepted = _verify_greedy(config, state, scores, state.block, _fill(state))
     else:
@@ -102,9 +100,6 @@ def decode_step(model_forward, config: StepConfig, state: StepState, bounds: Ste
     rewritten = _refine(state, committed & ~state.done, bounds)
     if config.sampling is not None:
         forget_rewritten_drafts(state, rewritten, committed & ~state.done)
-    if fed is not None:  # keep the pool learning while steps verify no candidates
-        n = fed.shape[1]
-        _feed_pool(state, fed, scores.argmax(dim=-1), active, state.pool.length, max(n, state.pool.length + 1))
     _count_newly_verified(config, state, n_accepted, committed)
     if state.log_accepted is not None:
         state.log_accepted.index_copy_(0, state.step, n_accepted[None])
@@ -342,12 +337,33 @@ def _feed_pool(state: StepState, fed_block, block_preds, active, g: int, width: 
         columns = starts[:, None] + torch.arange(g, device=fed_block.device)
         predicted = block_preds[:, columns]  # [B, n-g+1, g]: what the model predicts after slot j
         pool.insert(fed_block[:, : n - g + 1], predicted, active[:, None].expand(-1, n - g + 1))
-    # Output n-grams (key at column c, continuation c+1..c+g) completed by this commit.
-    before = state.lengths_before.to(torch.long)
-    key_columns = before[:, None] - g + torch.arange(width, device=fed_block.device)
+    feed_output(state, width + 1)  # one more than a step commits: the pool may lag one token (prefill)
+
+
+CATCH_UP_COLUMNS = 64  # output n-grams per insert when the pool catches up (insert() compares every pair)
+
+
+def feed_output(state: StepState, width: int) -> None:
+    """Adds the output n-grams the pool lacks (key at column ``c``, continuation ``c+1 .. c+g``, for
+    ``pool.fed <= c + g < lengths``), at most ``width`` per row (the most one step commits), and moves
+    ``pool.fed`` past them."""
+    pool = state.pool
+    g = pool.length
+    fed = pool.fed
+    ends = torch.minimum(fed + width, state.lengths.to(torch.long))
+    key_columns = fed[:, None] - g + torch.arange(width, device=fed.device)
     keys, ngrams = ngrams_of(state.tokens, key_columns, g)
-    complete = (key_columns + g < state.lengths.to(torch.long)[:, None]) & (key_columns >= state.pad_lengths[:, None])
-    pool.insert(keys, ngrams, complete & active[:, None])
+    complete = (key_columns + g < ends[:, None]) & (key_columns >= state.pad_lengths[:, None])
+    pool.insert(keys, ngrams, complete)
+    fed.copy_(ends)
+
+
+def catch_up_pool(state: StepState, span: int) -> None:
+    """Feeds the pool the output committed by steps that verified no candidates (an adaptive engine's
+    plain steps leave the pool alone: its upkeep would cost every plain step the time of two inserts).
+    ``span``: at least the longest run of such tokens, ``max(lengths - pool.fed)`` (host-known)."""
+    for _ in range(-(-span // CATCH_UP_COLUMNS)):
+        feed_output(state, CATCH_UP_COLUMNS)
 
 
 def _process_tree(processing: LogitsProcessing, scores, state: StepState, candidates) -> torch.Tensor:

@@ -105,6 +105,30 @@ def test_step_times_correct_the_measured_costs():
     assert policy.cost(Shape(16)) == pytest.approx(1.2) and len(policy.timed[Shape(16)]) == 32
 
 
+def test_a_dear_switch_keeps_the_current_shape():
+    """Two shapes nearly tied per step: the current one is kept when changing shape costs more than the
+    other would gain, and left once the switches measured are cheap again; a seeded sampling call's
+    policy (no wall-time learning) ignores switch times."""
+    shapes = [Shape(4), Shape(8)]
+    costs = {Shape(4): 1.0, Shape(8): 1.0}
+    policy = ShapePolicy(shapes, costs, explore_every=0)
+    observe_geometric(policy, Shape(8), keep=0.5)  # 8 slots verify a little more than 4
+    assert policy.choose() == Shape(8)
+    policy.current = Shape(4)  # say the call runs 4 slots, and widening has been dear
+    for _ in range(5):
+        policy.observe_switch(Shape(4), Shape(8), 0.5)
+    policy.observe_switch(Shape(8), Shape(4), 0.0)  # narrowing is free: kept apart
+    assert policy.switch_cost(Shape(8)) == pytest.approx(0.5) and policy.switch_cost(Shape(4)) == 0.0
+    assert policy.choose() == Shape(4)
+    for _ in range(32):
+        policy.observe_switch(Shape(4), Shape(8), 0.001)
+    assert policy.choose() == Shape(8)
+    seeded = ShapePolicy(shapes, costs, explore_every=0, learn_costs=False)
+    seeded.observe_switch(Shape(4), Shape(8), 10.0)
+    seeded.current = Shape(4)
+    assert seeded.switch_cost(Shape(8)) == 0.0
+
+
 @pytest.mark.parametrize("batch,slots,width", [(1, 2, 1), (3, 16, 4), (2, 32, 8), (4, 8, 7)])
 def test_shifted_tail_against_a_plain_loop(batch, slots, width):
     from jacobi_engine.runner import shifted_tail
@@ -134,13 +158,13 @@ def test_widening_takes_the_left_blocks_tail_shifted(monkeypatch):
     checked = []
     original = Runner.switch
 
-    def switch(self, entry, shape):
+    def switch(self, entry, shape, known=None):
         before = entry.active
         source, target = entry.variant.state, entry.variants[shape].state
         recorded = left.get(shape)
         if shape != before:
             left[before] = (source.block.clone(), source.lengths.clone())
-        original(self, entry, shape)
+        original(self, entry, shape, known)
         if shape.block == 16 and before.block == 4 and recorded is not None:
             old_block, old_lengths = recorded
             shift = (source.lengths - old_lengths).tolist()
@@ -160,6 +184,61 @@ def test_widening_takes_the_left_blocks_tail_shifted(monkeypatch):
     out = engine.generate(input_ids, **kwargs)
     assert torch.equal(out.sequences, model.generate(input_ids, do_sample=False, **kwargs))
     assert len(checked) >= 4 and any(0 < k < 12 for k in checked), checked
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_candidates_find_the_output_of_plain_steps_in_the_pool(sync_every, monkeypatch):
+    """Plain steps leave the candidate pool alone; switching to a shape with candidates first adds the
+    output they committed: then every output n-gram (key at column c, continuation c+1 .. c+g, c + g
+    before the row's length) is in the table, as a scan of the token rows finds them here."""
+    from jacobi_engine.runner import Runner
+
+    g = 3
+    with_candidates = Shape(4, 2, g)
+    sequence = ([Shape(4)] * 5 + [Shape(16)] * 3 + [with_candidates] * 2) * 12
+    steps = iter(sequence)
+    monkeypatch.setattr(ShapePolicy, "choose", lambda self, contexts=None: next(steps, Shape(4)))
+    checked = []
+    original = Runner.switch
+
+    def switch(self, entry, shape, known=None):
+        before = entry.active
+        original(self, entry, shape, known)
+        if not shape.candidates or before.candidates:
+            return
+        state = entry.state
+        pool = state.pool
+        stored = [
+            {(int(k), tuple(n)) for k, n in zip(pool.keys[b].tolist(), pool.ngrams[b].tolist()) if k >= 0}
+            for b in range(state.key.batch)
+        ]
+        for b in range(state.key.batch):
+            row, length, start = state.tokens[b].tolist(), int(state.lengths[b]), int(state.pad_lengths[b])
+            for c in range(start, length - g):
+                assert (row[c], tuple(row[c + 1 : c + g + 1])) in stored[b], (b, c, length)
+            checked.append(length - int(state.prompt_widths[b]))
+
+    monkeypatch.setattr(Runner, "switch", switch)
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=2)
+    shapes = [Shape(4), Shape(16), with_candidates]
+    flat = CostModel("cpu", "float32", {(2, s): 1.0 for s in shapes})
+    engine = JacobiEngine(
+        model,
+        block_size="auto",
+        block_sizes=(4, 16),
+        candidates="auto",
+        candidate_counts=(0, 2),
+        candidate_len=g,
+        init="ngram",
+        cost_model=flat,
+        pool_slots=64,  # no entry of this short output is evicted
+        sync_every=sync_every,
+    )
+    kwargs = dict(attention_mask=mask, max_new_tokens=60, eos_token_id=[], pad_token_id=0)
+    out = engine.generate(input_ids, **kwargs)
+    assert torch.equal(out.sequences, model.generate(input_ids, do_sample=False, **kwargs))
+    assert len(checked) >= 4 and max(checked) > 20, checked  # checked after long runs of plain steps
 
 
 def test_costs_are_monotone_in_tokens():
