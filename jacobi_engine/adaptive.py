@@ -30,6 +30,17 @@ tokens per second:
   they make anyway; greedy calls): the median of the measured cost, weighing as 3 steps, and the
   shape's last 32 (a seeded sampling call keeps the measured costs, so its shapes, and with them its
   draws, do not depend on wall time).
+* The survival model scores a block by its next step, as if it started afresh; a block held for several
+  steps also converges its far slots for the steps after. So each plain shape's estimate is multiplied
+  by its **held calibration** (:meth:`ShapePolicy.calibration`): the tokens its steps verified when they
+  continued a run of that shape, over what the survival model expected of them when chosen. The choice
+  is then scored by what a shape does while held, not by its next step alone (the myopic choice
+  settles on a narrow block whose wide rival was only ever measured on its first steps).
+* Changing shape costs host time (a widening fills its new slots); the switches are timed, and the next
+  step of another shape than the current one pays the median of recent ones alike (greedy calls).
+* Plain steps leave the candidate pool alone; the first step with candidates after them feeds it the
+  output they committed (:func:`jacobi_engine.step.catch_up_pool`), so the pool's upkeep is not paid by
+  every plain step.
 * Widening does not restart a wide block's convergence: its new slots take what that block held when
   it was last left, at the same sequence positions (``Runner.switch``), then the rows' drafts.
 * The statistics of a greedy call carry into the next call of the same batch size, halved
@@ -41,7 +52,8 @@ the speed does. Shape 1x0 is plain autoregressive decoding, so when no block pay
 engine falls back to one token per forward. Exploration is deterministic and paid from a budget:
 every ``explore_every``-th decision may try the least-used shape that could still beat the best if
 its estimate were higher by an optimism of ``1 / sqrt(1 + its forwards)`` tokens, when the budget
-(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers that shape's step.
+(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers a run of that shape: an
+explored shape is held for :data:`EXPLORE_RUN` decisions, so that it is measured as it would run.
 
 Under ``compile=True`` or ``cuda_graph=True`` each shape of the (small) set is compiled or captured
 once, like any state, and the choice only picks which graph runs: no recompiles.
@@ -63,6 +75,8 @@ DEFAULT_CANDIDATES = (0, 2, 4)
 RECENT_TIMES = 32  # decode steps per shape whose wall time corrects its measured cost
 MEASURED_WEIGHT = 3  # the measured cost weighs as this many timed decode steps
 TIMED_STEPS = 2  # rounds over the shapes, after one warm-up round
+EXPLORE_RUN = 8  # decisions an explored shape is held for (a wide block shows its worth over a run)
+CALIBRATION_PRIOR = 4.0  # expected tokens of pseudo-observations at ratio 1 (ShapePolicy.calibration)
 
 
 @dataclass(frozen=True, order=True)
@@ -263,6 +277,12 @@ class ShapePolicy:
         # of another shape than the current one pays it on top (:meth:`step_cost`).
         self.switch_times: dict[bool, list[float]] = {True: [], False: []}
         self.current: Shape | None = None  # the shape chosen last
+        # Held calibration: per plain shape, tokens verified by its steps that continued a run of it, and
+        # what the survival model expected of them when it was chosen (see :meth:`calibration`).
+        self.held_tokens: dict[Shape, float] = {}
+        self.held_expected: dict[Shape, float] = {}
+        self.pending: tuple | None = None  # (shape, continued a run, expected tokens per row) of the last decision
+        self.hold: tuple[Shape, int] | None = None  # an exploration run: its shape and decisions left
         # Off for a seeded sampling call: its draws depend on the shapes it runs, which must not then
         # depend on wall time.
         self.learn_costs = learn_costs
@@ -272,6 +292,13 @@ class ShapePolicy:
 
     def observe(self, shape: Shape, delta) -> None:
         rows = delta if delta and isinstance(delta[0], (list, tuple)) else [delta]
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == shape and pending[1] and not shape.candidates:
+            pairs = sum(sum(histogram[1:]) for histogram in rows)
+            if pairs > 0:
+                tokens = sum(a * count for histogram in rows for a, count in enumerate(histogram))
+                self.held_tokens[shape] = self.held_tokens.get(shape, 0.0) + tokens
+                self.held_expected[shape] = self.held_expected.get(shape, 0.0) + pairs * pending[2]
         for context, histogram in enumerate(rows):
             self._observe(shape, context, histogram)
 
@@ -351,6 +378,8 @@ class ShapePolicy:
             )
         new.timed = {shape: list(times) for shape, times in self.timed.items()}
         new.switch_times = {widening: list(times) for widening, times in self.switch_times.items()}
+        new.held_tokens = {shape: value * decay for shape, value in self.held_tokens.items()}
+        new.held_expected = {shape: value * decay for shape, value in self.held_expected.items()}
         new.budget = min(self.budget, new.budget)
         new.decisions = self.decisions
         return new
@@ -417,11 +446,23 @@ class ShapePolicy:
         own mean there, blended with its block's estimate times the candidates' lift."""
         prior = self.block_estimate(shape.block, context)
         if not shape.candidates:
-            return prior
+            return min(prior * self.calibration(shape), float(shape.block))
         prior = min(prior * self.lift(), shape.block + shape.candidate_len)
         steps = self.steps.get(context, {}).get(shape, 0)
         tokens = self.tokens.get(context, {}).get(shape, 0)
         return (tokens + self.prior_steps * prior) / (steps + self.prior_steps)
+
+    def calibration(self, shape: Shape) -> float:
+        """Tokens a plain ``shape`` verified on the steps that continued a run of it, over what the survival
+        model expected of them when they were chosen (shrunk towards 1 by :data:`CALIBRATION_PRIOR`).
+
+        The survival model pools every width's forwards, each as if its block started afresh; a block
+        held for several steps also converges its far slots for the steps after, so a wide block that is
+        kept verifies more than its first steps suggest, and a narrow one held where wide ones were
+        measured less. The ratio, measured on held steps only, corrects each shape's estimate for that:
+        the choice is scored by what a shape does over a run, not by its next step alone."""
+        expected = self.held_expected.get(shape, 0.0)
+        return (self.held_tokens.get(shape, 0.0) + CALIBRATION_PRIOR) / (expected + CALIBRATION_PRIOR)
 
     def forwards(self, shape: Shape, context=None) -> float:
         return self.steps.get(context, {}).get(shape, 0)
@@ -441,6 +482,11 @@ class ShapePolicy:
         context, or None: one row in context 0)."""
         rows = _rows(contexts)
         self.decisions += 1
+        if self.hold is not None:  # an exploration run goes on
+            best, left = self.hold
+            self.hold = (best, left - 1) if left > 1 else None
+            self.budget -= self.cost(best)
+            return self._chosen(best, rows)
         best = max(self.shapes, key=lambda s: self.score(s, rows))
         self.budget += self.explore_fraction * self.cost(best)
         if self.explore_every and self.decisions % self.explore_every == 0:
@@ -451,14 +497,27 @@ class ShapePolicy:
                 return gain / self.step_cost(s) >= best_score
 
             candidates = [
-                s for s in self.shapes if s != best and s.block > 1 and self.cost(s) <= self.budget and hopeful(s)
+                s
+                for s in self.shapes
+                if s != best and s.block > 1 and EXPLORE_RUN * self.cost(s) <= self.budget and hopeful(s)
             ]
             if candidates:
                 best = min(candidates, key=lambda s: (sum(self.forwards(s, c) for c, _ in rows), s))
                 self.budget -= self.cost(best)
-        self.chosen[best] += 1
-        self.current = best
-        return best
+                if EXPLORE_RUN > 1:
+                    self.hold = (best, EXPLORE_RUN - 1)
+        return self._chosen(best, rows)
+
+    def _chosen(self, shape: Shape, rows) -> Shape:
+        continued = shape == self.current
+        if not shape.candidates:
+            # What the survival model expects per row of the steps about to run (for the calibration).
+            pairs = sum(n for _, n in rows)
+            expected = sum(n * self.block_estimate(shape.block, c) for c, n in rows) / pairs
+            self.pending = (shape, continued, expected)
+        self.chosen[shape] += 1
+        self.current = shape
+        return shape
 
     def summary(self) -> dict:
         """This call's use of each shape (not the statistics carried from earlier calls)."""
