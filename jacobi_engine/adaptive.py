@@ -33,9 +33,10 @@ tokens per second:
 * The survival model scores a block by its next step, as if it started afresh; a block held for several
   steps also converges its far slots for the steps after. So each plain shape's estimate is multiplied
   by its **held calibration** (:meth:`ShapePolicy.calibration`): the tokens its steps verified when they
-  continued a run of that shape, over what the survival model expected of them when chosen. The choice
-  is then scored by what a shape does while held, not by its next step alone (the myopic choice
-  settles on a narrow block whose wide rival was only ever measured on its first steps).
+  continued a run of that shape, over what the survival model expected of them when chosen, never
+  below 1. The choice is then credited for what a shape does while held, not scored by its next step
+  alone (the myopic choice settles on a narrow block whose wide rival was only measured on its first
+  steps).
 * Changing shape costs host time (a widening fills its new slots); the switches are timed, and the next
   step of another shape than the current one pays the median of recent ones alike (greedy calls).
 * Plain steps leave the candidate pool alone; the first step with candidates after them feeds it the
@@ -52,8 +53,8 @@ the speed does. Shape 1x0 is plain autoregressive decoding, so when no block pay
 engine falls back to one token per forward. Exploration is deterministic and paid from a budget:
 every ``explore_every``-th decision may try the least-used shape that could still beat the best if
 its estimate were higher by an optimism of ``1 / sqrt(1 + its forwards)`` tokens, when the budget
-(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers a run of that shape: an
-explored shape is held for :data:`EXPLORE_RUN` decisions, so that it is measured as it would run.
+(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers :data:`EXPLORE_RUN` steps
+of it (the decisions an explored shape is held for; one, as measured best).
 
 Under ``compile=True`` or ``cuda_graph=True`` each shape of the (small) set is compiled or captured
 once, like any state, and the choice only picks which graph runs: no recompiles.
