@@ -53,8 +53,8 @@ the speed does. Shape 1x0 is plain autoregressive decoding, so when no block pay
 engine falls back to one token per forward. Exploration is deterministic and paid from a budget:
 every ``explore_every``-th decision may try the least-used shape that could still beat the best if
 its estimate were higher by an optimism of ``1 / sqrt(1 + its forwards)`` tokens, when the budget
-(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers :data:`EXPLORE_RUN` steps
-of it (the decisions an explored shape is held for; one, as measured best).
+(``explore_fraction`` = 5% of the chosen steps' cost, accumulated) covers that shape's step (holding
+an explored shape for a run of 8 decisions measured worse on SmolLM2 in float32: docs/decoding.md).
 
 Under ``compile=True`` or ``cuda_graph=True`` each shape of the (small) set is compiled or captured
 once, like any state, and the choice only picks which graph runs: no recompiles.
@@ -76,7 +76,6 @@ DEFAULT_CANDIDATES = (0, 2, 4)
 RECENT_TIMES = 32  # decode steps per shape whose wall time corrects its measured cost
 MEASURED_WEIGHT = 3  # the measured cost weighs as this many timed decode steps
 TIMED_STEPS = 2  # rounds over the shapes, after one warm-up round
-EXPLORE_RUN = 1  # decisions an explored shape is held for (runs of 8 cost SmolLM2 in float32 its gain over greedy)
 CALIBRATION_PRIOR = 4.0  # expected tokens of pseudo-observations at ratio 1 (ShapePolicy.calibration)
 
 
@@ -283,7 +282,6 @@ class ShapePolicy:
         self.held_tokens: dict[Shape, float] = {}
         self.held_expected: dict[Shape, float] = {}
         self.pending: tuple | None = None  # (shape, continued a run, expected tokens per row) of the last decision
-        self.hold: tuple[Shape, int] | None = None  # an exploration run: its shape and decisions left
         # Off for a seeded sampling call: its draws depend on the shapes it runs, which must not then
         # depend on wall time.
         self.learn_costs = learn_costs
@@ -488,11 +486,6 @@ class ShapePolicy:
         context, or None: one row in context 0)."""
         rows = _rows(contexts)
         self.decisions += 1
-        if self.hold is not None:  # an exploration run goes on
-            best, left = self.hold
-            self.hold = (best, left - 1) if left > 1 else None
-            self.budget -= self.cost(best)
-            return self._chosen(best, rows)
         best = max(self.shapes, key=lambda s: self.score(s, rows))
         self.budget += self.explore_fraction * self.cost(best)
         if self.explore_every and self.decisions % self.explore_every == 0:
@@ -503,15 +496,11 @@ class ShapePolicy:
                 return gain / self.step_cost(s) >= best_score
 
             candidates = [
-                s
-                for s in self.shapes
-                if s != best and s.block > 1 and EXPLORE_RUN * self.cost(s) <= self.budget and hopeful(s)
+                s for s in self.shapes if s != best and s.block > 1 and self.cost(s) <= self.budget and hopeful(s)
             ]
             if candidates:
                 best = min(candidates, key=lambda s: (sum(self.forwards(s, c) for c, _ in rows), s))
                 self.budget -= self.cost(best)
-                if EXPLORE_RUN > 1:
-                    self.hold = (best, EXPLORE_RUN - 1)
         return self._chosen(best, rows)
 
     def _chosen(self, shape: Shape, rows) -> Shape:

@@ -313,10 +313,12 @@ class Runner:
         stacked = torch.stack(values)
         pool_span = entry.policy is not None and state.pool is not None
         if entry.policy is not None:
-            # The choice reads the histogram by draft context, and each row's context and done flag.
-            stacked = torch.cat([stacked, state.histogram.view(-1), state.context, state.done.long()])
-            if pool_span:  # and how far the pool lags behind the output, in the same transfer
-                stacked = torch.cat([stacked, (state.lengths.long() - state.pool.fed).max()[None]])
+            # The choice reads the histogram by draft context, and each row's context and done flag (and
+            # how far the pool lags behind the output), in the same transfer.
+            parts = [stacked, state.histogram.view(-1), state.context, state.done.long()]
+            if pool_span:
+                parts.append((state.lengths.long() - state.pool.fed).max()[None])
+            stacked = torch.cat(parts)
         read = stacked.tolist()
         if pool_span:
             entry.pool_span = max(0, read.pop())
