@@ -73,6 +73,7 @@ import torch
 DEFAULT_BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 COMPILED_BLOCK_SIZES = (1, 4, 16)  # a small fixed set when every shape is compiled or captured
 DEFAULT_CANDIDATES = (0, 2, 4)
+COMPILED_CANDIDATES = (0, 2)  # with the compiled block sizes: 6 graphs per state
 RECENT_TIMES = 32  # decode steps per shape whose wall time corrects its measured cost
 MEASURED_WEIGHT = 3  # the measured cost weighs as this many timed decode steps
 TIMED_STEPS = 2  # rounds over the shapes, after one warm-up round

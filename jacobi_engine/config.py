@@ -55,16 +55,16 @@ AUTO = "auto"
 class EngineConfig:
     """Settings of a :class:`~jacobi_engine.JacobiEngine` (see its docstring for each one)."""
 
-    block_size: int | str = 16
+    block_size: int | str | None = None  # None: "auto" in sliding mode, 16 in chunked mode (resolve_defaults)
     mode: str = "sliding"
-    init: str | GuessStrategy = "random_prompt"
+    init: str | GuessStrategy | None = None  # None: "ngram" with block_size="auto", else "random_prompt"
     max_seq_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
     verify_backend: str = "auto"
     cuda_graph: bool = False
     sync_every: int | None = None
-    candidates: int = 0
+    candidates: int | str | None = None  # None: "auto" with block_size="auto", else 0
     candidate_len: int = 4
     pool_buckets: int = 4096
     pool_slots: int = 8
@@ -76,6 +76,7 @@ class EngineConfig:
     cost_model: object | None = None  # a jacobi_engine.adaptive.CostModel, or the path of a saved one
 
     def __post_init__(self):
+        self._resolve_defaults()
         if self.block_size != AUTO:
             check_int("block_size", self.block_size, minimum=1, maximum=MAX_BLOCK_SIZE)
         if self.candidates != AUTO:
@@ -131,6 +132,29 @@ class EngineConfig:
         check_bool("compile", self.compile)
         check_int("max_cached_states", self.max_cached_states, minimum=1)
 
+    def _resolve_defaults(self) -> None:
+        """Fills the settings left at None with the measured default (docs/decoding.md).
+
+        Left out, ``block_size`` is ``"auto"`` in sliding mode, with ``candidates="auto"`` and n-gram
+        guesses: the step shape chosen per sync from the measured costs, which ran above the previous
+        default (a fixed 16-slot block with random prompt guesses) on every model, dtype and pair we
+        benchmark, and above HF greedy on each (README, "A real pretrained model"). Chunked mode (a
+        chunk iterated to its fixed point, the CLLM trajectory) keeps a fixed chunk of 16. A
+        ``block_size`` given as a number keeps the fixed-step defaults: no candidates, random prompt
+        guesses."""
+        block_size = self.block_size
+        if block_size is None:
+            block_size = 16 if self.mode == "chunked" else AUTO
+        candidates = self.candidates
+        if candidates is None:
+            candidates = AUTO if block_size == AUTO else 0
+        init = self.init
+        if init is None:
+            init = "ngram" if block_size == AUTO or candidates == AUTO else "random_prompt"
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "candidates", candidates)
+        object.__setattr__(self, "init", init)
+
     # -- derived sizes: each formula written once ------------------------------------------------
     @property
     def adaptive(self) -> bool:
@@ -138,14 +162,18 @@ class EngineConfig:
 
     def shapes(self) -> list:
         """The step shapes (:class:`jacobi_engine.adaptive.Shape`) this engine may run: one, or the auto set."""
-        from jacobi_engine.adaptive import COMPILED_BLOCK_SIZES, DEFAULT_BLOCK_SIZES, DEFAULT_CANDIDATES, Shape
+        from jacobi_engine import adaptive
+        from jacobi_engine.adaptive import Shape
 
+        graphs = self.compile or self.cuda_graph  # every shape compiled or captured: a small fixed set
         if self.block_size == AUTO:
-            default = COMPILED_BLOCK_SIZES if (self.compile or self.cuda_graph) else DEFAULT_BLOCK_SIZES
-            blocks = self.block_sizes or default
+            blocks = self.block_sizes or (adaptive.COMPILED_BLOCK_SIZES if graphs else adaptive.DEFAULT_BLOCK_SIZES)
         else:
             blocks = (self.block_size,)
-        counts = (self.candidate_counts or DEFAULT_CANDIDATES) if self.candidates == AUTO else (self.candidates,)
+        if self.candidates == AUTO:
+            counts = self.candidate_counts or (adaptive.COMPILED_CANDIDATES if graphs else adaptive.DEFAULT_CANDIDATES)
+        else:
+            counts = (self.candidates,)
         return sorted({Shape(n, k, self.candidate_len if k else 0) for n in blocks for k in counts})
 
     @property

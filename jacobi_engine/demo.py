@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     same = torch.equal(jacobi.sequences, own_sequences)
     print(
         f"lossless speedup (same model, Jacobi vs HF greedy): {jacobi_rate / own_rate:.2f}x; "
-        f"output identical: {same}  (block_size={args.block_size}, mode={args.mode}, init={args.init})"
+        f"output identical: {same}  (block_size={engine.config.block_size}, mode={args.mode}, init={engine.config.init})"
     )
     if teacher is not None:
         width = input_ids.shape[1]
@@ -253,7 +253,12 @@ def register(subparsers) -> None:
         "--prompt", help="prompt text, used as is (default: the pair's first held-out example, in its prompt format)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--block-size",
+        type=lambda text: text if text == "auto" else int(text),
+        default=None,
+        help="n, or 'auto' (default: auto, chosen per step; 16 in chunked mode)",
+    )
     parser.add_argument("--mode", choices=["sliding", "chunked"], default="sliding")
     parser.add_argument(
         "--init",

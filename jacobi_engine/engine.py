@@ -49,12 +49,16 @@ class JacobiEngine:
     Args:
         model: a ``transformers`` causal LM whose attention goes through ``AttentionInterface``.
             It is not modified; the engine switches it to its own attention only during its calls.
-        block_size: n, tokens per Jacobi block (1 = plain autoregressive decoding), at most 1024.
+        block_size: n, tokens per Jacobi block (1 = plain autoregressive decoding), at most 1024, or
+            ``"auto"``: chosen per sync among a few widths from a measured cost model
+            (:mod:`jacobi_engine.adaptive`). Left out: ``"auto"``, with ``candidates="auto"`` and
+            ``init="ngram"`` (in ``mode="chunked"``: 16), the setting that measured fastest (README).
         mode: ``"sliding"`` keeps n guesses in flight, sliding past every accepted token;
             ``"chunked"`` iterates each n-token chunk to its fixed point before starting the next
             (the CLLM trajectory that consistency training uses).
         init: initial guesses: ``"random_prompt"`` (random prompt tokens, CLLM), ``"ngram"``
-            (lookup in the prompt and output so far) or a :class:`GuessStrategy`.
+            (lookup in the prompt and output so far) or a :class:`GuessStrategy`. Left out:
+            ``"ngram"`` when the block or the candidates are ``"auto"``, else ``"random_prompt"``.
         max_seq_len: if set, the cache is allocated once for prompts + new tokens up to this
             length and longer requests are refused; by default it is sized per request, rounded
             up to a power of two so that similar requests share one state.
@@ -66,7 +70,8 @@ class JacobiEngine:
         sync_every: decode steps between host checks of the done flags (default 1, or 8 with
             ``cuda_graph``). Steps past the end are harmless no-ops for finished sequences.
         candidates: k, pooled n-gram candidates verified beside the block in the same forward
-            (:mod:`jacobi_engine.pool`); 0 is plain Jacobi; at most 64 (32 when sampling).
+            (:mod:`jacobi_engine.pool`); 0 is plain Jacobi; at most 64 (32 when sampling); ``"auto"``
+            chooses k per sync. Left out: ``"auto"`` when ``block_size`` is, else 0.
         candidate_len: g, tokens per candidate (in chunked mode at most ``block_size - 1``).
         pool_buckets, pool_slots: the pool's hash buckets per sequence and entries per bucket.
         sampling_rule: how sampled Jacobi drafts are verified when ``do_sample=True``: ``"sjd"``

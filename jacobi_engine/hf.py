@@ -22,6 +22,7 @@ What the engine cannot honour is refused by name: ``output_scores``, ``output_lo
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +177,10 @@ def _signature_with_engine_settings(function):
     ``_sample``'s: the engine settings are added to the signature from :class:`EngineConfig`."""
     signature = inspect.signature(function)
     parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    defaults = EngineConfig()
+    # The fields' own defaults (None where the config resolves a setting from the others).
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for name in ENGINE_FIELDS:
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, name)))
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name]))
     parameters += [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
     function.__signature__ = signature.replace(parameters=parameters)
     return function

@@ -1,6 +1,6 @@
 """``jacobi-engine serve``: an OpenAI-compatible HTTP server on FastAPI + uvicorn, with continuous batching.
 
-    jacobi-engine serve --model smollm2-135m-instruct-cllm --block-size 16 --init ngram --port 8000
+    jacobi-engine serve --model smollm2-135m-instruct-cllm --port 8000
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat template),
 both streaming (server-sent events, ``stream: true``) and not; ``GET /v1/models``; ``GET /health``.
@@ -198,10 +198,17 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    serve.add_argument("--block-size", type=_int_or_auto, default=16, help="n, or 'auto' (chosen per step)")
+    serve.add_argument(
+        "--block-size",
+        type=_int_or_auto,
+        default=None,
+        help="n, or 'auto' (chosen per step; the default, 16 in chunked mode)",
+    )
     serve.add_argument("--mode", default="sliding", choices=("sliding", "chunked"))
     serve.add_argument("--init", default="ngram", choices=("ngram", "random_prompt"))
-    serve.add_argument("--candidates", type=_int_or_auto, default=0, help="k, or 'auto'")
+    serve.add_argument(
+        "--candidates", type=_int_or_auto, default=None, help="k, or 'auto' (default: auto with an auto block, else 0)"
+    )
     serve.add_argument("--candidate-len", type=int, default=4)
     serve.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     serve.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (GPU)")

@@ -217,7 +217,15 @@ def test_widening_takes_the_left_blocks_tail_shifted(monkeypatch):
     model = tiny_model("llama", vocab_size=VOCAB)
     input_ids, mask = repetitive(seed=5)
     flat = CostModel("cpu", "float32", {(2, Shape(n)): 1.0 for n in (1, 4, 16)})
-    engine = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 16), cost_model=flat, sync_every=1)
+    engine = JacobiEngine(
+        model,
+        block_size="auto",
+        candidates=0,
+        init="random_prompt",
+        block_sizes=(1, 4, 16),
+        cost_model=flat,
+        sync_every=1,
+    )
     kwargs = dict(attention_mask=mask, max_new_tokens=48, eos_token_id=[], pad_token_id=0)
     out = engine.generate(input_ids, **kwargs)
     assert torch.equal(out.sequences, model.generate(input_ids, do_sample=False, **kwargs))
@@ -327,7 +335,9 @@ def test_engine_follows_an_injected_cost_model():
         cost_model = CostModel("cpu", "float32")
         for shape in shapes:  # everything but the favoured shape is absurdly slow
             cost_model.seconds[(2, shape)] = 1.0 if shape == favoured else 1000.0
-        engine = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 16), cost_model=cost_model, init="ngram")
+        engine = JacobiEngine(
+            model, block_size="auto", candidates=0, block_sizes=(1, 4, 16), cost_model=cost_model, init="ngram"
+        )
         out = engine.generate(input_ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[], pad_token_id=0)
         chosen = max(out.stats.shapes, key=lambda s: out.stats.shapes[s]["decisions"])
         assert chosen == str(favoured), out.stats.shapes
@@ -337,7 +347,7 @@ def test_engine_follows_an_injected_cost_model():
 def test_cost_model_is_measured_once_saved_and_loaded(tmp_path):
     model = tiny_model("llama", vocab_size=VOCAB)
     input_ids, mask = repetitive()
-    engine = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 8))
+    engine = JacobiEngine(model, block_size="auto", candidates=0, block_sizes=(1, 4, 8))
     first = engine.generate(input_ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
     assert 0 < first.stats.cost_model_seconds < 10
     again = engine.generate(input_ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
@@ -350,7 +360,7 @@ def test_cost_model_is_measured_once_saved_and_loaded(tmp_path):
         Shape(4),
         Shape(8),
     }
-    reused = JacobiEngine(model, block_size="auto", block_sizes=(1, 4, 8), cost_model=str(path))
+    reused = JacobiEngine(model, block_size="auto", candidates=0, block_sizes=(1, 4, 8), cost_model=str(path))
     out = reused.generate(input_ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=0)
     assert out.stats.cost_model_seconds == 0 and torch.equal(out.sequences, first.sequences)
     with pytest.raises(ValueError, match="measured on cpu in bfloat16"):
@@ -405,7 +415,7 @@ def test_compiled_auto_switches_graphs_without_recompiling(monkeypatch):
     kwargs = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[], pad_token_id=0)
     want = model.generate(input_ids, do_sample=False, **kwargs)
     flat = CostModel("cpu", "float32", {(2, Shape(n)): 1.0 for n in (1, 4, 16)})
-    engine = JacobiEngine(model, block_size="auto", init="ngram", compile=True, cost_model=flat)
+    engine = JacobiEngine(model, block_size="auto", candidates=0, init="ngram", compile=True, cost_model=flat)
     assert [s.block for s in engine.config.shapes()] == [1, 4, 16]  # the small compiled set
     graphs = counters["stats"]["unique_graphs"]
     first = engine.generate(input_ids, **kwargs)
@@ -462,3 +472,61 @@ def test_refusals():
         JacobiEngine(model, block_size="auto").generate(torch.tensor([[3, 4, 5]]), record_trajectory=True)
     with pytest.raises(ValueError, match="no cost model"):
         JacobiEngine(model, block_size=4).save_cost_model("x.json")
+
+
+def test_defaults_are_the_measured_auto_setting():
+    """Left out, the block, the candidates and the guesses are the benchmarked ``engine_auto`` setting;
+    a setting given keeps its value, a fixed block keeps the fixed-step defaults, and chunked mode (a
+    chunk iterated to its fixed point) a chunk of 16."""
+    import inspect
+
+    from jacobi_engine import hf
+    from jacobi_engine.config import EngineConfig
+
+    fields = ("block_size", "candidates", "init")
+    resolved = lambda config: tuple(getattr(config, name) for name in fields)  # noqa: E731
+    assert resolved(EngineConfig()) == ("auto", "auto", "ngram")
+    assert resolved(EngineConfig(block_size="auto")) == ("auto", "auto", "ngram")
+    assert resolved(EngineConfig(candidates="auto")) == ("auto", "auto", "ngram")
+    assert resolved(EngineConfig(block_size=8)) == (8, 0, "random_prompt")
+    assert resolved(EngineConfig(block_size=8, candidates="auto")) == (8, "auto", "ngram")
+    assert resolved(EngineConfig(mode="chunked")) == (16, 0, "random_prompt")
+    assert resolved(EngineConfig(block_size="auto", candidates=0, init="random_prompt")) == (
+        "auto",
+        0,
+        "random_prompt",
+    )
+    assert EngineConfig() == EngineConfig(block_size="auto", candidates="auto", init="ngram")  # one cached engine
+    assert EngineConfig(compile=True).shapes() == sorted(
+        Shape(n, k, 4 if k else 0) for n in (1, 4, 16) for k in (0, 2)
+    )  # compiled: six graphs
+    # HF passes custom_generate the keywords it names: left out, they must stay unset, not "auto" (which
+    # chunked mode refuses).
+    assert inspect.signature(hf.generate).parameters["block_size"].default is None
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=[], pad_token_id=0)
+    want = model.generate(input_ids, do_sample=False, **kwargs)
+    out = JacobiEngine(model).generate(input_ids, **kwargs)
+    assert assert_matches_greedy(model, out.sequences, want, input_ids, mask, 0) == 0
+    assert out.stats.shapes and out.stats.cost_model_seconds > 0  # the step was chosen from measured costs
+    chunked = JacobiEngine(model, mode="chunked").generate(input_ids, **kwargs)
+    assert assert_matches_greedy(model, chunked.sequences, want, input_ids, mask, 0) == 0
+
+
+def test_seeded_sampling_repeats_across_engines_that_share_a_cost_model(tmp_path):
+    """With the default ``"auto"``, a seeded sampling call's draws follow the shapes it runs, chosen from
+    the cost model: an engine loading another's saved cost model repeats its draws."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0, do_sample=True)
+    first = JacobiEngine(model, seed=11)
+    drawn = first.generate(input_ids, **kwargs)
+    assert drawn.stats.cost_model_seconds > 0
+    path = tmp_path / "costs.json"
+    first.save_cost_model(path)
+    again = JacobiEngine(model, seed=11, cost_model=str(path)).generate(input_ids, **kwargs)
+    assert again.stats.cost_model_seconds == 0
+    assert torch.equal(again.sequences, drawn.sequences)
+    assert torch.equal(first.generate(input_ids, **kwargs).sequences, drawn.sequences)

@@ -16,9 +16,10 @@ Rows (batch size 1, greedy, the same questions for every row; each model is run 
     engine_jacobi        JacobiEngine(block_size=n)
     engine_jacobi_ngram  JacobiEngine(block_size=n, init="ngram")
     engine_pool          JacobiEngine(block_size=n, init="ngram", candidates=k, candidate_len=g)  (--pool K G)
-    engine_auto          JacobiEngine(block_size="auto", candidates="auto", init="ngram"): the step shape chosen
-                         per sync from the measured costs (compiled: blocks 1/4/16 x candidates 0/k); the
-                         shapes chosen over the timed calls are in the JSON (``shapes_chosen``)
+    engine_auto          JacobiEngine(model), the defaults: block_size="auto", candidates="auto" (g=4),
+                         init="ngram", the step shape chosen per sync from the measured costs (blocks
+                         1/2/4/8/16/32 x candidates 0/2/4; compiled: 1/4/16 x 0/2); the shapes chosen
+                         over the timed calls are in the JSON (``shapes_chosen``)
 Every engine row runs twice, eagerly ("compile": false) and with JacobiEngine(compile=True) ("compile": true).
 Compiled rows (HF's and ours) are warmed up on the longest prompt first, so that the timed loop
 reuses one graph; ``recompiles`` counts the graphs dynamo still compiled during the timed loop.
@@ -202,17 +203,10 @@ class Method:
                 model, block_size=block_size, init="ngram", candidates=k, candidate_len=g, compile=compile
             )
         elif name == "engine_auto":
-            # The step shape chosen per sync from the measured costs; compiled, a small fixed set of graphs.
-            counts = (0, pool[0]) if compile else None
-            self.engine = JacobiEngine(
-                model,
-                block_size="auto",
-                candidates="auto",
-                candidate_counts=counts,
-                candidate_len=pool[1],
-                init="ngram",
-                compile=compile,
-            )
+            # The engine's defaults: the step shape chosen per sync from the measured costs (block_size="auto",
+            # candidates="auto", init="ngram"); compiled, a small fixed set of graphs.
+            self.engine = JacobiEngine(model, compile=compile)
+            assert (self.engine.config.block_size, self.engine.config.candidates) == ("auto", "auto")
         self.shapes: dict = {}  # engine_auto: the shapes chosen over the timed calls
         self.extra = {}
         if name == "hf_prompt_lookup":
