@@ -26,7 +26,13 @@ from jacobi_engine.attention import jacobi_attention_enabled
 from jacobi_engine.config import EngineConfig, split_engine_kwargs
 from jacobi_engine.entries import Entry, StateCache, entry_key, new_entry
 from jacobi_engine.guesses import GuessStrategy, make_guess_strategy
-from jacobi_engine.hf_compat import has_windowed_attention, inspect_model, length_dependent_rope, model_device
+from jacobi_engine.hf_compat import (
+    has_windowed_attention,
+    inspect_model,
+    is_tensor_parallel,
+    length_dependent_rope,
+    model_device,
+)
 from jacobi_engine.inputs import (
     ModelLimits,
     Request,
@@ -90,6 +96,8 @@ class JacobiEngine:
 
     def __init__(self, model, **settings):
         self.config = EngineConfig(**settings)
+        if self.config.adaptive and is_tensor_parallel(model):
+            self.config = _tensor_parallel_config(settings)
         self.info = inspect_model(model)
         self.model = model
         device = model_device(model)
@@ -299,3 +307,19 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
     """One-call shortcut: ``JacobiEngine(model, <engine settings>).generate(input_ids, <the rest>)``."""
     engine_kwargs, generate_kwargs = split_engine_kwargs(kwargs)
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **generate_kwargs)
+
+
+def _tensor_parallel_config(settings: dict) -> EngineConfig:
+    """The settings of a tensor-parallel engine: every rank must run the same step shape (each forward's
+    collectives have the block's shape), and an auto choice follows each rank's own timings. The
+    block, candidates and guesses left out are the fixed-step defaults (16 slots, no candidates,
+    random prompt guesses); ``"auto"`` asked for is refused."""
+    asked = [name for name in ("block_size", "candidates") if settings.get(name) == "auto"]
+    if asked:
+        raise ValueError(
+            f"{asked[0]}='auto' is not supported under tensor parallelism: each rank would choose the step "
+            "shape from its own timings, and the ranks' forwards must match; pass a fixed block_size (and "
+            "candidates)"
+        )
+    block_size = settings.get("block_size")
+    return EngineConfig(**{**settings, "block_size": 16 if block_size is None else block_size})

@@ -53,6 +53,15 @@ def check_single_device(model: torch.nn.Module) -> None:
         )
 
 
+def is_tensor_parallel(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s weights are sharded over ranks (``tp_plan``: DTensor parameters)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
 def _device_name(device) -> str:
     """accelerate's device_map values (0, "cuda:1", "cpu", "disk", torch.device) as one spelling."""
     if isinstance(device, str) and device in ("cpu", "disk", "meta"):

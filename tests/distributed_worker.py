@@ -30,6 +30,8 @@ TP_CASES = [
     # Multi-candidate verification: the token tree's attention and the KV-row move on sharded heads.
     {"block_size": 6, "mode": "sliding", "init": "ngram", "candidates": 3, "candidate_len": 4},
     {"block_size": 6, "mode": "chunked", "init": "random_prompt", "candidates": 2, "candidate_len": 3},
+    # The defaults: "auto" is a per-rank choice, so under tensor parallelism they are a fixed 16-slot block.
+    {},
 ]
 TP_NEW_TOKENS = 24
 
@@ -70,12 +72,19 @@ def run_tp(out_dir: Path, model_dirs: list[str]) -> None:
                     "sequences": out.sequences.tolist(),
                     "cache_kv_heads": keys.shape[2],
                     "forwards": out.stats.forward_passes,
+                    "block_size": engine.config.block_size,
                 }
             )
+        try:
+            JacobiEngine(model, block_size="auto")
+            refused = None
+        except ValueError as error:
+            refused = str(error)
         record[model_dir] = {
             "world_size": dist.get_world_size(),
             "q_proj_local_rows": q_proj.to_local().shape[0] if hasattr(q_proj, "to_local") else q_proj.shape[0],
             "cases": outputs,
+            "auto_refused": refused,
         }
     _write(out_dir, record)
 

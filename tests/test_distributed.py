@@ -75,6 +75,9 @@ def test_tensor_parallel_decoding_equals_single_process_greedy(tmp_path):
             )
             assert ties == 0, f"{arch} {case}: {ties} near-tie divergences"
             assert out0["forwards"] == out1["forwards"]
+            assert out0["block_size"] == case.get("block_size", 16)  # the defaults: a fixed block under TP
+        for record in (rank0, rank1):
+            assert "block_size='auto' is not supported under tensor parallelism" in record["auto_refused"]
 
 
 # -- collection ----------------------------------------------------------------------------------------
