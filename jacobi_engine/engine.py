@@ -303,9 +303,23 @@ class JacobiEngine:
         return self.runner.watching(watcher)
 
 
+_COST_MODEL_ATTRIBUTE = "_jacobi_engine_cost_model"
+
+
 def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
-    """One-call shortcut: ``JacobiEngine(model, <engine settings>).generate(input_ids, <the rest>)``."""
+    """One-call shortcut: ``JacobiEngine(model, <engine settings>).generate(input_ids, <the rest>)``.
+
+    With ``"auto"`` (the default) and no ``cost_model`` given, the step costs measured by one call are
+    kept on ``model`` (for its device and dtype) and reused by the next, so that repeated calls do not
+    each time the step shapes again. For repeated calls, a :class:`JacobiEngine` kept by the caller
+    also keeps its states and what its calls learned."""
     engine_kwargs, generate_kwargs = split_engine_kwargs(kwargs)
+    if EngineConfig(**engine_kwargs).adaptive and engine_kwargs.get("cost_model") is None:
+        device, dtype = model_device(model), next(model.parameters()).dtype
+        shared = model.__dict__.get(_COST_MODEL_ATTRIBUTE)
+        if shared is None or not shared.matches(device, dtype):
+            shared = model.__dict__[_COST_MODEL_ATTRIBUTE] = adaptive.new_cost_model(device, dtype)
+        engine_kwargs["cost_model"] = shared
     return JacobiEngine(model, **engine_kwargs).generate(input_ids, **generate_kwargs)
 
 

@@ -530,3 +530,19 @@ def test_seeded_sampling_repeats_across_engines_that_share_a_cost_model(tmp_path
     assert again.stats.cost_model_seconds == 0
     assert torch.equal(again.sequences, drawn.sequences)
     assert torch.equal(first.generate(input_ids, **kwargs).sequences, drawn.sequences)
+
+
+def test_the_one_call_shortcut_measures_the_costs_once_per_model():
+    import jacobi_engine
+
+    model = tiny_model("llama", vocab_size=VOCAB)
+    input_ids, mask = repetitive(seed=8)
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=[], pad_token_id=0)
+    want = model.generate(input_ids, do_sample=False, **kwargs)
+    first = jacobi_engine.generate(model, input_ids, **kwargs)
+    second = jacobi_engine.generate(model, input_ids, **kwargs)
+    assert first.stats.cost_model_seconds > 0 and second.stats.cost_model_seconds == 0
+    for out in (first, second):
+        assert assert_matches_greedy(model, out.sequences, want, input_ids, mask, 0) == 0
+    other = tiny_model("llama", vocab_size=VOCAB)  # another model measures its own
+    assert jacobi_engine.generate(other, input_ids, **kwargs).stats.cost_model_seconds > 0
