@@ -15,6 +15,11 @@ python $B --pair smollm2 --dtype bfloat16 --limit "$LIMIT" --threads 1 --samplin
 # The README's table of the two runs:
 python python/benchmarks/real_model_table.py --fp32 "$OUT/bench_generate_smollm2_fp32.json" \
     --bf16 "$OUT/bench_generate_smollm2_bf16.json"
+# Two torch threads, float32, the fixed n-gram block against the default (docs/results.md, "The default"): THREADS2=1.
+if [[ "${THREADS2:-0}" == 1 ]]; then
+    python $B --pair smollm2 --dtype float32 --limit "$LIMIT" --threads 2 --sampling off --no-compile \
+        --methods engine_jacobi_ngram engine_auto --json "$OUT/bench_generate_smollm2_fp32_threads2.json"
+fi
 # Compiled rows: COMPILED=1. Not run for the 2026-12-07 results, for want of session time (engine_auto
 # compiles six 30-layer step states per model, each an inductor compile on 2 cores).
 if [[ "${COMPILED:-0}" == 1 ]]; then
