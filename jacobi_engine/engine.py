@@ -96,9 +96,9 @@ class JacobiEngine:
 
     def __init__(self, model, **settings):
         self.config = EngineConfig(**settings)
+        self.info = inspect_model(model)
         if self.config.adaptive and is_tensor_parallel(model):
             self.config = _tensor_parallel_config(settings)
-        self.info = inspect_model(model)
         self.model = model
         device = model_device(model)
         config = self.config
@@ -314,13 +314,15 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> JacobiOutput:
     each time the step shapes again. For repeated calls, a :class:`JacobiEngine` kept by the caller
     also keeps its states and what its calls learned."""
     engine_kwargs, generate_kwargs = split_engine_kwargs(kwargs)
-    if EngineConfig(**engine_kwargs).adaptive and engine_kwargs.get("cost_model") is None:
+    engine = JacobiEngine(model, **engine_kwargs)  # checks the model and the settings first
+    if engine.config.adaptive and engine_kwargs.get("cost_model") is None:
         device, dtype = model_device(model), next(model.parameters()).dtype
         shared = model.__dict__.get(_COST_MODEL_ATTRIBUTE)
-        if shared is None or not shared.matches(device, dtype):
-            shared = model.__dict__[_COST_MODEL_ATTRIBUTE] = adaptive.new_cost_model(device, dtype)
-        engine_kwargs["cost_model"] = shared
-    return JacobiEngine(model, **engine_kwargs).generate(input_ids, **generate_kwargs)
+        if shared is not None and shared.matches(device, dtype):
+            engine.cost_model = shared
+        else:
+            model.__dict__[_COST_MODEL_ATTRIBUTE] = engine.cost_model
+    return engine.generate(input_ids, **generate_kwargs)
 
 
 def _tensor_parallel_config(settings: dict) -> EngineConfig:
