@@ -51,6 +51,11 @@ def check_bool(name: str, value) -> None:
 AUTO = "auto"
 
 
+def int_or_auto(text: str):
+    """A command line's ``--block-size`` / ``--candidates``: a number, or ``"auto"``."""
+    return text if text == AUTO else int(text)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of a :class:`~jacobi_engine.JacobiEngine` (see its docstring for each one)."""

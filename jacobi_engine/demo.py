@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from jacobi_engine import domains
+from jacobi_engine.config import int_or_auto
 
 # The GSM8K pair's directory in the installed package (python/benchmarks/bench_step.py's default).
 # The demo itself looks pairs up through jacobi_engine.domains (domains.ASSETS_ROOT).
@@ -255,7 +256,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
         "--block-size",
-        type=lambda text: text if text == "auto" else int(text),
+        type=int_or_auto,
         default=None,
         help="n, or 'auto' (default: auto, chosen per step; 16 in chunked mode)",
     )

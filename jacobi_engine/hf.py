@@ -22,9 +22,8 @@ What the engine cannot honour is refused by name: ``output_scores``, ``output_lo
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -178,7 +177,7 @@ def _signature_with_engine_settings(function):
     signature = inspect.signature(function)
     parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     # The fields' own defaults (None where the config resolves a setting from the others).
-    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    defaults = {f.name: f.default for f in fields(EngineConfig)}
     for name in ENGINE_FIELDS:
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name]))
     parameters += [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jacobi_engine.config import EngineConfig
+from jacobi_engine.config import EngineConfig, int_or_auto
 
 
 class RequestError(ValueError):
@@ -180,10 +180,6 @@ def _serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_or_auto(text: str):
-    return text if text == "auto" else int(text)
-
-
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -200,14 +196,14 @@ def register(subparsers) -> None:
     serve.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     serve.add_argument(
         "--block-size",
-        type=_int_or_auto,
+        type=int_or_auto,
         default=None,
         help="n, or 'auto' (chosen per step; the default, 16 in chunked mode)",
     )
     serve.add_argument("--mode", default="sliding", choices=("sliding", "chunked"))
     serve.add_argument("--init", default="ngram", choices=("ngram", "random_prompt"))
     serve.add_argument(
-        "--candidates", type=_int_or_auto, default=None, help="k, or 'auto' (default: auto with an auto block, else 0)"
+        "--candidates", type=int_or_auto, default=None, help="k, or 'auto' (default: auto with an auto block, else 0)"
     )
     serve.add_argument("--candidate-len", type=int, default=4)
     serve.add_argument("--compile", action="store_true", help="torch.compile the decode step")
